@@ -1,0 +1,18 @@
+"""nha-convert: turn pretrained Llama / Qwen2 / Qwen3 / Mistral models into Native Hybrid Attention models.
+
+Importing the package registers the `nha_*` model types with transformers' Auto classes.
+"""
+
+from .cache import NHACache
+from .convert import convert, supported_model_types
+from .errors import NHAError
+from .io import load, save
+from .layer import NHAAttention
+from .modeling import ARCHITECTURES
+from .settings import NHASettings
+
+__all__ = [
+    "ARCHITECTURES", "NHAAttention", "NHACache", "NHAError", "NHASettings",
+    "convert", "load", "save", "supported_model_types",
+]
+__version__ = "0.1.0"

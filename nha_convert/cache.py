@@ -1,0 +1,83 @@
+"""NHACache: the transformers Cache that `generate()` drives for NHA models.
+
+Each layer holds an `NHAState` (ops/recurrent.py): a window ring buffer, sinks and fp32 slots per KV head, so
+memory per NHA layer is constant in context length. Layers fill it on their first (prefill) call, then step it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from .ops import NHAState
+
+
+class NHALayerCache(CacheLayerMixin):
+    is_compileable = False
+    is_sliding = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.state: NHAState | None = None
+
+    # The NHA layer reads and writes `state` itself; the key/value `update` of dense caches does not apply.
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:  # noqa: D401
+        self.is_initialized = True
+
+    def update(self, *args: Any, **kwargs: Any):
+        raise NotImplementedError("NHA layers update their NHAState directly")
+
+    def get_seq_length(self) -> int:
+        return 0 if self.state is None else self.state.seen
+
+    def get_mask_sizes(self, query_length: Any, *args: Any) -> tuple[int, int]:
+        # Full length, offset 0: the "nha" mask function then hands layers the whole 2D padding mask.
+        q = query_length if isinstance(query_length, int) else int(query_length.shape[0])
+        return self.get_seq_length() + q, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.state = None
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.state is not None:
+            self.state.select_batch(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.reorder_cache(indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.state is not None:
+            b = self.state.n_real.shape[0]
+            self.state.select_batch(torch.arange(b, device=self.state.n_real.device).repeat_interleave(repeats))
+
+    def crop(self, max_length: int) -> None:
+        raise NotImplementedError("NHA caches cannot be cropped (slot memory is not invertible)")
+
+    def nbytes(self) -> int:
+        return 0 if self.state is None else self.state.nbytes()
+
+
+class NHACache(Cache):
+    """One NHALayerCache per decoder layer. `nbytes()` is the decode state of the whole model."""
+
+    def __init__(self, config: Any = None, num_layers: int | None = None, **kwargs: Any) -> None:
+        n = num_layers if num_layers is not None else config.num_hidden_layers
+        super().__init__(layers=[NHALayerCache() for _ in range(n)])
+
+    @property
+    def nha_layers(self) -> list[NHALayerCache]:
+        return self.layers
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.layers[layer_idx].get_seq_length()
+
+    def get_mask_sizes(self, query_length: Any, layer_idx: int = 0) -> tuple[int, int]:
+        return self.layers[layer_idx].get_mask_sizes(query_length)
+
+    def nbytes(self) -> int:
+        return sum(layer.nbytes() for layer in self.layers)

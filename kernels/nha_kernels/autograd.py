@@ -1,0 +1,110 @@
+"""`nha_chunk_triton`: the Triton NHA op with the contract of `nha_convert.ops.nha_chunk` (+ packed sequences).
+
+Forward: the fused kernel (chunk_fwd.py). Backward: see `_NHAFunction.backward`.
+Full-attention calls (window None or >= T) without padding or packing go to torch SDPA (flash), as the issue allows.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from nha_convert.ops.chunk import SlotState, nha_chunk
+
+from .chunk_fwd import FwdConfig, nha_fwd
+
+
+def _reference_per_sequence(q, q_rot, k, k_rot, v, log_alpha, *, window, num_sinks, scale, valid, cu_seqlens):
+    """The torch reference, applied to each packed sequence separately (or once when not packed)."""
+    kw = dict(window=window, num_sinks=num_sinks, scale=scale)
+    if cu_seqlens is None:
+        return nha_chunk(q, q_rot, k, k_rot, v, log_alpha, valid=valid, **kw)[0]
+    cu = [int(x) for x in cu_seqlens.tolist()]
+    outs = []
+    for a, b in zip(cu, cu[1:]):
+        sl = (slice(None), slice(None), slice(a, b))
+        vv = None if valid is None else valid[:, a:b]
+        outs.append(nha_chunk(q[sl], q_rot[sl], k[sl], k_rot[sl], v[sl], log_alpha[sl], valid=vv, **kw)[0])
+    return torch.cat(outs, dim=2)
+
+
+class _NHAFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, q_rot, k, k_rot, v, log_alpha, window, num_sinks, scale, valid, cu_seqlens, config, holder):
+        out = nha_fwd(q, q_rot, k, k_rot, v, log_alpha, window=window, num_sinks=num_sinks, scale=scale,
+                      valid=valid, cu_seqlens=cu_seqlens, config=config)
+        ctx.save_for_backward(q, q_rot, k, k_rot, v, log_alpha)
+        ctx.extra = (window, num_sinks, scale, valid, cu_seqlens)
+        ctx.fwd = out
+        holder.append(out)  # lets the caller read the final slot state without a second forward
+        return out.o
+
+    @staticmethod
+    def backward(ctx, do):
+        # Intermediate backward: recompute the torch reference under autograd and differentiate it. Exact, but with
+        # the reference's memory and speed; the fused Triton backward replaces it (see docs/performance.md).
+        window, num_sinks, scale, valid, cu_seqlens = ctx.extra
+        inputs = [x.detach().requires_grad_(True) for x in ctx.saved_tensors]
+        with torch.enable_grad():
+            o = _reference_per_sequence(*inputs, window=window, num_sinks=num_sinks, scale=scale, valid=valid,
+                                        cu_seqlens=cu_seqlens)
+            grads = torch.autograd.grad(o, inputs, do, allow_unused=True)
+        grads = [torch.zeros_like(x) if gr is None else gr for x, gr in zip(inputs, grads)]
+        return (*grads, None, None, None, None, None, None, None)
+
+
+def _final_state(fwd, k: Tensor, v: Tensor, m: int, window: int | None, num_sinks: int) -> SlotState:
+    lay = fwd.layout
+    n, hkv, d, dv, dev = lay.n_seqs, k.shape[1], k.shape[-1], v.shape[-1], k.device
+    if fwd.final_k is None:
+        return SlotState(k=torch.zeros(n, hkv, m, d, device=dev), v=torch.zeros(n, hkv, m, dv, device=dev),
+                         count=torch.zeros(n, dtype=torch.long, device=dev))
+    # Slot tokens so far: real non-sink tokens at or before seq_end - 1 - w.
+    rows = torch.tensor([r for r, _, _ in lay.seq_bounds], device=dev)
+    starts = torch.tensor([a for _, a, _ in lay.seq_bounds], device=dev)
+    last = torch.tensor([e - 1 - window for _, _, e in lay.seq_bounds], device=dev)
+    cv = (lay.tok >> 1)[rows, last.clamp(min=0)].long()
+    count = torch.where(last >= starts, (cv - num_sinks).clamp(min=0), torch.zeros_like(cv))
+    return SlotState(k=fwd.final_k[:, :, :m, :d].clone(), v=fwd.final_v[:, :, :m, :dv].clone(), count=count)
+
+
+def nha_chunk_triton(
+    q: Tensor, q_rot: Tensor, k: Tensor, k_rot: Tensor, v: Tensor, log_alpha: Tensor, *,
+    window: int | None, num_sinks: int = 0, scale: float, valid: Tensor | None = None, chunk_size: int = 64,
+    return_state: bool = False, cu_seqlens: Tensor | None = None, config: FwdConfig | None = None,
+    full_attention_sdpa: bool = True,
+) -> tuple[Tensor, SlotState | None]:
+    """NHA output (B, Hq, T, Dv) and, if asked, the slot state after the sequence (per packed sequence when
+    cu_seqlens is given: then B must be 1 and the state has one row per sequence). `chunk_size` is accepted for
+    signature compatibility with `nha_chunk`; the kernels pick their own tiles."""
+    b, hq, t_len, _ = q.shape
+    m = log_alpha.shape[-1]
+    full = window is None or window >= t_len
+    if (full and full_attention_sdpa and q.is_cuda and cu_seqlens is None
+            and (valid is None or bool(valid.all()))):
+        o = F.scaled_dot_product_attention(q_rot, k_rot, v, is_causal=True, scale=scale,
+                                           enable_gqa=hq != k.shape[1])
+        state = None
+        if return_state:
+            dev = q.device
+            state = SlotState(k=torch.zeros(b, k.shape[1], m, k.shape[-1], device=dev),
+                              v=torch.zeros(b, k.shape[1], m, v.shape[-1], device=dev),
+                              count=torch.zeros(b, dtype=torch.long, device=dev))
+        return o, state
+    needs_grad = torch.is_grad_enabled() and any(
+        x.requires_grad for x in (q, q_rot, k, k_rot, v, log_alpha))
+    if needs_grad:
+        holder: list = []
+        o = _NHAFunction.apply(q, q_rot, k, k_rot, v, log_alpha, window, num_sinks, scale, valid, cu_seqlens, config,
+                               holder)
+        fwd = holder[0]
+    else:
+        fwd = nha_fwd(q, q_rot, k, k_rot, v, log_alpha, window=window, num_sinks=num_sinks, scale=scale,
+                      valid=valid, cu_seqlens=cu_seqlens, config=config)
+        o = fwd.o
+    state = None
+    if return_state:
+        w = t_len if window is None else min(window, t_len)
+        state = _final_state(fwd, k, v, m, w, num_sinks)
+    return o, state

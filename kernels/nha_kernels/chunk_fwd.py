@@ -1,0 +1,378 @@
+"""Fused NHA forward: slot logits from the gated-slot recurrence (token shift w), banded window logits on RoPE'd
+q/k, sinks, and ONE online softmax over all of them in registers; the T x (w + m) probabilities never reach memory.
+
+Work split (per KV head h; the G query heads of the group are stacked as rows g * BM + t of one tile, so keys,
+values and gates are loaded once per group, never repeated):
+1. `_span_local_kernel`  : per span of L shifted positions, the slot state its tokens add (from zero), and its
+                           total log decay. All spans in parallel.
+2. `_span_scan_kernel`   : per sequence, a scan over its spans: the exact slot state at every span start (written
+                           over the local states) and the final state (for the decode cache).
+3. `_nha_fwd_kernel`     : per span, walk its query blocks of BM tokens; for each block
+                           - slot logits  l_t = scale * K~_t q_t from the carried state and the block's own
+                             tokens (exact chunk form, see below), empty-slot mask;
+                           - sinks that left the window, then the band (t - w, t] in key blocks of BN;
+                           - one online softmax; output; log-sum-exp (for the backward);
+                           - carry the slot state past the block.
+
+Chunk form of the slot part for a block of shifted positions t0..t0+BM-1 (A_t = cumulative log decay since the
+block start, per slot; s_j = 1 - alpha_j):
+    K~_t = exp(A_t) * K~_start + sum_{j<=t} exp(A_t - A_j) s_j k_j^T
+The fast path factors exp(A_t - A_j) = exp(A_t) exp(-A_j) to use matrix products; it is exact in fp32 while the
+block's total decay stays above -80 (exp(80) is far from overflow). Blocks whose gates decay harder take an exact
+token-by-token path (rare; the test suite forces it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._compat import interpreting
+from .prep import Layout, make_layout, next_pow2
+from .triton_utils import expm1, pick_col, pick_row, rows_of
+
+FAST_LIMIT = -80.0  # smallest block log decay for the factored (matrix) path
+LAST_COMPILED: dict = {}  # name -> the last compiled kernel launched (n_regs, n_spills for the notes)
+
+
+@triton.jit
+def _seq_of_span(span_table, pid, T, L, SPANS_PER_ROW, VARLEN: tl.constexpr):
+    if VARLEN:
+        seq_start = tl.load(span_table + pid * 4 + 0)
+        seq_end = tl.load(span_table + pid * 4 + 1)
+        span_start = tl.load(span_table + pid * 4 + 2)
+        n = tl.load(span_table + pid * 4 + 3)
+        b = n * 0
+    else:
+        b = pid // SPANS_PER_ROW
+        n = b
+        seq_start = b * 0
+        seq_end = seq_start + T
+        span_start = (pid % SPANS_PER_ROW) * L
+    span_end = tl.minimum(span_start + L, seq_end)
+    return b, n, seq_start, seq_end, span_start, span_end
+
+
+@triton.jit
+def _slot_tokens(tok_b, la_bh, t_block, seq_start, seq_end, W, S, M, MP: tl.constexpr):
+    """Gates of the tokens entering the slots at shifted positions t_block: (log decay, write weight, in-seq)."""
+    js = t_block - W
+    ok = (t_block < seq_end) & (js >= seq_start)
+    code = tl.load(tok_b + js, mask=ok, other=0)
+    writes = ok & ((code & 1) == 1) & ((code >> 1) > S)
+    ii = tl.arange(0, MP)
+    la = tl.load(la_bh + js.to(tl.int64)[:, None] * M + ii[None, :], mask=writes[:, None] & (ii < M)[None, :],
+                 other=0.0)
+    return la, -expm1(la), ok, js
+
+
+@triton.jit
+def _span_local_kernel(
+    k, v, la, tok, span_table, loc_k, loc_v, loc_a,
+    T, W, S, L, SPANS_PER_ROW, H,
+    D: tl.constexpr, DV: tl.constexpr, M: tl.constexpr,
+    DP: tl.constexpr, DVP: tl.constexpr, MP: tl.constexpr, CS: tl.constexpr,
+    VARLEN: tl.constexpr, PREC: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    b, n, seq_start, seq_end, span_start, span_end = _seq_of_span(span_table, pid, T, L, SPANS_PER_ROW, VARLEN)
+    bh = (b * H + h).to(tl.int64)
+    tok_b = tok + b.to(tl.int64) * T
+    la_bh = la + bh * T * M
+    k_bh = k + bh * T * D
+    v_bh = v + bh * T * DV
+    dd = tl.arange(0, DP)
+    dv = tl.arange(0, DVP)
+    ii = tl.arange(0, MP)
+    sk = tl.zeros((MP, DP), tl.float32)
+    sv = tl.zeros((MP, DVP), tl.float32)
+    atot = tl.zeros((MP,), tl.float32)
+    for c0 in range(span_start, span_end, CS):
+        tb = c0 + tl.arange(0, CS)
+        lab, s, ok, js = _slot_tokens(tok_b, la_bh, tb, seq_start, span_end, W, S, M, MP)
+        a = tl.cumsum(lab, axis=0)
+        aend = tl.sum(lab, axis=0)
+        wt = s * tl.exp(aend[None, :] - a)
+        kk = tl.load(k_bh + js.to(tl.int64)[:, None] * D + dd[None, :], mask=ok[:, None] & (dd < D)[None, :], other=0.0)
+        vv = tl.load(v_bh + js.to(tl.int64)[:, None] * DV + dv[None, :], mask=ok[:, None] & (dv < DV)[None, :],
+                     other=0.0)
+        decay = tl.exp(aend)[:, None]
+        sk = decay * sk + tl.dot(tl.trans(wt), kk.to(tl.float32), input_precision=PREC)
+        sv = decay * sv + tl.dot(tl.trans(wt), vv.to(tl.float32), input_precision=PREC)
+        atot += aend
+    out = (pid * H + h).to(tl.int64)
+    tl.store(loc_k + out * MP * DP + ii[:, None] * DP + dd[None, :], sk)
+    tl.store(loc_v + out * MP * DVP + ii[:, None] * DVP + dv[None, :], sv)
+    tl.store(loc_a + out * MP + ii, atot)
+
+
+@triton.jit
+def _span_scan_kernel(
+    loc, loc_a, seq_table, final, SPANS_PER_ROW, H,
+    MP: tl.constexpr, XP: tl.constexpr, VARLEN: tl.constexpr,
+):
+    """Turn per-span local states into the state at each span start (in place) and the final state."""
+    n = tl.program_id(0)
+    h = tl.program_id(1)
+    if VARLEN:
+        first = tl.load(seq_table + n * 4 + 0)
+        count = tl.load(seq_table + n * 4 + 1)
+    else:
+        first = n * SPANS_PER_ROW
+        count = SPANS_PER_ROW + n * 0
+    ii = tl.arange(0, MP)
+    xx = tl.arange(0, XP)
+    tile = ii[:, None] * XP + xx[None, :]
+    st = tl.zeros((MP, XP), tl.float32)
+    for sp in range(first, first + count):
+        idx = (sp * H + h).to(tl.int64)
+        lk = tl.load(loc + idx * MP * XP + tile)
+        la = tl.load(loc_a + idx * MP + ii)
+        tl.store(loc + idx * MP * XP + tile, st)
+        st = tl.exp(la)[:, None] * st + lk
+    tl.store(final + (n * H + h).to(tl.int64) * MP * XP + tile, st)
+
+
+@triton.jit
+def _online(m_i, l_i, acc, sc, vals, PREC_PV: tl.constexpr):
+    """One step of the online softmax: logits sc (rows x N) with -inf where hidden, values vals (N x DV)."""
+    m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m_i - m_safe)
+    p = tl.exp(sc - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(vals.dtype), vals, input_precision=PREC_PV)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _nha_fwd_kernel(
+    q, qr, k, kr, v, la, tok, sink_pos, span_table, st_k, st_v, o, lse,
+    T, W, S, L, SPANS_PER_ROW, H, scale,
+    G: tl.constexpr, GP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    D: tl.constexpr, DV: tl.constexpr, M: tl.constexpr,
+    DP: tl.constexpr, DVP: tl.constexpr, MP: tl.constexpr, SP: tl.constexpr,
+    HAS_SLOTS: tl.constexpr, HAS_SINKS: tl.constexpr, VARLEN: tl.constexpr,
+    PREC: tl.constexpr, PREC_SLOT: tl.constexpr, FAST_LIMIT: tl.constexpr,
+):
+    ROWS: tl.constexpr = GP * BM
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    b, n, seq_start, seq_end, span_start, span_end = _seq_of_span(span_table, pid, T, L, SPANS_PER_ROW, VARLEN)
+    b64 = b.to(tl.int64)
+    bh = b64 * H + h
+    tok_b = tok + b64 * T
+    rr = tl.arange(0, ROWS)
+    g = rr // BM
+    tt = rr % BM
+    hq = (b64 * H + h) * G + g  # flat (batch, query head) index of each row
+    g_ok = g < G
+    dd = tl.arange(0, DP)
+    dv = tl.arange(0, DVP)
+    ii = tl.arange(0, MP)
+    jb = tl.arange(0, BM)
+    d_ok = (dd < D)[None, :]
+    dv_ok = (dv < DV)[None, :]
+    causal = tt[:, None] >= jb[None, :]
+
+    if HAS_SLOTS:
+        sidx = (pid * H + h).to(tl.int64)
+        sk = tl.load(st_k + sidx * MP * DP + ii[:, None] * DP + dd[None, :])
+        sv = tl.load(st_v + sidx * MP * DVP + ii[:, None] * DVP + dv[None, :])
+    else:
+        sk = tl.zeros((MP, DP), tl.float32)
+        sv = tl.zeros((MP, DVP), tl.float32)
+
+    if HAS_SINKS:
+        spi = tl.arange(0, SP)
+        spos = tl.load(sink_pos + n * SP + spi)
+        s_ok = spos >= 0
+        spos_c = tl.where(s_ok, spos, 0).to(tl.int64)
+        k_sink = tl.load(kr + (bh * T + spos_c)[:, None] * D + dd[None, :], mask=s_ok[:, None] & d_ok, other=0.0)
+        v_sink = tl.load(v + (bh * T + spos_c)[:, None] * DV + dv[None, :], mask=s_ok[:, None] & dv_ok, other=0.0)
+
+    for t0 in range(span_start, span_end, BM):
+        t = t0 + tt
+        row_ok = g_ok & (t < seq_end)
+        qoff = (hq * T + t)[:, None] * D + dd[None, :]
+        q_rot = tl.load(qr + qoff, mask=row_ok[:, None] & d_ok, other=0.0)
+        m_i = tl.full((ROWS,), float("-inf"), tl.float32)
+        l_i = tl.zeros((ROWS,), tl.float32)
+        acc = tl.zeros((ROWS, DVP), tl.float32)
+
+        if HAS_SLOTS:
+            tb = t0 + jb
+            lab, s, jok, js = _slot_tokens(tok_b, la + bh * T * M, tb, seq_start, seq_end, W, S, M, MP)
+            js64 = js.to(tl.int64)
+            ks = tl.load(k + (bh * T + js64)[:, None] * D + dd[None, :], mask=jok[:, None] & d_ok, other=0.0)
+            vs = tl.load(v + (bh * T + js64)[:, None] * DV + dv[None, :], mask=jok[:, None] & dv_ok, other=0.0)
+            qu = tl.load(q + qoff, mask=row_ok[:, None] & d_ok, other=0.0)
+            a = tl.cumsum(lab, axis=0)  # (BM, MP) log decay since the block start, through token t
+            aend = tl.sum(lab, axis=0)
+            ea_rows = tl.exp(rows_of(a, GP, BM, MP))
+            q_s = tl.dot(qu.to(tl.float32), tl.trans(sk), input_precision=PREC_SLOT)  # (ROWS, MP)
+            qk = tl.where(causal, tl.dot(qu, tl.trans(ks), input_precision=PREC), 0.0)  # (ROWS, BM)
+            # Empty-slot mask: nothing has entered the slots yet at shifted position t.
+            jr = t - W
+            code_r = tl.load(tok_b + jr, mask=row_ok & (jr >= seq_start), other=0)
+            slot_ok = (((code_r >> 1) > S)[:, None]) & (ii < M)[None, :]
+            fast = tl.min(aend, axis=0) > FAST_LIMIT
+            if fast:
+                shat = s * tl.exp(-a)  # (BM, MP), <= exp(80)
+                ls = ea_rows * (q_s + tl.dot(qk, shat, input_precision=PREC_SLOT))
+            else:
+                shat = tl.zeros((BM, MP), tl.float32)
+                a_rows = rows_of(a, GP, BM, MP)
+                inner = tl.zeros((ROWS, MP), tl.float32)
+                for j in range(0, BM):
+                    e = tl.exp(tl.where((tt >= j)[:, None], a_rows - pick_row(a, jb, j)[None, :], float("-inf")))
+                    inner += pick_col(qk, jb, j)[:, None] * e * pick_row(s, jb, j)[None, :]
+                ls = ea_rows * q_s + inner
+            ls = tl.where(slot_ok, ls * scale, float("-inf"))
+            m_i = tl.max(ls, axis=1)
+            m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
+            p = tl.exp(ls - m_safe[:, None])
+            l_i = tl.sum(p, axis=1)
+            pt = p * ea_rows
+            if fast:
+                p2 = tl.dot(pt, tl.trans(shat), input_precision=PREC_SLOT)
+            else:
+                a_rows = rows_of(a, GP, BM, MP)
+                p2 = tl.zeros((ROWS, BM), tl.float32)
+                for j in range(0, BM):
+                    e = tl.exp(tl.where((tt >= j)[:, None], a_rows - pick_row(a, jb, j)[None, :], float("-inf")))
+                    col = tl.sum(p * e * pick_row(s, jb, j)[None, :], axis=1)
+                    p2 = tl.where((jb == j)[None, :], col[:, None], p2)
+            p2 = tl.where(causal, p2, 0.0)
+            acc = tl.dot(pt, sv, input_precision=PREC_SLOT) + tl.dot(p2.to(vs.dtype), vs, input_precision=PREC)
+            # Carry the slot state past this block (weights <= 1: always stable).
+            wt = s * tl.exp(aend[None, :] - a)
+            decay = tl.exp(aend)[:, None]
+            sk = decay * sk + tl.dot(tl.trans(wt), ks.to(tl.float32), input_precision=PREC_SLOT)
+            sv = decay * sv + tl.dot(tl.trans(wt), vs.to(tl.float32), input_precision=PREC_SLOT)
+
+        if HAS_SINKS:  # sinks that have left the window (inside it they are ordinary band keys)
+            sc = tl.dot(q_rot, tl.trans(k_sink), input_precision=PREC) * scale
+            vis = s_ok[None, :] & (spos[None, :] <= (t - W)[:, None])
+            m_i, l_i, acc = _online(m_i, l_i, acc, tl.where(vis, sc, float("-inf")), v_sink, PREC)
+
+        lo = tl.maximum(seq_start, t0 - W + 1)
+        hi = tl.minimum(t0 + BM, seq_end)
+        hi = tl.where(W == 0, lo, hi)  # w = 0: no band at all
+        for kb in range(lo, hi, BN):
+            kj = kb + tl.arange(0, BN)
+            k_ok = kj < hi
+            code = tl.load(tok_b + kj, mask=k_ok, other=0)
+            kj64 = kj.to(tl.int64)
+            kt = tl.load(kr + (bh * T + kj64)[:, None] * D + dd[None, :], mask=k_ok[:, None] & d_ok, other=0.0)
+            vt = tl.load(v + (bh * T + kj64)[:, None] * DV + dv[None, :], mask=k_ok[:, None] & dv_ok, other=0.0)
+            sc = tl.dot(q_rot, tl.trans(kt), input_precision=PREC) * scale
+            vis = (((code & 1) == 1) & k_ok)[None, :] & (kj[None, :] <= t[:, None]) & (kj[None, :] > (t - W)[:, None])
+            m_i, l_i, acc = _online(m_i, l_i, acc, tl.where(vis, sc, float("-inf")), vt, PREC)
+
+        l_safe = tl.where(l_i > 0, l_i, 1.0)
+        out = acc / l_safe[:, None]
+        tl.store(o + (hq * T + t)[:, None] * DV + dv[None, :], out.to(o.dtype.element_ty), mask=row_ok[:, None] & dv_ok)
+        m_fin = tl.where(m_i == float("-inf"), 0.0, m_i)
+        tl.store(lse + hq * T + t, tl.where(l_i > 0, m_fin + tl.log(l_safe), float("-inf")), mask=row_ok)
+
+
+@dataclass
+class FwdConfig:
+    rows: int  # GP * BM: query rows per tile
+    bn: int  # band key block
+    span: int  # L
+    cs: int  # token chunk of the span-state pass
+    num_warps: int
+    num_stages: int
+
+
+def default_config(batch: int, hkv: int, t_len: int, gp: int) -> FwdConfig:
+    if interpreting():
+        rows = max(16, 16 * gp)
+        return FwdConfig(rows=rows, bn=16, span=2 * (rows // gp), cs=16, num_warps=4, num_stages=1)
+    rows = max(64, 16 * gp)
+    # Enough spans to fill the GPU (132 SMs on an H100) two times over, but long spans keep state traffic low.
+    span = 1024
+    while span > 128 and batch * hkv * -(-t_len // span) < 264:
+        span //= 2
+    return FwdConfig(rows=rows, bn=64, span=span, cs=64, num_warps=4, num_stages=2)
+
+
+@dataclass
+class FwdOut:
+    o: Tensor  # (B, Hq, T, Dv) in the input dtype
+    lse: Tensor  # (B, Hq, T) fp32 log-sum-exp of the joint softmax (-inf where nothing is visible)
+    layout: Layout
+    span_k: Tensor | None  # (n_spans, H, MP, DP) fp32: slot keys at each span start
+    span_v: Tensor | None
+    final_k: Tensor | None  # (n_seqs, H, MP, DP) fp32 slot state after the whole sequence
+    final_v: Tensor | None
+    config: FwdConfig
+
+
+def precisions(dtype: torch.dtype) -> tuple[str, str]:
+    """(dots of input-dtype operands, dots of fp32 slot operands). fp32 inputs get exact fp32 products."""
+    return ("ieee", "ieee") if dtype == torch.float32 else ("tf32", "tf32")
+
+
+def nha_fwd(
+    q: Tensor, q_rot: Tensor, k: Tensor, k_rot: Tensor, v: Tensor, log_alpha: Tensor, *,
+    window: int | None, num_sinks: int, scale: float, valid: Tensor | None, cu_seqlens: Tensor | None,
+    config: FwdConfig | None = None,
+) -> FwdOut:
+    b, hq, t_len, d = q.shape
+    hkv, dv, m = k.shape[1], v.shape[-1], log_alpha.shape[-1]
+    g = hq // hkv
+    gp = next_pow2(g)
+    cfg = config or default_config(b, hkv, t_len, gp)
+    bm = cfg.rows // gp
+    assert bm >= 16 and cfg.span % bm == 0 and cfg.span % cfg.cs == 0, cfg
+    dev = q.device
+    q, q_rot, k, k_rot, v = (x.contiguous() for x in (q, q_rot, k, k_rot, v))
+    la = log_alpha.float().contiguous()
+    w_eff = t_len if window is None else min(window, t_len)
+    has_slots = m > 0 and window is not None and window < t_len
+    has_sinks = num_sinks > 0 and window is not None and window < t_len
+    lay = make_layout(valid, cu_seqlens, b, t_len, num_sinks, cfg.span, dev)
+    dp, dvp, mp = max(16, next_pow2(d)), max(16, next_pow2(dv)), max(16, next_pow2(m))
+    prec, prec_slot = precisions(q.dtype)
+    span_table = lay.span_table if lay.varlen else lay.tok
+    seq_table = lay.seq_table if lay.varlen else lay.tok
+    o = torch.empty(b, hq, t_len, dv, dtype=q.dtype, device=dev)
+    lse = torch.empty(b, hq, t_len, dtype=torch.float32, device=dev)
+    span_k = span_v = final_k = final_v = None
+    if has_slots and lay.n_spans > 0:
+        span_k = torch.empty(lay.n_spans, hkv, mp, dp, dtype=torch.float32, device=dev)
+        span_v = torch.empty(lay.n_spans, hkv, mp, dvp, dtype=torch.float32, device=dev)
+        span_a = torch.empty(lay.n_spans, hkv, mp, dtype=torch.float32, device=dev)
+        _span_local_kernel[(lay.n_spans, hkv)](
+            k, v, la, lay.tok, span_table, span_k, span_v, span_a,
+            t_len, w_eff, num_sinks, cfg.span, lay.spans_per_row, hkv,
+            D=d, DV=dv, M=m, DP=dp, DVP=dvp, MP=mp, CS=cfg.cs, VARLEN=lay.varlen, PREC=prec_slot,
+            num_warps=cfg.num_warps,
+        )
+        final_k = torch.empty(lay.n_seqs, hkv, mp, dp, dtype=torch.float32, device=dev)
+        final_v = torch.empty(lay.n_seqs, hkv, mp, dvp, dtype=torch.float32, device=dev)
+        for loc, fin, xp in ((span_k, final_k, dp), (span_v, final_v, dvp)):
+            _span_scan_kernel[(lay.n_seqs, hkv)](
+                loc, span_a, seq_table, fin, lay.spans_per_row, hkv, MP=mp, XP=xp, VARLEN=lay.varlen, num_warps=4,
+            )
+    dummy = lse
+    if lay.n_spans > 0:
+        LAST_COMPILED["fwd"] = _nha_fwd_kernel[(lay.n_spans, hkv)](
+            q, q_rot, k, k_rot, v, la, lay.tok, lay.sink_pos, span_table,
+            span_k if span_k is not None else dummy, span_v if span_v is not None else dummy, o, lse,
+            t_len, w_eff, num_sinks, cfg.span, lay.spans_per_row, hkv, scale,
+            G=g, GP=gp, BM=bm, BN=cfg.bn, D=d, DV=dv, M=m, DP=dp, DVP=dvp, MP=mp, SP=lay.sink_pad,
+            HAS_SLOTS=has_slots, HAS_SINKS=has_sinks, VARLEN=lay.varlen,
+            PREC=prec, PREC_SLOT=prec_slot, FAST_LIMIT=FAST_LIMIT,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+    return FwdOut(o=o, lse=lse, layout=lay, span_k=span_k, span_v=span_v, final_k=final_k, final_v=final_v,
+                  config=cfg)

@@ -1,0 +1,106 @@
+"""Host-side bookkeeping shared by the forward and backward kernels: sequences, spans, token codes, sink positions.
+
+A *sequence* is one batch row (dense input) or one packed document (cu_seqlens, B == 1). The kernels never look
+across a sequence boundary. A *span* is a run of up to L query positions of one sequence that a single program
+walks through sequentially, carrying the slot state in registers; the state at each span start comes from a
+small two-step pass (per-span local states in parallel, then a scan over the spans of each sequence).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+def next_pow2(x: int) -> int:
+    return 1 if x <= 1 else 1 << (x - 1).bit_length()
+
+
+@dataclass
+class Layout:
+    """Where the sequences and spans lie, and per-token codes; all device tensors are int32."""
+
+    batch: int
+    seq_len: int  # T of the (B, H, T, D) tensors
+    span: int  # L
+    n_seqs: int
+    n_spans: int  # total spans over all sequences
+    spans_per_row: int  # dense layout: spans of each batch row (0 in varlen mode)
+    varlen: bool
+    span_table: Tensor | None  # (n_spans, 4): seq_start, seq_end, span_start, seq index (varlen only)
+    seq_table: Tensor | None  # (n_seqs, 4): first span, span count, seq_start, seq_end (varlen only)
+    seq_bounds: list[tuple[int, int, int]]  # (row, start, end) per sequence, on the host
+    tok: Tensor  # (B, T): 2 * (real tokens of its sequence up to and including it) + is_real
+    sink_pos: Tensor  # (n_seqs, SP): positions of the first num_sinks real tokens, -1 where absent
+    sink_pad: int  # SP
+
+
+def make_layout(
+    valid: Tensor | None,
+    cu_seqlens: Tensor | None,
+    batch: int,
+    seq_len: int,
+    num_sinks: int,
+    span: int,
+    device: torch.device,
+) -> Layout:
+    if valid is None:
+        valid = torch.ones(batch, seq_len, dtype=torch.bool, device=device)
+    valid = valid.to(device=device, dtype=torch.bool)
+    gc = valid.to(torch.int32).cumsum(-1, dtype=torch.int32)  # real tokens up to and including t
+    if cu_seqlens is None:
+        bounds = [(b, 0, seq_len) for b in range(batch)]
+        cv = gc
+        per_row = -(-seq_len // span)
+        n_spans = batch * per_row
+        span_table = seq_table = None
+    else:
+        if batch != 1:
+            raise ValueError("packed sequences (cu_seqlens) need batch size 1")
+        cu = [int(x) for x in cu_seqlens.tolist()]
+        if cu[0] != 0 or cu[-1] != seq_len or any(a > b for a, b in zip(cu, cu[1:])):
+            raise ValueError(f"cu_seqlens must rise from 0 to T={seq_len}, got {cu}")
+        bounds = [(0, a, b) for a, b in zip(cu, cu[1:])]
+        starts = torch.tensor(cu[:-1], device=device, dtype=torch.long)
+        lens = torch.tensor([b - a for a, b in zip(cu, cu[1:])], device=device, dtype=torch.long)
+        before = torch.where(starts > 0, gc[0, (starts - 1).clamp(min=0)], torch.zeros_like(starts, dtype=torch.int32))
+        cv = gc - torch.repeat_interleave(before, lens, output_size=seq_len)[None]
+        rows, seqs = [], []
+        for n, (_, a, b) in enumerate(bounds):
+            first = len(rows)
+            for s0 in range(a, b, span):
+                rows.append((a, b, s0, n))
+            seqs.append((first, len(rows) - first, a, b))
+        n_spans, per_row = len(rows), 0
+        span_table = torch.tensor(rows or [(0, 0, 0, 0)], dtype=torch.int32, device=device)
+        seq_table = torch.tensor(seqs, dtype=torch.int32, device=device)
+    tok = (cv * 2 + valid.to(torch.int32)).to(torch.int32).contiguous()
+
+    sp = max(16, next_pow2(num_sinks))
+    sink_pos = torch.full((len(bounds), sp), -1, dtype=torch.int32, device=device)
+    if num_sinks > 0 and len(bounds) > 0:
+        # The k-th real token of a sequence is the first position whose running count reaches k.
+        ks = torch.arange(1, num_sinks + 1, device=device, dtype=torch.int32)
+        if cu_seqlens is None:
+            pos = torch.searchsorted(cv.contiguous(), ks.expand(batch, -1).contiguous())
+            end = torch.full((batch, 1), seq_len, device=device)
+            start = torch.zeros((batch, 1), device=device, dtype=torch.long)
+            sink_pos[:, :num_sinks] = torch.where(pos < end, pos, -1).to(torch.int32)
+        else:
+            base = torch.cat([torch.zeros(1, dtype=torch.int32, device=device), gc[0]])
+            a = torch.tensor([x[1] for x in bounds], device=device)
+            b = torch.tensor([x[2] for x in bounds], device=device)
+            target = base[a][:, None] + ks[None, :]  # global running count of the k-th real token
+            pos = torch.searchsorted(gc[0].contiguous(), target.reshape(-1).contiguous()).view(len(bounds), -1)
+            sink_pos[:, :num_sinks] = torch.where(pos < b[:, None], pos, -1).to(torch.int32)
+    return Layout(
+        batch=batch, seq_len=seq_len, span=span, n_seqs=len(bounds), n_spans=n_spans, spans_per_row=per_row,
+        varlen=cu_seqlens is not None, span_table=span_table, seq_table=seq_table, seq_bounds=bounds,
+        tok=tok, sink_pos=sink_pos.contiguous(), sink_pad=sp,
+    )
+
+
+def dummy(device: torch.device) -> Tensor:
+    return torch.zeros(4, dtype=torch.int32, device=device)

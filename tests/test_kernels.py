@@ -1,0 +1,181 @@
+"""The Triton NHA kernels equal the torch reference (nha_chunk / NHAState.step), run on CPU under TRITON_INTERPRET=1.
+
+Sizes are tiny (d = 16, T <= 80) so the whole file runs in a few minutes on 2 cores; tile sizes are scaled down
+under the interpreter (16-row tiles, 16-key blocks, spans of 2 blocks) so every code path is still crossed: several
+blocks and spans per sequence, the band crossing block edges, the exact fallback for hard-decaying gates.
+
+What the interpreter cannot cover, and tests/gpu/test_kernels_gpu.py does on an H100: the compiled kernels
+(register layouts, software pipelining, the barrier of the in-place decode), real tile sizes (64-128 query rows,
+64-key blocks, spans of 128-1024 tokens), bf16 tensor-core products, head dim 128 with m = 64, long sequences
+(T = 4K) and the SDPA route for full-attention layers.
+
+Needs triton (CPU wheel; `pip install triton`); skipped without it, and skipped where CUDA is present (the GPU
+suite covers that machine, and the interpreter must be switched on before the kernels are imported).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+if torch.cuda.is_available():
+    pytest.skip("CUDA present: tests/gpu covers the compiled kernels", allow_module_level=True)
+pytest.importorskip("triton")
+
+
+def _fresh_interpreted_triton() -> None:
+    """Switch Triton to its interpreter. The switch is read when triton.language is first imported, and other
+    libraries (transformers, torch) may already have imported it: then drop those modules so that the kernels,
+    imported right after, see a fresh, interpreted Triton. Nothing else here uses Triton."""
+    import sys
+
+    os.environ["TRITON_INTERPRET"] = "1"
+    if "nha_kernels" in sys.modules:
+        pytest.skip("nha_kernels was imported before the interpreter was switched on", allow_module_level=True)
+    for name in [n for n in sys.modules if n == "triton" or n.startswith("triton.")]:
+        if not name.startswith("triton._C"):
+            del sys.modules[name]
+
+
+_fresh_interpreted_triton()
+
+from nha_convert.ops import nha_chunk, nha_recurrent  # noqa: E402
+from nha_convert.ops.recurrent import NHAState  # noqa: E402
+from nha_kernels import nha_chunk_triton  # noqa: E402
+from nha_kernels.decode import nha_decode_step  # noqa: E402
+
+TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2}
+
+
+def make(b, hq, h, t, d, m, *, pad, dtype, seed, gate_scale=1.0, requires_grad=False):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    xs = [r(b, hq, t, d), r(b, hq, t, d), r(b, h, t, d), r(b, h, t, d), r(b, h, t, d)]
+    xs = [x.to(dtype).requires_grad_(requires_grad) for x in xs]
+    la = (F.logsigmoid(2 * r(b, h, t, m)) / 2 * gate_scale).requires_grad_(requires_grad)
+    valid = torch.ones(b, t, dtype=torch.bool)
+    if pad:  # left padding of different lengths, plus a hole in the middle
+        valid[0, : min(5, t - 1)] = False
+        valid[-1, t // 2] = False
+    return xs + [la], valid
+
+
+def rel(a, b, keep):
+    a, b = a.double() * keep, b.double() * keep
+    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+
+
+# (window, m, sinks, pad, hq, h, T, dtype): windows {0, 1, 63, 64, 65, >= T, None}, m {16, 64}, GQA 1/3/8.
+FWD_CASES = [
+    (0, 16, 0, False, 4, 2, 37, torch.float32),
+    (1, 16, 2, True, 4, 2, 37, torch.float32),
+    (63, 16, 0, False, 2, 2, 80, torch.float32),
+    (64, 64, 4, True, 3, 1, 80, torch.float32),
+    (65, 16, 1, False, 8, 1, 80, torch.float32),
+    (5, 64, 2, True, 6, 2, 45, torch.float32),
+    (50, 16, 3, True, 4, 2, 45, torch.float32),  # w >= T
+    (None, 16, 2, True, 4, 2, 45, torch.float32),
+    (7, 0, 2, True, 4, 2, 37, torch.float32),  # m = 0: sliding window with sinks
+    (3, 16, 2, True, 4, 2, 37, torch.bfloat16),
+    (64, 64, 0, False, 8, 1, 80, torch.bfloat16),
+    (0, 64, 0, True, 3, 1, 37, torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize("window,m,sinks,pad,hq,h,t,dtype", FWD_CASES)
+def test_forward_and_state_match_reference(window, m, sinks, pad, hq, h, t, dtype):
+    xs, valid = make(2, hq, h, t, 16, m, pad=pad, dtype=dtype, seed=t + hq)
+    kw = dict(window=window, num_sinks=sinks, scale=0.3, valid=valid, return_state=True)
+    ref, st_ref = nha_chunk(*xs, **kw)
+    out, st = nha_chunk_triton(*xs, **kw)
+    keep = valid[:, None, :, None]  # outputs at padded query positions are unspecified
+    assert out.dtype == dtype and out.shape == ref.shape
+    assert torch.isfinite(out).all()
+    assert rel(out, ref, keep) <= TOL[dtype]
+    assert torch.equal(st.count, st_ref.count)
+    if m:
+        assert (st.k - st_ref.k).abs().max() <= 1e-4 * st_ref.k.abs().max().clamp_min(1)
+        assert (st.v - st_ref.v).abs().max() <= 1e-4 * st_ref.v.abs().max().clamp_min(1)
+
+
+def test_hard_decaying_gates_take_the_exact_path():
+    # Total log decay of a block far below -80: the factored path would overflow, the exact path must not.
+    xs, valid = make(1, 4, 2, 40, 16, 16, pad=False, dtype=torch.float32, seed=3, gate_scale=300.0)
+    kw = dict(window=3, num_sinks=1, scale=0.3, valid=valid)
+    ref, _ = nha_chunk(*xs, **kw)
+    out, _ = nha_chunk_triton(*xs, **kw)
+    assert torch.isfinite(out).all() and rel(out, ref, 1.0) <= 1e-4
+
+
+@pytest.mark.parametrize("window,sinks", [(4, 2), (0, 0), (25, 3)])
+def test_packed_sequences_never_leak(window, sinks):
+    cu = torch.tensor([0, 9, 30, 31, 50], dtype=torch.int32)
+    xs, valid = make(1, 4, 2, 50, 16, 16, pad=False, dtype=torch.float32, seed=window)
+    valid[0, 9:11] = False  # padding at the start of the second document
+    out, st = nha_chunk_triton(*xs, window=window, num_sinks=sinks, scale=0.3, valid=valid, cu_seqlens=cu,
+                               return_state=True)
+    bounds = cu.tolist()
+    for n, (a, b) in enumerate(zip(bounds, bounds[1:])):
+        part = [x[:, :, a:b] for x in xs]
+        ref, st_ref = nha_chunk(*part, window=window, num_sinks=sinks, scale=0.3, valid=valid[:, a:b],
+                                return_state=True)
+        keep = valid[:, None, a:b, None]
+        if keep.any():
+            assert rel(out[:, :, a:b], ref, keep) <= 1e-4
+        assert (st.k[n] - st_ref.k[0]).abs().max() <= 1e-4 and st.count[n] == st_ref.count[0]
+
+
+def test_gradients_match_reference():
+    xs, valid = make(2, 6, 2, 30, 16, 16, pad=True, dtype=torch.float32, seed=1, requires_grad=True)
+    kw = dict(window=5, num_sinks=2, scale=0.3, valid=valid)
+    do = torch.randn(2, 6, 30, 16, generator=torch.Generator().manual_seed(9)) * valid[:, None, :, None]
+    ref, _ = nha_chunk(*xs, **kw)
+    g_ref = torch.autograd.grad(ref, xs, do)
+    out, _ = nha_chunk_triton(*xs, **kw)
+    g = torch.autograd.grad(out, xs, do)
+    for name, a, b in zip(["q", "q_rot", "k", "k_rot", "v", "log_alpha"], g, g_ref):
+        assert rel(a, b, 1.0) <= 1e-4, name
+
+
+def _clone(st: NHAState) -> NHAState:
+    return NHAState(**{f: getattr(st, f).clone() if torch.is_tensor(getattr(st, f)) else getattr(st, f)
+                       for f in st.__dataclass_fields__})
+
+
+@pytest.mark.parametrize("window,sinks,hq,h", [(4, 2, 4, 2), (0, 1, 3, 1), (20, 0, 8, 1), (1, 3, 4, 4)])
+def test_decode_step_equals_reference_step(window, sinks, hq, h):
+    b, pre, steps, d, m = 3, 9, 5, 16, 16
+    xs, valid = make(b, hq, h, pre + steps, d, m, pad=True, dtype=torch.float32, seed=window)
+    valid[1, pre + 1] = False  # a padding token during decode
+    _, st = nha_recurrent(*[x[:, :, :pre] for x in xs], window=window, num_sinks=sinks, scale=0.3,
+                          valid=valid[:, :pre])
+    st_k = _clone(st)
+    for i in range(pre, pre + steps):
+        args = [x[:, :, i] for x in xs] + [valid[:, i]]
+        ref = st.step(*args, scale=0.3)
+        out = nha_decode_step(st_k, *args, scale=0.3)
+        assert (out - ref).abs().max() <= 1e-5
+    for f in st.__dataclass_fields__:
+        a, b_ = getattr(st, f), getattr(st_k, f)
+        if torch.is_tensor(a):
+            assert a.dtype == b_.dtype and torch.allclose(a.float(), b_.float(), atol=1e-5), f
+        else:
+            assert a == b_, f
+
+
+def test_prefill_state_continues_exactly():
+    # Prefill with the kernel (return_state), then decode: equals running the reference recurrence throughout.
+    b, hq, h, t, pre, d, m = 2, 4, 2, 30, 22, 16, 16
+    xs, valid = make(b, hq, h, t, d, m, pad=True, dtype=torch.float32, seed=5)
+    kw = dict(window=6, num_sinks=2, scale=0.3)
+    full, _ = nha_recurrent(*xs, valid=valid, **kw)
+    head = [x[:, :, :pre] for x in xs]
+    _, slots = nha_chunk_triton(*head, valid=valid[:, :pre], return_state=True, **kw)
+    st = NHAState.from_prefill(head[2], head[3], head[4], head[5], valid[:, :pre], slots, window=6, num_sinks=2)
+    for i in range(pre, t):
+        out = nha_decode_step(st, *[x[:, :, i] for x in xs], valid[:, i], scale=0.3)
+        keep = valid[:, i][:, None, None]
+        assert ((out - full[:, :, i]) * keep).abs().max() <= 1e-5

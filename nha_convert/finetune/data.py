@@ -1,0 +1,268 @@
+"""Training data: documents from the recipe's sources, tokenised, split into train / held-out, cut into rows.
+
+Rows never cross a document boundary: each row is one piece (at most seq_len tokens) of ONE document, right-padded
+with attention_mask 0. NHA layers carry state along a row (window and slots), so packing several documents into
+one row would leak one document's state into the next; padding costs little here because the default corpus is
+made of long documents. Pieces shorter than `min_chunk` tokens are dropped.
+
+Data order is a pure function of (seed, stage, step): the rows of global step i are positions
+[i*G, (i+1)*G) of an endless stream of seeded permutations, so a resumed run reads exactly the same batches.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from ..errors import NHAError
+from .recipe import DataSpec, SourceSpec
+
+log = logging.getLogger("nha_convert.finetune")
+
+
+# --- sources ---------------------------------------------------------------------------------------
+
+
+def shakespeare_documents() -> list[str]:
+    """The embedded plays, minus the last file (held out by evaluation for perplexity)."""
+    from .. import assets
+
+    texts = assets.shakespeare_texts()
+    return [p.read_text(encoding="utf-8", errors="replace") for p in texts[:-1]]
+
+
+def boolq_documents() -> list[str]:
+    from .. import assets
+
+    import datasets
+
+    ds = datasets.load_from_disk(str(assets.hf_dataset_dir("boolq/none", "validation")))
+    seen: dict[str, None] = {}
+    for passage in ds["passage"]:
+        seen.setdefault(passage, None)  # questions share passages; keep each once, in order
+    return list(seen)
+
+
+def text_documents(path: str) -> list[str]:
+    p = Path(path).expanduser()
+    if p.is_dir():
+        files = sorted(p.rglob("*.txt"))
+        if not files:
+            raise NHAError(f"data folder {p} holds no .txt files")
+        return [f.read_text(encoding="utf-8", errors="replace") for f in files]
+    if not p.is_file():
+        raise NHAError(f"data file {p} not found")
+    return [p.read_text(encoding="utf-8", errors="replace")]
+
+
+def jsonl_documents(path: str, field: str) -> list[str]:
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise NHAError(f"data file {p} not found")
+    docs = []
+    with p.open(encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise NHAError(f"{p}:{n}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict) or not isinstance(row.get(field), str):
+                raise NHAError(f"{p}:{n}: expected an object with a string field {field!r}; set `field:` in the source")
+            docs.append(row[field])
+    return docs
+
+
+def hub_documents(src: SourceSpec) -> list[str]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(src.name, src.config, split=src.split)
+    except Exception as e:  # offline, unknown name, ...: one line naming the fix
+        raise NHAError(f"could not load data set {src.name!r} from the hub ({type(e).__name__}: "
+                       f"{str(e).splitlines()[0] if str(e) else ''}); use a local text/jsonl source offline") from None
+    if src.field not in ds.column_names:
+        raise NHAError(f"data set {src.name!r} has no column {src.field!r} (columns: {', '.join(ds.column_names)})")
+    n = len(ds) if src.max_docs is None else min(len(ds), src.max_docs)
+    return [t for t in ds.select(range(n))[src.field] if isinstance(t, str)]
+
+
+@torch.no_grad()
+def teacher_documents(src: SourceSpec, teacher: Any, tokenizer: Any, seed: int, batch: int = 16) -> list[str]:
+    """Texts sampled from the teacher: seeded, so every process (and a resumed run) gets the same ones."""
+    if teacher is None:
+        raise NHAError("teacher-sampled data needs a teacher; set teacher.model")
+    device = next(teacher.parameters()).device
+    prompts = src.prompts or [""]
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    fork = [device] if device.type == "cuda" else []
+    docs: list[str] = []
+    with torch.random.fork_rng(devices=fork):
+        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+        for first in range(0, src.samples, batch):
+            n = min(batch, src.samples - first)
+            texts = [prompts[(first + i) % len(prompts)] for i in range(n)]
+            ids = [[start] + tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+            width = max(map(len, ids))
+            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else start
+            input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=device)
+            mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=device)
+            out = teacher.generate(input_ids=input_ids, attention_mask=mask, do_sample=True,
+                                   temperature=src.temperature, top_p=src.top_p,
+                                   max_new_tokens=src.max_new_tokens, pad_token_id=pad)
+            docs += tokenizer.batch_decode(out, skip_special_tokens=True)  # prompt + continuation
+    return [d for d in docs if d.strip()]
+
+
+def load_documents(spec: DataSpec, *, teacher: Any = None, tokenizer: Any = None, seed: int = 0,
+                   cache_dir: Path | None = None) -> list[str]:
+    """All documents of all sources, in recipe order. Teacher samples are cached in `cache_dir` (if given),
+    so a resumed run reuses them instead of sampling again."""
+    docs: list[str] = []
+    for i, src in enumerate(spec.sources):
+        if src.kind == "shakespeare":
+            part = shakespeare_documents()
+        elif src.kind == "boolq":
+            part = boolq_documents()
+        elif src.kind == "text":
+            part = text_documents(src.path)
+        elif src.kind == "jsonl":
+            part = jsonl_documents(src.path, src.field)
+        elif src.kind == "hub":
+            part = hub_documents(src)
+        else:
+            cached = cache_dir / f"teacher_samples_{i}.jsonl" if cache_dir is not None else None
+            if cached is not None and cached.is_file():
+                part = [json.loads(line)["text"] for line in cached.read_text().splitlines() if line]
+            else:
+                part = teacher_documents(src, teacher, tokenizer, seed + 7919 * i)
+                if cached is not None:
+                    cached.parent.mkdir(parents=True, exist_ok=True)
+                    tmp = cached.with_suffix(".tmp")
+                    tmp.write_text("".join(json.dumps({"text": d}) + "\n" for d in part))
+                    tmp.replace(cached)
+        if src.max_docs is not None:
+            part = part[: src.max_docs]
+        log.info("data source %d (%s): %d documents", i, src.kind, len(part))
+        docs += part
+    if not docs:
+        raise NHAError("the data sources gave no documents")
+    return docs
+
+
+# --- tokens, split, rows ---------------------------------------------------------------------------
+
+
+def tokenize_documents(docs: list[str], tokenizer: Any) -> list[list[int]]:
+    """Each document as token ids, with the tokenizer's own special tokens and an end-of-text token."""
+    eos = tokenizer.eos_token_id
+    out = []
+    for ids in tokenizer(docs, add_special_tokens=True, verbose=False)["input_ids"]:
+        out.append(list(ids) + ([eos] if eos is not None and (not ids or ids[-1] != eos) else []))
+    return out
+
+
+def split_documents(docs: list[list[int]], held_out: float, seed: int) -> tuple[list[list[int]], list[list[int]]]:
+    """(train, held-out). With at least 1/held_out documents, whole documents are held out (seeded choice);
+    with fewer, the last `held_out` fraction of every document's tokens."""
+    n = len(docs)
+    k = round(n * held_out)
+    if k >= 1 and n - k >= 1:
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+        held = set(order[:k])
+        return [d for i, d in enumerate(docs) if i not in held], [d for i, d in enumerate(docs) if i in held]
+    train, val = [], []
+    for d in docs:
+        cut = len(d) - max(1, math.ceil(len(d) * held_out))
+        train.append(d[:cut])
+        val.append(d[cut:])
+    return train, val
+
+
+@dataclass
+class Rows:
+    """Fixed-length rows: input_ids (N, L) right-padded, attention_mask (N, L)."""
+
+    input_ids: Tensor
+    attention_mask: Tensor
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+
+def make_rows(docs: list[list[int]], seq_len: int, pad_id: int, min_chunk: int) -> Rows:
+    """Cut each document into pieces of seq_len tokens (one piece per row, never two documents in a row)."""
+    pieces = [d[i:i + seq_len] for d in docs for i in range(0, len(d), seq_len)]
+    pieces = [p for p in pieces if len(p) >= min(min_chunk, seq_len)]
+    if not pieces:
+        raise NHAError(f"no document piece is at least {min_chunk} tokens long; lower data.min_chunk")
+    ids = torch.full((len(pieces), seq_len), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(pieces), seq_len), dtype=torch.long)
+    for i, p in enumerate(pieces):
+        ids[i, : len(p)] = torch.tensor(p, dtype=torch.long)
+        mask[i, : len(p)] = 1
+    return Rows(ids, mask)
+
+
+def step_rows(num_rows: int, global_batch: int, step: int, seed: int) -> list[int]:
+    """Row indices of global step `step`: positions [step*G, (step+1)*G) of a stream of seeded permutations."""
+    out = []
+    for pos in range(step * global_batch, (step + 1) * global_batch):
+        epoch, offset = divmod(pos, num_rows)
+        out.append(_permutation(num_rows, seed, epoch)[offset])
+    return out
+
+
+_perm_cache: dict[tuple[int, int, int], list[int]] = {}
+
+
+def _permutation(n: int, seed: int, epoch: int) -> list[int]:
+    key = (n, seed, epoch)
+    if key not in _perm_cache:
+        if len(_perm_cache) > 8:
+            _perm_cache.clear()
+        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        _perm_cache[key] = torch.randperm(n, generator=g).tolist()
+    return _perm_cache[key]
+
+
+@dataclass
+class Corpus:
+    """Tokenised training and held-out documents; rows are cut per stage (each stage has its own seq_len)."""
+
+    train: list[list[int]]
+    held_out: list[list[int]]
+    pad_id: int
+    min_chunk: int
+
+    def rows(self, seq_len: int, split: str = "train") -> Rows:
+        key = (seq_len, split)
+        cache = self.__dict__.setdefault("_rows", {})
+        if key not in cache:
+            cache[key] = make_rows(self.train if split == "train" else self.held_out, seq_len, self.pad_id,
+                                   self.min_chunk)
+        return cache[key]
+
+
+def build_corpus(spec: DataSpec, tokenizer: Any, *, seed: int, teacher: Any = None,
+                 cache_dir: Path | None = None,
+                 documents: Callable[[], list[str]] | None = None) -> Corpus:
+    docs = documents() if documents else load_documents(spec, teacher=teacher, tokenizer=tokenizer, seed=seed,
+                                                        cache_dir=cache_dir)
+    tokens = tokenize_documents(docs, tokenizer)
+    train, held = split_documents(tokens, spec.held_out, seed)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    return Corpus(train, held, pad, spec.min_chunk)

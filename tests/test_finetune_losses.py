@@ -1,0 +1,78 @@
+"""Objectives: the chunked KL / CE equal the direct full-logit computation (values and gradients)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from nha_convert.finetune.losses import attention_mse, chunked_lm_loss, direct_kl, next_token_targets
+
+
+def _batch(seed=0, b=3, t=11, h=16, v=50):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(b, t, h, generator=g, dtype=torch.float64)
+    t_hidden = torch.randn(b, t, h, generator=g, dtype=torch.float64)
+    ids = torch.randint(0, v, (b, t), generator=g)
+    mask = torch.ones(b, t, dtype=torch.long)
+    mask[1, 7:] = 0  # a right-padded row
+    mask[2, 2:] = 0
+    head = torch.nn.Linear(h, v, bias=False).double()
+    t_head = torch.nn.Linear(h, v, bias=False).double()
+    return hidden, t_hidden, ids, mask, head, t_head
+
+
+def test_next_token_targets_stop_at_padding():
+    ids = torch.tensor([[5, 6, 7, 8], [1, 2, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    assert next_token_targets(ids, mask).tolist() == [[6, 7, 8, -100], [2, -100, -100, -100]]
+
+
+def test_chunked_kl_equals_direct_kl_and_gradients():
+    hidden, t_hidden, ids, mask, head, t_head = _batch()
+    targets = next_token_targets(ids, mask)
+    for temperature in (1.0, 2.5):
+        for chunk in (1, 4, 7, 1000):
+            h1 = hidden.clone().requires_grad_(True)
+            kl, ce, n = chunked_lm_loss(h1, targets, head, teacher_hidden=t_hidden, teacher_head=t_head,
+                                        temperature=temperature, want_kl=True, want_ce=True, chunk=chunk)
+            h2 = hidden.clone().requires_grad_(True)
+            ref = direct_kl(head(h2), t_head(t_hidden), targets, temperature)
+            assert n == int((targets != -100).sum()) == 10 + 6 + 1
+            torch.testing.assert_close(kl, ref.float(), rtol=1e-6, atol=1e-6)
+            ref_ce = F.cross_entropy(head(hidden)[targets != -100], targets[targets != -100], reduction="sum")
+            torch.testing.assert_close(ce, ref_ce.float(), rtol=1e-6, atol=1e-6)
+            kl.backward()
+            ref.backward()
+            torch.testing.assert_close(h1.grad, h2.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_kl_is_zero_for_identical_models_and_positive_otherwise():
+    hidden, _, ids, mask, head, t_head = _batch(1)
+    targets = next_token_targets(ids, mask)
+    same, _, _ = chunked_lm_loss(hidden, targets, head, teacher_hidden=hidden, teacher_head=head, want_kl=True)
+    other, _, _ = chunked_lm_loss(hidden, targets, head, teacher_hidden=hidden, teacher_head=t_head, want_kl=True)
+    assert abs(float(same.detach())) < 1e-6 and float(other.detach()) > 0.1
+
+
+def test_chunked_loss_keeps_only_one_chunk_of_logits_for_backward():
+    # With checkpointed chunks, autograd saves hidden-state slices, never (positions x vocab) logits.
+    b, t, h, v = 2, 64, 8, 5000
+    hidden = torch.randn(b, t, h, requires_grad=True)
+    head = torch.nn.Linear(h, v, bias=False)
+    targets = torch.randint(0, v, (b, t))
+    saved = []
+
+    def pack(x):
+        saved.append(x.numel())
+        return x
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        chunked_lm_loss(hidden, targets, head, chunk=16, want_ce=True)
+    assert max(saved) < 16 * v  # the largest saved tensor is smaller than one chunk's logits
+
+
+def test_attention_mse_counts_real_tokens_only():
+    s = [torch.zeros(2, 3, 4), torch.ones(2, 3, 4)]
+    t = [torch.ones(2, 3, 4), torch.ones(2, 3, 4)]
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    assert attention_mse(s, t, mask).tolist() == [3.0, 0.0]

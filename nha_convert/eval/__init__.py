@@ -1,0 +1,1 @@
+"""Evaluation of base, NHA and baseline models: lm-eval tasks, recall probes, perplexity, speed, reports."""

@@ -1,0 +1,273 @@
+"""Speed and memory: prefill latency, decode tokens/s, peak memory and decode state by context length and batch.
+
+Works on any device: tiny sizes on a CPU (tests), real sizes on a GPU, including a Llama-3-8B-shaped model with
+random weights built directly on the device in bf16 (speed needs no download).
+
+Decode is measured on a real cache: one sequence is prefilled, then its cache is repeated to the batch size
+(`Cache.batch_repeat_interleave`), so a batch of 100 sequences at 32K context costs one 32K prefill, not 100.
+Random token ids feed both phases: speed does not depend on what the tokens say.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+
+from ..errors import NHAError
+
+GIB = 1024**3
+MIB = 1024**2
+
+# Shapes of models benchmarked with random weights (nothing downloaded). Llama-3-8B: the released config, with
+# the position limit raised to 128K so that long-context rows are legal (RoPE itself is unchanged).
+RANDOM_MODELS: dict[str, dict[str, Any]] = {
+    "llama-3-8b-random": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                              num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                              rope_theta=500000.0, max_position_embeddings=131072, rms_norm_eps=1e-5,
+                              tie_word_embeddings=False),
+    "tiny-random": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, vocab_size=256, max_position_embeddings=8192),
+}
+
+
+@dataclass
+class BenchRow:
+    model: str
+    context: int
+    batch: int
+    prefill_s: float | None = None  # one forward over batch x context tokens
+    prefill_tok_s: float | None = None
+    decode_tok_s: float | None = None  # new tokens per second, all sequences together
+    decode_ms_per_step: float | None = None
+    state_mib_per_seq: float | None = None  # decode cache bytes per sequence after `context` tokens
+    peak_mem_gib: float | None = None  # device peak (weights included); None on CPU
+    note: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def random_model(name: str, dtype: torch.dtype = torch.bfloat16, device: str = "cpu", seed: int = 0) -> Any:
+    """A Llama model of a known shape with random weights, created directly on `device` in `dtype`."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if name not in RANDOM_MODELS:
+        raise NHAError(f"unknown random model {name!r}; choose one of {', '.join(RANDOM_MODELS)}")
+    cfg = LlamaConfig(**RANDOM_MODELS[name])
+    torch.manual_seed(seed)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # parameters are born in bf16 on the GPU: no fp32 copy of 8B weights
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(old)
+    return model.eval()
+
+
+def cache_nbytes(cache: Any) -> int:
+    """Bytes a decode cache holds: NHACache knows its own; dense caches are summed over their layers."""
+    if hasattr(cache, "nbytes") and callable(cache.nbytes):
+        return int(cache.nbytes())
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        for name in ("keys", "values"):
+            t = getattr(layer, name, None)
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+def _free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+@torch.no_grad()
+def _forward(model: Any, ids: torch.Tensor, cache: Any = None, use_cache: bool = False) -> Any:
+    return model(input_ids=ids, past_key_values=cache, use_cache=use_cache, logits_to_keep=1)
+
+
+@torch.no_grad()
+def time_prefill(model: Any, batch: int, context: int, vocab: int, device: torch.device,
+                 repeats: int = 2) -> float:
+    """Best of `repeats` forward passes over (batch, context) random tokens (the first also warms kernels up)."""
+    ids = torch.randint(0, vocab, (batch, context), device=device)
+    best = float("inf")
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        _forward(model, ids)
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+@torch.no_grad()
+def prefill_cache(model: Any, context: int, vocab: int, device: torch.device) -> tuple[Any, torch.Tensor, float]:
+    """One sequence's cache after `context` tokens, its next token, and the prefill time."""
+    ids = torch.randint(0, vocab, (1, context), device=device)
+    _sync(device)
+    t0 = time.perf_counter()
+    out = _forward(model, ids, use_cache=True)
+    _sync(device)
+    return out.past_key_values, out.logits[:, -1:].argmax(-1), time.perf_counter() - t0
+
+
+@torch.no_grad()
+def time_decode(model: Any, cache: Any, next_tok: torch.Tensor, steps: int, device: torch.device,
+                warmup: int = 2) -> float:
+    """Seconds per decode step (greedy, one new token per sequence per step) after `warmup` untimed steps."""
+    tok = next_tok
+    for i in range(warmup + steps):
+        if i == warmup:
+            _sync(device)
+            t0 = time.perf_counter()
+        out = _forward(model, tok, cache=cache, use_cache=True)
+        cache = out.past_key_values
+        tok = out.logits[:, -1:].argmax(-1)
+    _sync(device)
+    return (time.perf_counter() - t0) / max(steps, 1)
+
+
+def max_batch(state_bytes_per_seq: int, device: torch.device, fraction: float = 0.8, cap: int = 4096) -> int:
+    """The largest batch whose decode state fits in `fraction` of the device memory still free."""
+    if device.type != "cuda" or state_bytes_per_seq <= 0:
+        return 1
+    free, _ = torch.cuda.mem_get_info(device)
+    return max(1, min(cap, int(fraction * free // state_bytes_per_seq)))
+
+
+def bench_model(
+    model: Any,
+    label: str,
+    contexts: Sequence[int],
+    batches: Sequence[int | str] = (1,),
+    decode_steps: int = 16,
+    prefill_token_budget: int = 1 << 17,
+    decode_contexts: Sequence[int] | None = None,
+    log: Callable[[str], None] = lambda s: None,
+    prefill_repeats: int = 2,
+) -> list[BenchRow]:
+    """Rows for every (context, batch): prefill (when batch x context <= the token budget) and decode.
+
+    A batch of "max" means the largest batch whose decode state fits (from the measured state per sequence);
+    if it still runs out of memory, it is cut by a quarter and retried.
+    """
+    device = next(model.parameters()).device
+    vocab = model.config.vocab_size
+    rows: list[BenchRow] = []
+    decode_contexts = list(contexts) if decode_contexts is None else list(decode_contexts)
+    # Warm-up: kernels compile, allocators settle.
+    _forward(model, torch.randint(0, vocab, (1, min(contexts)), device=device))
+    for ctx in contexts:
+        _free_memory(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        try:
+            cache, tok, _ = prefill_cache(model, ctx, vocab, device)
+            prefill_1 = time_prefill(model, 1, ctx, vocab, device, prefill_repeats)
+        except RuntimeError as e:
+            if not _is_oom(e):
+                raise
+            rows.append(BenchRow(label, ctx, 1, note="out of memory at prefill"))
+            log(f"{label} ctx={ctx}: out of memory at prefill")
+            continue
+        per_seq = cache_nbytes(cache)
+        for b in batches:
+            B = max_batch(per_seq, device) if b == "max" else int(b)
+            row = None
+            for _attempt in range(4):
+                row = _bench_row(model, label, ctx, B, cache, tok, per_seq, prefill_1, vocab, device,
+                                 decode_steps if ctx in decode_contexts else 0, prefill_token_budget,
+                                 prefill_repeats)
+                if row.note != "out of memory" or b != "max":
+                    break
+                B = max(1, int(B * 0.75))
+            if b == "max":
+                row.note = (row.note + " " if row.note else "") + "max batch"
+            rows.append(row)
+            log(_fmt(row))
+        del cache
+    return rows
+
+
+def _bench_row(model: Any, label: str, ctx: int, B: int, cache: Any, tok: torch.Tensor, per_seq: int,
+               prefill_1: float, vocab: int, device: torch.device, steps: int, budget: int,
+               repeats: int) -> BenchRow:
+    row = BenchRow(label, ctx, B, state_mib_per_seq=per_seq / MIB)
+    _free_memory(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        if B == 1:
+            row.prefill_s = prefill_1
+        elif B * ctx <= budget:
+            row.prefill_s = time_prefill(model, B, ctx, vocab, device, repeats)
+        if row.prefill_s:
+            row.prefill_tok_s = B * ctx / row.prefill_s
+        if steps > 0:
+            c = copy.deepcopy(cache)
+            if B > 1:
+                c.batch_repeat_interleave(B)
+            sec = time_decode(model, c, tok.repeat(B, 1), steps, device)
+            row.decode_ms_per_step = sec * 1e3
+            row.decode_tok_s = B / sec
+            del c
+    except RuntimeError as e:
+        if not _is_oom(e):
+            raise
+        row.note = "out of memory"
+    finally:
+        _free_memory(device)
+    if device.type == "cuda":
+        row.peak_mem_gib = torch.cuda.max_memory_allocated(device) / GIB
+    return row
+
+
+def _fmt(row: BenchRow) -> str:
+    def f(x: float | None, spec: str) -> str:
+        return "-" if x is None else format(x, spec)
+
+    return (f"{row.model:>12} ctx={row.context:>6} B={row.batch:>4} prefill={f(row.prefill_s, '.3f')}s "
+            f"decode={f(row.decode_tok_s, '.1f')} tok/s state={f(row.state_mib_per_seq, '.2f')} MiB/seq "
+            f"peak={f(row.peak_mem_gib, '.1f')} GiB {row.note}")
+
+
+def speedups(rows: Sequence[dict[str, Any]], base: str = "base", other: str = "nha") -> list[dict[str, Any]]:
+    """NHA / base ratios per (context, batch) where both ran, plus the ratio of the two max-batch rows."""
+    idx = {(r["model"], r["context"], r["batch"]): r for r in rows if "max batch" not in r.get("note", "")}
+    out = []
+    for (m, ctx, b), r in idx.items():
+        if m != other or (base, ctx, b) not in idx:
+            continue
+        q = idx[(base, ctx, b)]
+        out.append({"context": ctx, "batch": b,
+                    "decode_x": _ratio(r.get("decode_tok_s"), q.get("decode_tok_s")),
+                    "prefill_x": _ratio(q.get("prefill_s"), r.get("prefill_s"))})
+    for ctx in sorted({r["context"] for r in rows}):
+        mx = {r["model"]: r for r in rows if r["context"] == ctx and "max batch" in r.get("note", "")}
+        if base in mx and other in mx:
+            out.append({"context": ctx, "batch": f"max ({mx[other]['batch']} vs {mx[base]['batch']})",
+                        "decode_x": _ratio(mx[other].get("decode_tok_s"), mx[base].get("decode_tok_s")),
+                        "prefill_x": None})
+    return out
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a and b else None

@@ -1,0 +1,101 @@
+"""nha-eval end to end on tiny random models: base vs NHA vs the swa-sinks baseline, report files, gate."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+import nha_convert
+from nha_convert.cli import eval as cli
+
+
+@pytest.fixture(scope="module")
+def tiny_folders(tmp_path_factory, smollm2_path):
+    """A tiny base Llama (real SmolLM2 tokenizer) and its NHA conversion, saved as HF folders."""
+    root = tmp_path_factory.mktemp("tiny")
+    tok = AutoTokenizer.from_pretrained(smollm2_path)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=1, vocab_size=len(tok),
+                                         max_position_embeddings=2048))
+    model.save_pretrained(root / "base")
+    tok.save_pretrained(root / "base")
+    nha_convert.convert(model, nha_convert.NHASettings(window=16, slots=4, full_layers=[1]))
+    nha_convert.save(model, tok, root / "nha")
+    return root
+
+
+def _run(monkeypatch, capsys, *args):
+    monkeypatch.setenv("COLUMNS", "200")
+    monkeypatch.setattr(sys, "argv", ["nha-eval", *map(str, args)])
+    try:
+        cli.main()
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+def test_side_by_side_with_baseline_and_gate(tiny_folders, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    code, err = _run(monkeypatch, capsys, tiny_folders / "nha", "--compare", tiny_folders / "base",
+                     "--baseline", "swa-sinks", "--tasks", "piqa", "--limit", 2, "--batch-size", 2,
+                     "--recall", "--recall-lengths", 256, "--recall-n", 1, "--recall-pairs", 4,
+                     "--ppl", "--ppl-len", 64, "--ppl-seqs", 1, "--out", out,
+                     "--write-expected", tmp_path / "exp.json")
+    assert code == 0, err
+    res = json.loads((out / "results.json").read_text())
+    assert [m["label"] for m in res["models"]] == ["base", "nha", "swa-sinks-w16"]
+    assert [m["kind"] for m in res["models"]] == ["base", "nha", "swa-sinks"]
+    assert res["reference"] == "base" and res["subject"] == "nha"
+    # The baseline has the NHA model's window and full layers, no slots, 4 sinks.
+    swa = res["models"][2]["nha"]
+    assert (swa["window"], swa["slots"], swa["sinks"], swa["windows"]) == (16, 0, 4, [16, None])
+    for lab in ("base", "nha", "swa-sinks-w16"):
+        assert set(res["tasks"][lab]["piqa"]) == {"acc", "acc_norm"} and res["samples"][lab]["piqa"] == 2
+        assert set(res["recall"][lab]) == {"passkey", "mqar", "chance"}
+        assert res["perplexity"][lab]["buckets"] == ["1-64"]
+    md = (out / "report.md").read_text()
+    assert "nha % of base" in md and "swa-sinks-w16 % of base" in md
+    assert all((out / f"{n}.png").is_file() for n in ("tasks", "recall", "perplexity"))
+
+    exp = json.loads((tmp_path / "exp.json").read_text())
+    assert exp["model"] == "nha" and "piqa/acc" in exp["metrics"]
+    code, err = _run(monkeypatch, capsys, "--results", out / "results.json", "--check", tmp_path / "exp.json",
+                     "--out", tmp_path / "o2")
+    assert code == 0, err
+    exp["metrics"]["piqa/acc"] += 0.5
+    (tmp_path / "exp.json").write_text(json.dumps(exp))
+    code, err = _run(monkeypatch, capsys, "--results", out / "results.json", "--check", tmp_path / "exp.json",
+                     "--out", tmp_path / "o2")
+    assert code == 1 and "FAIL piqa/acc" in err
+
+
+def test_bench_cli_writes_rows_and_chart(tmp_path, monkeypatch, capsys):
+    code, err = _run(monkeypatch, capsys, "tiny-random", "--bench", "--bench-contexts", "32,64",
+                     "--bench-batches", "1,2", "--bench-steps", 1, "--window", 8, "--slots", 4,
+                     "--full-layers", "0", "--out", tmp_path)
+    assert code == 0, err
+    res = json.loads((tmp_path / "results.json").read_text())
+    rows = res["bench"]["rows"]
+    assert [(r["model"], r["context"], r["batch"]) for r in rows] == [
+        (m, c, b) for m in ("base", "nha") for c in (32, 64) for b in (1, 2)]
+    assert res["bench"]["runs"][0]["nha"]["windows"] == [None, 8]
+    assert (tmp_path / "bench.png").is_file() and "decode NHA/base" in (tmp_path / "report.md").read_text()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["tiny-random", "--tasks", "piqa"], "random weights"),
+    (["{base}", "--baseline", "swa-sinks", "--tasks", "piqa"], "needs a window"),
+    (["{nha}", "--baseline", "swa-sinks", "--tasks", "piqa"], "--compare BASE"),
+    (["{base}", "--tasks", "no_such_task_xyz", "--limit", "1"], "unknown task"),
+    ([], "name at least one model"),
+])
+def test_bad_input_is_one_line(tiny_folders, monkeypatch, capsys, args, message):
+    args = [a.format(base=tiny_folders / "base", nha=tiny_folders / "nha") for a in args]
+    code, err = _run(monkeypatch, capsys, *args)
+    assert code != 0 and message in err and "Traceback" not in err

@@ -1,0 +1,94 @@
+"""Recall probes: exact lengths, a scorer that gives an oracle 100% and a guesser chance, teacher forcing."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from nha_convert.errors import NHAError
+from nha_convert.eval import recall as R
+
+
+@pytest.fixture(scope="module")
+def tok(smollm2_path):
+    return AutoTokenizer.from_pretrained(smollm2_path)
+
+
+@pytest.mark.parametrize("probe", R.PROBES)
+@pytest.mark.parametrize("length", [256, 1024])
+def test_items_have_exact_length_and_answers_in_place(tok, probe, length):
+    items = R.make_items(probe, tok, length, 6, seed=3)
+    for it in items:
+        assert len(it.ids) == length
+        assert it.answer_spans[-1][1] == length  # the last answer ends the sequence
+        for (s, e), ans in zip(it.answer_spans, it.answers):
+            assert tok.decode(it.ids[s:e]).strip() == ans
+            assert all(ans not in q for q in it.queries)  # no question contains an answer
+    assert R.make_items(probe, tok, length, 6, seed=3)[0].ids == items[0].ids  # deterministic
+    assert R.make_items(probe, tok, length, 6, seed=4)[0].ids != items[0].ids
+
+
+@pytest.mark.parametrize("probe", R.PROBES)
+def test_oracle_scores_100_and_guesser_scores_chance(tok, probe):
+    items = R.make_items(probe, tok, 512, 100, seed=1)
+    assert R.score(items, R.oracle_predictions(items)) == 1.0
+    guess = R.score(items, R.guess_predictions(items, seed=2))
+    n = sum(len(it.answers) for it in items)
+    p = R.chance(probe)
+    assert abs(guess - p) <= 4 * math.sqrt(p * (1 - p) / n) + 1e-9  # within 4 sigma of chance
+    if probe == "passkey":
+        assert guess == 0.0  # 1 in 90000
+
+
+def test_scorer_counts_each_question_and_checks_shapes(tok):
+    items = R.mqar_items(tok, 512, 2, n_pairs=8, n_queries=4)
+    preds = R.oracle_predictions(items)
+    preds[0][1] = "0"
+    assert R.score(items, preds) == 7 / 8
+    with pytest.raises(ValueError):
+        R.score(items, preds[:1])
+    with pytest.raises(NHAError, match="too short"):
+        R.passkey_items(tok, 16, 1)
+
+
+class _TeacherForcedModel(torch.nn.Module):
+    """Logits that put all mass on the true next token of known sequences (a perfect reader), or on token 0."""
+
+    def __init__(self, seqs, vocab, perfect=True):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.seqs, self.vocab, self.perfect = seqs, vocab, perfect
+
+    def forward(self, input_ids, use_cache=False, logits_to_keep=0):
+        B, T = input_ids.shape
+        logits = torch.zeros(B, T, self.vocab)
+        for b in range(B):
+            ids = self.seqs[tuple(input_ids[b].tolist())]
+            for t in range(T - 1):
+                logits[b, t, ids[t + 1] if self.perfect else 0] = 1.0
+        return SimpleNamespace(logits=logits[:, -logits_to_keep:])
+
+
+@pytest.mark.parametrize("probe", R.PROBES)
+def test_model_predictions_read_the_answer_positions(tok, probe):
+    items = R.make_items(probe, tok, 300, 4)
+    seqs = {tuple(it.ids): it.ids for it in items}
+    perfect = _TeacherForcedModel(seqs, len(tok))
+    assert R.score(items, R.model_predictions(perfect, tok, items, batch_size=2)) == 1.0
+    blind = _TeacherForcedModel(seqs, len(tok), perfect=False)
+    assert R.score(items, R.model_predictions(blind, tok, items, batch_size=3)) == 0.0
+
+
+def test_run_recall_on_a_tiny_model(tok):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1, vocab_size=len(tok))).eval()
+    res = R.run_recall(model, tok, [256], n=2, n_pairs=4)
+    assert set(res) == {"passkey", "mqar", "chance"}
+    assert res["chance"]["mqar"] == 0.25 and 0.0 <= res["passkey"]["256"] <= 1.0

@@ -35,7 +35,7 @@ class NHASettings:
     gate_temperature: float = 8.0
     gate_init: str = "pooled-k"
     gate_decay: float = 0.99
-    chunk_size: int = 64
+    chunk_size: int = 16
 
     def validate(self, num_layers: int, max_positions: int | None = None) -> None:
         if self.window < 0:

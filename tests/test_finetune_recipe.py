@@ -9,7 +9,8 @@ import pytest
 from nha_convert.errors import NHAError
 from nha_convert.finetune.recipe import parse_recipe, read_recipe
 
-RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
+RECIPES = sorted(p for p in (Path(__file__).parent.parent / "recipes").glob("*.yaml")
+                 if not p.name.startswith("accelerate-"))
 
 GOOD = """\
 model:
@@ -104,6 +105,14 @@ def test_shipped_recipes_are_valid_in_every_budget(path):
     for budget in budgets:
         r = read_recipe(path, budget=budget)
         assert r.stages
+
+
+def test_default_recipe_has_cpu_and_gpu_budgets():
+    path = Path(__file__).parent.parent / "recipes" / "smollm2-135m.yaml"
+    cpu, gpu = read_recipe(path, budget="cpu"), read_recipe(path, budget="gpu")
+    assert cpu.model.base is None and cpu.model.nha["window"] == cpu.model.nha["slots"] == 64
+    assert all(s.steps is not None and s.steps <= 8 for s in cpu.stages)
+    assert sum(s.minutes for s in gpu.stages) <= 10 and all(s.bf16 for s in gpu.stages)
 
 
 def test_recipe_file_not_found(tmp_path):

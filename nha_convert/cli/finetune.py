@@ -45,7 +45,8 @@ def finetune(
     if check:
         err.print(f"recipe {recipe} is valid (budget: {r.budget or 'none'}); run folder {r.output.dir}")
         for i, s in enumerate(r.stages):
-            amount = f"{s.steps} steps" if s.steps is not None else f"{s.tokens:,} tokens"
+            amount = (f"{s.steps} steps" if s.steps is not None else
+                      f"{s.tokens:,} tokens" if s.tokens is not None else f"{s.minutes:g} minutes")
             err.print(f"  {i}: {stage_name(s)} ({s.kind}), trains {s.trains}, {amount}, batch {s.batch_size} x "
                       f"accum {s.grad_accum}, seq_len {s.seq_len}, lr {s.lr:g} {s.schedule}"
                       f"{', bf16' if s.bf16 else ''}", highlight=False)

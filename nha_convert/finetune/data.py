@@ -82,17 +82,27 @@ def jsonl_documents(path: str, field: str) -> list[str]:
 
 
 def hub_documents(src: SourceSpec) -> list[str]:
+    """A hub data set by name (online). With max_docs it is streamed, so a large corpus is never downloaded whole."""
+    import itertools
+
     import datasets
 
     try:
-        ds = datasets.load_dataset(src.name, src.config, split=src.split)
+        ds = datasets.load_dataset(src.name, src.config, split=src.split, streaming=src.max_docs is not None)
+        rows = itertools.islice(ds, src.max_docs) if src.max_docs is not None else ds
+        docs = []
+        for row in rows:
+            if src.field not in row:
+                raise NHAError(f"data set {src.name!r} has no column {src.field!r} (columns: {', '.join(row)})")
+            if isinstance(row[src.field], str):
+                docs.append(row[src.field])
+    except NHAError:
+        raise
     except Exception as e:  # offline, unknown name, ...: one line naming the fix
-        raise NHAError(f"could not load data set {src.name!r} from the hub ({type(e).__name__}: "
-                       f"{str(e).splitlines()[0] if str(e) else ''}); use a local text/jsonl source offline") from None
-    if src.field not in ds.column_names:
-        raise NHAError(f"data set {src.name!r} has no column {src.field!r} (columns: {', '.join(ds.column_names)})")
-    n = len(ds) if src.max_docs is None else min(len(ds), src.max_docs)
-    return [t for t in ds.select(range(n))[src.field] if isinstance(t, str)]
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise NHAError(f"could not load data set {src.name!r} from the hub ({type(e).__name__}: {first}); "
+                       "use a local text/jsonl source offline") from None
+    return docs
 
 
 @torch.no_grad()

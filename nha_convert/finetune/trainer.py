@@ -43,6 +43,7 @@ logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 STATE_FILE = "trainer_state.json"
+DTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 class Interrupted(Exception):
@@ -143,6 +144,8 @@ class StageLoss(nn.Module):
         self.student = student
         self.stage = stage
         self._teacher = [teacher]  # a list: the teacher must not become a submodule (not trained, not sharded)
+        # FSDP's auto-wrap policy shards per decoder layer, read from here.
+        self._no_split_modules = list(getattr(causal_lm(student), "_no_split_modules", None) or [])
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, teacher_inputs: list[Tensor] | None = None,
                 teacher_outputs: list[Tensor] | None = None, teacher_hidden: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -475,6 +478,8 @@ class Trainer:
         self._evaluate(module, stage, teacher, held, pos, name)
 
         student = acc.unwrap_model(module).student
+        if self._fsdp:
+            student = self._unshard(module, student, stage)
         acc.free_memory()
         del module, optimizer, scheduler
         if stage.gradient_checkpointing:
@@ -487,6 +492,33 @@ class Trainer:
                 if p.is_floating_point():
                     p.data = p.data.to(torch.bfloat16)
         return student, Position(stage=idx + 1, step=0, global_step=pos.global_step, tokens=pos.tokens)
+
+    @property
+    def _fsdp(self) -> bool:
+        from accelerate.utils import DistributedType
+
+        return self.accelerator.distributed_type == DistributedType.FSDP
+
+    def _unshard(self, module: nn.Module, student: nn.Module, stage: StageSpec) -> nn.Module:
+        """FSDP shards the student in place; gather its full weights on every process into a fresh, unsharded copy
+        (same structure, LoRA included, so merge_lora works as without FSDP)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        from transformers import AutoModelForCausalLM
+
+        full = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=False))
+        full = {k.removeprefix("student."): v for k, v in full.items()}
+        lm = causal_lm(student)
+        fresh = AutoModelForCausalLM.from_config(lm.config, dtype=DTYPE[self.recipe.model.dtype])
+        if stage.trains == "lora":
+            from .trainables import add_lora
+
+            fresh = add_lora(fresh, stage.lora)
+        missing, unexpected = fresh.load_state_dict(full, strict=False)
+        if unexpected or [k for k in missing if not k.endswith("lm_head.weight")]:
+            raise RuntimeError(f"FSDP gather: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        if getattr(lm.config, "tie_word_embeddings", False):
+            causal_lm(fresh).tie_weights()
+        return fresh.to(self.device)
 
     def _steps_for_time(self, stage: StageSpec, t_start: float, t_timed: float, done: int) -> int:
         """Step count that fills the stage's time budget, from the time of steps 2..5 (agreed by all processes)."""

@@ -1,0 +1,165 @@
+"""Held-out perplexity before and after a recipe, next to sliding-window attention trained with the same budget.
+
+    python -m nha_convert.finetune.compare recipes/smollm2-135m.yaml --budget gpu -o out/compare
+
+1. the base model; 2. the recipe's NHA conversion, untrained; 3. a sliding-window baseline (NHA with 0 slots and
+`--swa-sinks` sinks, same window), untrained; 4. the recipe trained; 5. the baseline trained with the recipe's
+stages and exactly the same step counts (so the same tokens). Perplexity: nha_convert.eval.perplexity on the
+held-out Shakespeare text (never trained on). Writes compare.json and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import shutil
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import NHAError
+from .recipe import read_recipe, stage_name
+
+
+def heldout_ppl(model: Any, tokenizer: Any, seq_len: int, sequences: int) -> dict[str, Any]:
+    from ..eval.perplexity import perplexity_by_position
+
+    model.eval()
+    with torch.no_grad():
+        return perplexity_by_position(model, tokenizer, seq_len=seq_len, max_sequences=sequences)
+
+
+def stage_steps_from_metrics(metrics: Path) -> dict[str, int]:
+    """Steps each stage actually ran (the last logged step of each stage)."""
+    steps: dict[str, int] = {}
+    for line in metrics.read_text().splitlines():
+        r = json.loads(line)
+        if "event" not in r and "step" in r:
+            steps[r["stage"]] = max(steps.get(r["stage"], 0), r["step"])
+    return steps
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("recipe")
+    ap.add_argument("-b", "--budget", default="auto")
+    ap.add_argument("-o", "--output", required=True, help="report folder: compare.json and each run's metrics")
+    ap.add_argument("--work", help="folder for the training runs (default: OUTPUT/runs)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[])
+    ap.add_argument("--swa-sinks", type=int, default=4)
+    ap.add_argument("--ppl-len", type=int, default=2048)
+    ap.add_argument("--ppl-seqs", type=int, default=8)
+    ap.add_argument("--skip-swa-training", action="store_true")
+    args = ap.parse_args(argv)
+
+    import nha_convert
+    from .models import build_models
+    from .trainer import Trainer
+
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(args.work) if args.work else out / "runs"
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    recipe = read_recipe(args.recipe, budget=None if args.budget == "none" else args.budget,
+                         overrides=args.overrides + [f"output.dir={work / 'nha'}"])
+    nha = dict(recipe.model.nha or {})
+    swa = {**nha, "slots": 0, "sinks": args.swa_sinks}
+    swa_label = f"SWA-{nha.get('window', 64)}+{args.swa_sinks} sinks"
+    try:
+        import nha_kernels  # noqa: F401
+
+        backend = "triton forward + torch reference backward" if device.type == "cuda" else "torch"
+    except ImportError:
+        backend = "torch"
+    report: dict[str, Any] = {"backend": backend, "torch": torch.__version__, "recipe": args.recipe, "budget": recipe.budget, "overrides": args.overrides,
+                              "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                              "nha": nha, "swa": swa, "ppl_len": args.ppl_len, "ppl_seqs": args.ppl_seqs,
+                              "rows": []}
+
+    def save() -> None:
+        (out / "compare.json").write_text(json.dumps(report, indent=1))
+
+    def row(label: str, fn) -> Any:
+        t0 = time.perf_counter()
+        try:
+            result = fn()
+        except Exception as e:  # one failing phase must not lose the others' numbers
+            traceback.print_exc()
+            result = {"error": f"{type(e).__name__}: {e}"}
+            if device.type == "cuda" and "NHA_BACKEND" not in os.environ:  # retry on the torch reference op
+                os.environ["NHA_BACKEND"] = "torch"
+                try:
+                    result = {**fn(), "backend": "torch (after a kernel error)", "kernel_error": result["error"]}
+                except Exception as e2:
+                    traceback.print_exc()
+                    result["retry_error"] = f"{type(e2).__name__}: {e2}"
+                finally:
+                    del os.environ["NHA_BACKEND"]
+        rec = {"model": label, **result, "seconds": round(time.perf_counter() - t0, 1)}
+        report["rows"].append(rec)
+        save()
+        print(json.dumps({k: v for k, v in rec.items() if k != "ppl_by_position"}), flush=True)
+        return rec
+
+    def untrained(settings: dict | None):
+        def fn():
+            r = copy.deepcopy(recipe)
+            r.model.nha = settings
+            model, _, tok = build_models(r, device)
+            p = heldout_ppl(model, tok, args.ppl_len, args.ppl_seqs)
+            return {"ppl": p["overall_ppl"], "ppl_by_position": dict(zip(p["buckets"], p["ppl"]))}
+        return fn
+
+    def trained(settings: dict, run: str, extra: list[str]):
+        def fn():
+            r = read_recipe(args.recipe, budget=None if args.budget == "none" else args.budget,
+                            overrides=args.overrides + extra + [f"output.dir={work / run}"])
+            r.model.nha = settings
+            t0 = time.perf_counter()
+            final = Trainer(r, overwrite=True).run()
+            train_s = time.perf_counter() - t0
+            model = nha_convert.load(final, dtype=torch.float32, device=str(device))
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(final)
+            p = heldout_ppl(model, tok, args.ppl_len, args.ppl_seqs)
+            metrics = work / run / "metrics.jsonl"
+            shutil.copyfile(metrics, out / f"{run}_metrics.jsonl")
+            steps = stage_steps_from_metrics(metrics)
+            tokens = [json.loads(x) for x in metrics.read_text().splitlines()]
+            seen = max((x.get("tokens", 0) for x in tokens if "event" not in x), default=0)
+            return {"ppl": p["overall_ppl"], "ppl_by_position": dict(zip(p["buckets"], p["ppl"])),
+                    "steps": steps, "train_tokens": seen, "train_seconds": round(train_s, 1)}
+        return fn
+
+    base = row("base", untrained(None))
+    row(f"NHA w{nha.get('window')} m{nha.get('slots')}, no training", untrained(nha))
+    row(f"{swa_label}, no training", untrained(swa))
+    nha_trained = row(f"NHA w{nha.get('window')} m{nha.get('slots')}, trained", trained(nha, "nha", []))
+    if not args.skip_swa_training and "steps" in nha_trained:
+        same = [f"stages.{name}.steps={n}" for name, n in nha_trained["steps"].items()]
+        same += [f"stages.{stage_name(s)}.max_minutes=null" for s in recipe.stages]
+        row(f"{swa_label}, trained (same steps)", trained(swa, "swa", same))
+    if "ppl" in base:
+        for rec in report["rows"]:
+            if "ppl" in rec:
+                rec["vs_base"] = rec["ppl"] / base["ppl"] - 1
+        save()
+    print("\n| model | held-out ppl | vs base | steps | train s |\n|---|---|---|---|---|")
+    for rec in report["rows"]:
+        ppl = f"{rec['ppl']:.3f}" if "ppl" in rec else rec.get("error", "")[:60]
+        vs = f"{100 * rec['vs_base']:+.1f}%" if "vs_base" in rec else ""
+        steps = ", ".join(f"{k} {v}" for k, v in rec.get("steps", {}).items())
+        print(f"| {rec['model']} | {ppl} | {vs} | {steps} | {rec.get('train_seconds', '')} |")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except NHAError as e:
+        raise SystemExit(f"error: {e}")

@@ -167,7 +167,7 @@ def bench_model(
     """Rows for every (context, batch): prefill (when batch x context <= the token budget) and decode.
 
     A batch of "max" means the largest batch whose decode state fits (from the measured state per sequence);
-    if it still runs out of memory, it is cut by a quarter and retried.
+    if decoding still runs out of memory (transient buffers of a step), it is cut by a quarter and retried.
     """
     device = next(model.parameters()).device
     vocab = model.config.vocab_size
@@ -189,10 +189,11 @@ def bench_model(
             log(f"{label} ctx={ctx}: out of memory at prefill")
             continue
         per_seq = cache_nbytes(cache)
+        _free_memory(device)  # cached activation blocks would otherwise count as used when sizing "max"
         for b in batches:
             B = max_batch(per_seq, device) if b == "max" else int(b)
             row = None
-            for _attempt in range(4):
+            for _attempt in range(10):
                 row = _bench_row(model, label, ctx, B, cache, tok, per_seq, prefill_1, vocab, device,
                                  decode_steps if ctx in decode_contexts else 0, prefill_token_budget,
                                  prefill_repeats)

@@ -6,12 +6,15 @@ Full-attention calls (window None or >= T) without padding or packing go to torc
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from nha_convert.ops.chunk import SlotState, nha_chunk
 
+from .chunk_bwd import nha_bwd
 from .chunk_fwd import FwdConfig, nha_fwd
 
 
@@ -33,7 +36,7 @@ class _NHAFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, q_rot, k, k_rot, v, log_alpha, window, num_sinks, scale, valid, cu_seqlens, config, holder):
         out = nha_fwd(q, q_rot, k, k_rot, v, log_alpha, window=window, num_sinks=num_sinks, scale=scale,
-                      valid=valid, cu_seqlens=cu_seqlens, config=config)
+                      valid=valid, cu_seqlens=cu_seqlens, config=config, store_lo=True)
         ctx.save_for_backward(q, q_rot, k, k_rot, v, log_alpha)
         ctx.extra = (window, num_sinks, scale, valid, cu_seqlens)
         ctx.fwd = out
@@ -42,9 +45,11 @@ class _NHAFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do):
-        # Intermediate backward: recompute the torch reference under autograd and differentiate it. Exact, but with
-        # the reference's memory and speed; the fused Triton backward replaces it (see docs/performance.md).
         window, num_sinks, scale, valid, cu_seqlens = ctx.extra
+        if os.environ.get("NHA_TRITON_BWD", "triton") != "reference":
+            grads = nha_bwd(ctx.fwd, do, *ctx.saved_tensors, window=window, num_sinks=num_sinks, scale=scale)
+            return (*grads, None, None, None, None, None, None, None)
+        # Debug path (NHA_TRITON_BWD=reference): differentiate the torch reference, recomputed under autograd.
         inputs = [x.detach().requires_grad_(True) for x in ctx.saved_tensors]
         with torch.enable_grad():
             o = _reference_per_sequence(*inputs, window=window, num_sinks=num_sinks, scale=scale, valid=valid,

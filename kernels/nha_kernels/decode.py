@@ -25,13 +25,18 @@ from .triton_utils import expm1
 
 
 @triton.jit
-def _online(m_i, l_i, acc, sc, vals):
+def _attend(m_i, l_i, acc, q, keys, vals, ok, scale):
+    """One block of the online softmax in fp32 FMAs (decode is memory-bound; no tensor-core padding of the G rows).
+
+    q (GP, DP), keys (N, DP), vals (N, DVP), ok (N,) or (GP, N) visibility."""
+    sc = tl.sum(q[:, None, :] * keys[None, :, :], axis=2) * scale
+    sc = tl.where(ok, sc, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(sc, axis=1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp(m_i - m_safe)
     p = tl.exp(sc - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    acc = acc * alpha[:, None] + tl.dot(p, vals.to(tl.float32), input_precision="ieee")
+    acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * vals[None, :, :], axis=1)
     return m_new, l_i, acc
 
 
@@ -41,8 +46,8 @@ def _decode_kernel(
     win_kr, win_k, win_v, win_la, win_valid, win_sink,
     sink_kr, sink_v, sink_pos, sink_present, o,
     t, W, S, H, scale,
-    G: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, M: tl.constexpr,
-    DP: tl.constexpr, DVP: tl.constexpr, MP: tl.constexpr, SP: tl.constexpr, BN: tl.constexpr,
+    G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, M: tl.constexpr,
+    DP: tl.constexpr, DVP: tl.constexpr, MP: tl.constexpr, SP: tl.constexpr, NB: tl.constexpr, NBW: tl.constexpr,
     HAS_SINKS: tl.constexpr,
 ):
     b = tl.program_id(0)
@@ -51,23 +56,19 @@ def _decode_kernel(
     bh = b64 * H + h
     dd = tl.arange(0, DP)
     dv = tl.arange(0, DVP)
-    ii = tl.arange(0, MP)
     d_ok = dd < D
     dv_ok = dv < DV
-    m_ok = ii < M
 
     valid_b = tl.load(valid + b) != 0
     nr = tl.load(n_real + b)
     is_sink = valid_b & (nr < S)
     writes = valid_b & (nr >= S)
-    la_new = tl.load(la + bh * M + ii, mask=m_ok & writes, other=0.0)
     k_new = tl.load(k + bh * D + dd, mask=d_ok, other=0.0)
     kr_new = tl.load(kr + bh * D + dd, mask=d_ok, other=0.0)
     v_new = tl.load(v + bh * DV + dv, mask=dv_ok, other=0.0)
 
     # The token folded into the slots: the new one itself when w = 0, else the ring entry it replaces (if any).
-    wpos = tl.maximum(W, 1)
-    i = t % wpos
+    i = t % tl.maximum(W, 1)
     has_out = (W > 0) & (t >= W)
     flag_v = tl.load(win_valid + b64 * W + i, mask=has_out, other=0) != 0
     flag_s = tl.load(win_sink + b64 * W + i, mask=has_out, other=0) != 0
@@ -75,35 +76,41 @@ def _decode_kernel(
     ring_i = bh * W + i
     k_out = tl.load(win_k + ring_i * D + dd, mask=d_ok & has_out, other=0.0)
     v_out = tl.load(win_v + ring_i * DV + dv, mask=dv_ok & has_out, other=0.0)
-    la_out = tl.load(win_la + ring_i * M + ii, mask=m_ok & out_writes, other=0.0)
-    fold_w = tl.where(W == 0, writes, out_writes)
-    la_f = tl.where(fold_w, tl.where(W == 0, la_new, la_out), 0.0)
+    fold_new = (W == 0) & writes
+    fold_old = (W > 0) & out_writes
     k_f = tl.where(W == 0, k_new, k_out).to(tl.float32)
     v_f = tl.where(W == 0, v_new, v_out).to(tl.float32)
-    sk = tl.load(slot_k + bh * M * D + ii[:, None] * D + dd[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-    sv = tl.load(slot_v + bh * M * DV + ii[:, None] * DV + dv[None, :], mask=m_ok[:, None] & dv_ok[None, :],
-                 other=0.0)
-    s_f = -expm1(la_f)
-    sk = tl.exp(la_f)[:, None] * sk + s_f[:, None] * k_f[None, :]
-    sv = tl.exp(la_f)[:, None] * sv + s_f[:, None] * v_f[None, :]
-    count = tl.load(slot_count + b) + fold_w.to(tl.int64)
+    count = tl.load(slot_count + b) + (fold_new | fold_old).to(tl.int64)
 
-    rr = tl.arange(0, ROWS)
+    rr = tl.arange(0, GP)
     r_ok = rr < G
     hq = bh * G + rr
     qu = tl.load(q + hq[:, None] * D + dd[None, :], mask=r_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
     qrot = tl.load(qr + hq[:, None] * D + dd[None, :], mask=r_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+    m_i = tl.full((GP,), float("-inf"), tl.float32)
+    l_i = tl.zeros((GP,), tl.float32)
+    acc = tl.zeros((GP, DVP), tl.float32)
 
-    ls = tl.dot(qu, tl.trans(sk), input_precision="ieee") * scale
-    ls = tl.where(m_ok[None, :] & (count > 0), ls, float("-inf"))
-    m_i = tl.max(ls, axis=1)
-    m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
-    p = tl.exp(ls - m_safe[:, None])
-    l_i = tl.sum(p, axis=1)
-    acc = tl.dot(p, sv, input_precision="ieee")
+    # Slots, NB at a time: fold, write back, attend.
+    for c0 in range(0, MP, NB):
+        ic = c0 + tl.arange(0, NB)
+        m_ok = ic < M
+        la_f = tl.load(la + bh * M + ic, mask=m_ok & fold_new, other=0.0) + tl.load(
+            win_la + ring_i * M + ic, mask=m_ok & fold_old, other=0.0)
+        tile_k = bh * M * D + ic[:, None] * D + dd[None, :]
+        tile_v = bh * M * DV + ic[:, None] * DV + dv[None, :]
+        mk = m_ok[:, None] & d_ok[None, :]
+        mv = m_ok[:, None] & dv_ok[None, :]
+        s_f = -expm1(la_f)
+        sk = tl.exp(la_f)[:, None] * tl.load(slot_k + tile_k, mask=mk, other=0.0) + s_f[:, None] * k_f[None, :]
+        sv = tl.exp(la_f)[:, None] * tl.load(slot_v + tile_v, mask=mv, other=0.0) + s_f[:, None] * v_f[None, :]
+        tl.store(slot_k + tile_k, sk, mask=mk)
+        tl.store(slot_v + tile_v, sv, mask=mv)
+        m_i, l_i, acc = _attend(m_i, l_i, acc, qu, sk, sv, (m_ok & (count > 0))[None, :], scale)
 
-    for c0 in range(0, W, BN):
-        widx = c0 + tl.arange(0, BN)
+    # Ring buffer, with the new token in entry i (substituted in registers; memory is written at the end).
+    for c0 in range(0, W, NBW):
+        widx = c0 + tl.arange(0, NBW)
         w_ok = widx < W
         is_new = widx == i
         wv = tl.load(win_valid + b64 * W + widx, mask=w_ok, other=0) != 0
@@ -114,8 +121,7 @@ def _decode_kernel(
                      other=0.0).to(tl.float32)
         kt = tl.where(is_new[:, None], kr_new.to(tl.float32)[None, :], kt)
         vt = tl.where(is_new[:, None], v_new.to(tl.float32)[None, :], vt)
-        sc = tl.dot(qrot, tl.trans(kt), input_precision="ieee") * scale
-        m_i, l_i, acc = _online(m_i, l_i, acc, tl.where(wv[None, :], sc, float("-inf")), vt)
+        m_i, l_i, acc = _attend(m_i, l_i, acc, qrot, kt, vt, wv[None, :], scale)
 
     if HAS_SINKS:
         si = tl.arange(0, SP)
@@ -129,20 +135,18 @@ def _decode_kernel(
                      other=0.0).to(tl.float32)
         ks = tl.where(new[:, None], kr_new.to(tl.float32)[None, :], ks)
         vs = tl.where(new[:, None], v_new.to(tl.float32)[None, :], vs)
-        sc = tl.dot(qrot, tl.trans(ks), input_precision="ieee") * scale
-        m_i, l_i, acc = _online(m_i, l_i, acc, tl.where((pres & (pos <= t - W))[None, :], sc, float("-inf")), vs)
+        m_i, l_i, acc = _attend(m_i, l_i, acc, qrot, ks, vs, (pres & (pos <= t - W))[None, :], scale)
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(o + hq[:, None] * DV + dv[None, :], out.to(o.dtype.element_ty), mask=r_ok[:, None] & dv_ok[None, :])
 
-    tl.debug_barrier()  # every thread has read the old ring entry and slots before they are overwritten
-    tl.store(slot_k + bh * M * D + ii[:, None] * D + dd[None, :], sk, mask=m_ok[:, None] & d_ok[None, :])
-    tl.store(slot_v + bh * M * DV + ii[:, None] * DV + dv[None, :], sv, mask=m_ok[:, None] & dv_ok[None, :])
+    tl.debug_barrier()  # every thread has read the old ring entry before it is overwritten
     has_ring = W > 0
+    la_new = tl.load(la + bh * M + tl.arange(0, MP), mask=(tl.arange(0, MP) < M) & writes, other=0.0)
     tl.store(win_kr + ring_i * D + dd, kr_new, mask=d_ok & has_ring)
     tl.store(win_k + ring_i * D + dd, k_new, mask=d_ok & has_ring)
     tl.store(win_v + ring_i * DV + dv, v_new, mask=dv_ok & has_ring)
-    tl.store(win_la + ring_i * M + ii, la_new, mask=m_ok & has_ring)
+    tl.store(win_la + ring_i * M + tl.arange(0, MP), la_new, mask=(tl.arange(0, MP) < M) & has_ring)
     if HAS_SINKS:
         nr_c = tl.minimum(nr, S - 1)
         tl.store(sink_kr + (bh * S + nr_c) * D + dd, kr_new, mask=d_ok & is_sink)
@@ -184,6 +188,7 @@ def nha_decode_step(
     b, hq, d = q.shape
     h, dv, m = k.shape[1], v.shape[-1], log_alpha.shape[-1]
     g = hq // h
+    gp = next_pow2(g)
     w, s = state.window, state.num_sinks
     for f in fields(state):  # the kernels index flat memory (prefill can leave a strided view, e.g. sink_pos)
         x = getattr(state, f.name)
@@ -199,8 +204,9 @@ def nha_decode_step(
         state.win_k_rot, state.win_k, state.win_v, state.win_la, _u8(state.win_valid), _u8(state.win_sink),
         state.sink_k_rot, state.sink_v, state.sink_pos, _u8(state.sink_present), o,
         state.seen, w, s, h, scale,
-        G=g, ROWS=max(16, next_pow2(g)), D=d, DV=dv, M=m, DP=max(16, next_pow2(d)), DVP=max(16, next_pow2(dv)),
-        MP=mp, SP=max(16, next_pow2(s)), BN=64 if w >= 64 else 16, HAS_SINKS=s > 0, num_warps=4,
+        G=g, GP=gp, D=d, DV=dv, M=m, DP=max(16, next_pow2(d)), DVP=max(16, next_pow2(dv)),
+        MP=mp, SP=max(16, next_pow2(s)), NB=max(2, 32 // gp), NBW=max(4, 64 // gp), HAS_SINKS=s > 0,
+        num_warps=8,
     )
     _decode_flags_kernel[(b,)](
         valid_i, state.n_real, state.slot_count, _u8(state.win_valid), _u8(state.win_sink), state.sink_pos,

@@ -1,0 +1,145 @@
+"""Compile the NHA kernels for sm_90 on a machine without a GPU and print the compiler's resource report.
+
+    python kernels/compile_check.py
+
+Catches compile errors before any device time is spent, and gives registers / spills / shared memory per variant
+(the numbers METHOD.md asks to read first). Uses the ptxas bundled with the triton wheel.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from nha_kernels import chunk_fwd, decode
+
+TARGET = GPUTarget("cuda", 90, 32)
+
+
+DIV16_INTS = {"T", "L", "NSPH"}  # run-time ints that are multiples of 16 in the benchmarked shapes
+
+
+def compile_one(fn, sig: dict, consts: dict, num_warps=4, num_stages=2):
+    """Compile as the launcher would: pointers (and T, L) specialised as 16-byte aligned / multiples of 16."""
+    t0 = time.time()
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]]
+             for n, ty in sig.items() if ty.startswith("*") or n in DIV16_INTS}
+    src = ASTSource(fn, sig, constexprs=consts, attrs=attrs)
+    k = triton.compile(src, target=TARGET, options=dict(num_warps=num_warps, num_stages=num_stages))
+    return k, time.time() - t0
+
+
+def fwd_variant(dtype="bf16", g=4, rows=64, bn=64, d=128, m=64, slots=True, sinks=True, nw=4, ns=2, mc=16):
+    gp = 1 << (g - 1).bit_length()
+    names = ["q", "qr", "k", "kr", "v", "la", "tok", "sink_pos", "span_table", "st_k", "st_v", "o", "lse"]
+    types = [f"*{dtype}"] * 5 + ["*fp32", "*i32", "*i32", "*i32", "*fp32", "*fp32", f"*{dtype}", "*fp32"]
+    sig = dict(zip(names, types))
+    sig.update(T="i32", W="i32", S="i32", L="i32", SPANS_PER_ROW="i32", H="i32", NSPH="i32", scale="fp32")
+    prec = "tf32x3" if dtype == "fp32" else "tf32"
+    consts = dict(G=g, GP=gp, BM=rows // gp, BN=bn, D=d, DV=d, M=m, DP=d, DVP=d, MP=m, MC=mc, SP=16, HAS_SLOTS=slots,
+                  SPLIT=dtype != "fp32",
+                  HAS_SINKS=sinks, VARLEN=False, PREC=prec, PREC_SLOT=prec, FAST_LIMIT=chunk_fwd.FAST_LIMIT)
+    for c in consts:
+        sig[c] = "constexpr"
+    return compile_one(chunk_fwd._nha_fwd_kernel, sig, consts, nw, ns)
+
+
+def resources(k) -> str:
+    """REG / STACK / SHARED of the cubin, read with the cuobjdump bundled with triton."""
+    import os
+    import re
+    import subprocess
+    import tempfile
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(k.asm["cubin"])
+        f.flush()
+        out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
+    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", out)
+    return f"regs={m[1]} stack={m[2]} shared={m[3]} local={m[4]}" if m else out.strip()[-200:]
+
+
+def report(name, k, secs):
+    sass_ops = k.asm.get("ptx", "")
+    wgmma = sass_ops.count("wgmma.mma_async")
+    mma = sass_ops.count("mma.sync")
+    print(f"{name:55s} {resources(k)} wgmma={wgmma} mma.sync={mma} ({secs:.1f}s)", flush=True)
+
+
+def main() -> None:
+    variants = [dict(), dict(rows=128, nw=8), dict(g=8, rows=128, nw=8), dict(g=3), dict(g=1), dict(dtype="fp32"),
+                dict(slots=False, sinks=False)]
+    if len(sys.argv) > 1:
+        variants = [eval(f"dict({a})") for a in sys.argv[1:]]
+    for v in variants:
+        k, secs = fwd_variant(**v)
+        report(f"fwd {v}", k, secs)
+    if len(sys.argv) == 1:
+        for v in [dict(), dict(g=8), dict(g=1), dict(nw=4)]:
+            k, secs = decode_variant(**v)
+            report(f"decode {v}", k, secs)
+
+
+if __name__ == "__main__":
+    main()
+
+
+def decode_variant(dtype="bf16", g=4, d=128, m=64, nw=8):
+    names = ["q", "qr", "k", "kr", "v", "la", "valid", "n_real", "slot_count", "slot_k", "slot_v", "win_kr", "win_k",
+             "win_v", "win_la", "win_valid", "win_sink", "sink_kr", "sink_v", "sink_pos", "sink_present", "o"]
+    types = [f"*{dtype}"] * 5 + ["*fp32", "*i32", "*i64", "*i64", "*fp32", "*fp32"] + [f"*{dtype}"] * 3 + [
+        "*fp32", "*u8", "*u8", f"*{dtype}", f"*{dtype}", "*i64", "*u8", f"*{dtype}"]
+    sig = dict(zip(names, types))
+    sig.update(t="i32", W="i32", S="i32", H="i32", scale="fp32")
+    gp = 1 << (g - 1).bit_length()
+    consts = dict(G=g, GP=gp, D=d, DV=d, M=m, DP=d, DVP=d, MP=m, SP=16, NB=max(2, 32 // gp), NBW=max(4, 64 // gp),
+                  HAS_SINKS=True)
+    for c in consts:
+        sig[c] = "constexpr"
+    return compile_one(decode._decode_kernel, sig, consts, nw, 1)
+
+
+def compile_generic(fn, consts: dict, ptr_types: dict, num_warps=8, num_stages=1, default_ptr="*bf16"):
+    """Compile any of our kernels: pointer args default to bf16 unless named in ptr_types; other args i32/fp32."""
+    sig = {}
+    for p in fn.params:
+        name = p.name
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name == "scale":
+            sig[name] = "fp32"
+        elif name in ptr_types or name[0].islower() and name not in ("t",):
+            sig[name] = ptr_types.get(name, default_ptr)
+        else:
+            sig[name] = "i32"
+    return compile_one(fn, sig, consts, num_warps, num_stages)
+
+
+def bwd_variants(g=4, d=128, m=64, rows=128, nw=8):
+    from nha_kernels import chunk_bwd as cb
+
+    gp = 1 << (g - 1).bit_length()
+    bm = rows // gp
+    f32 = {n: "*fp32" for n in ("la", "lse", "delta", "dk_sink", "dv_sink", "st_k", "st_v", "xg", "dlb", "psb",
+                                  "loc_k", "loc_v", "loc_a", "rb_k", "rb_v", "dks", "dvs", "dss", "dkr", "dvb")}
+    i32 = {n: "*i32" for n in ("tok", "sink_pos", "span_table")}
+    pt = {**f32, **i32}
+    band = dict(G=g, GP=gp, BM=bm, BN=64, D=d, DV=d, DP=d, DVP=d, VARLEN=False, PREC="tf32", SPLIT=True)
+    slot = dict(G=g, GP=gp, BM=bm, D=d, DV=d, M=m, DP=d, DVP=d, MP=m, SPLIT=True, VARLEN=False)
+    out = []
+    out.append(("bwd band q", compile_generic(cb._bwd_band_q_kernel, {**band, "SP": 16, "HAS_SINKS": True}, pt, nw, 2)))
+    band_kv = dict(band, DKR="x")
+    band_kv.pop("DKR")
+    pt_kv = dict(pt, dkr="*fp32", dvb="*fp32")
+    out.append(("bwd band kv", compile_generic(cb._bwd_band_kv_kernel, band, pt_kv, nw, 2)))
+    sq = {**slot, "MC": 16, "PREC": "tf32", "PREC_SLOT": "tf32", "FAST_LIMIT": -80.0}
+    pt_q = dict(pt, dq="*bf16")
+    out.append(("bwd slot q", compile_generic(cb._bwd_slot_q_kernel, sq, pt_q, nw, 1)))
+    out.append(("bwd slot rlocal", compile_generic(cb._bwd_slot_rlocal_kernel, slot, pt, nw, 1)))
+    out.append(("bwd slot kv", compile_generic(cb._bwd_slot_kv_kernel, sq, pt, nw, 1)))
+    return out

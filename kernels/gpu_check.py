@@ -1,0 +1,197 @@
+"""One GPU call: the GPU test suite, the compiler's resource report, and timings of kernel variants.
+
+    python kernels/gpu_check.py [--skip-tests] [--quick] [--out DIR]
+
+Prints a short table last; writes gpu_check.json (and the pytest log) under --out (default $OUT or .).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from nha_convert.ops.recurrent import NHAState
+from nha_kernels import nha_chunk_triton
+from nha_kernels.chunk_fwd import LAST_COMPILED, FwdConfig, nha_fwd
+from nha_kernels.decode import nha_decode_step
+
+
+def bench(fn, warmup=25, rep=200):
+    return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
+
+
+def copy_bandwidth() -> float:
+    """Bytes/s of a large device-to-device copy, counting bytes read plus bytes written."""
+    src = torch.randn(512 * 1024 * 1024 // 2, device="cuda", dtype=torch.bfloat16)  # 512 MiB
+    dst = torch.empty_like(src)
+    ms = bench(lambda: dst.copy_(src))
+    return 2 * src.numel() * 2 / (ms * 1e-3)
+
+
+def inputs(b, hq, h, t, d, m, dtype=torch.bfloat16, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, device="cuda")  # noqa: E731
+    xs = [r(b, hq, t, d).to(dtype), r(b, hq, t, d).to(dtype), r(b, h, t, d).to(dtype), r(b, h, t, d).to(dtype),
+          r(b, h, t, d).to(dtype)]
+    la = F.logsigmoid(2 + 2 * r(b, h, t, m)) / 8
+    return xs + [la]
+
+
+def fwd_bytes(b, hq, h, t, d, m, elt=2):
+    return b * t * (2 * hq * d * elt + 3 * h * d * elt + h * m * 4 + hq * d * elt)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--skip-tests", action="store_true")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    res: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
+    print(res, flush=True)
+    rows: list[tuple[str, str]] = []
+
+    if not args.skip_tests:
+        t0 = time.time()
+        p = subprocess.run([sys.executable, "-m", "pytest", "tests/gpu", "-q", "-rA", "-s", "-p", "no:cacheprovider"],
+                           capture_output=True, text=True)
+        log = p.stdout + p.stderr
+        open(os.path.join(args.out, "gpu_tests.log"), "w").write(log)
+        last = [ln for ln in log.splitlines() if ln.strip()][-1]
+        print("\n".join(ln for ln in log.splitlines() if "rel error" in ln or "FAILED" in ln or "Error" in ln)[-6000:])
+        rows.append(("gpu tests", f"{last} ({time.time() - t0:.0f}s, rc={p.returncode})"))
+
+    bw = copy_bandwidth()
+    res["copy_bw_TBps"] = bw / 1e12
+    rows.append(("copy bandwidth", f"{bw / 1e12:.2f} TB/s"))
+
+    b, hq, h, t, d, m = 1, 32, 8, 32768, 128, 64
+    xs = inputs(b, hq, h, t, d, m)
+    floor_ms = fwd_bytes(b, hq, h, t, d, m) / bw * 1e3
+    res["fwd_floor_ms"] = floor_ms
+    rows.append(("fwd HBM floor T=32K", f"{floor_ms:.3f} ms ({fwd_bytes(b, hq, h, t, d, m) / 1e9:.2f} GB)"))
+
+    from torch.profiler import ProfilerActivity, profile
+    q_rot, k_rot, v = xs[1], xs[3], xs[4]
+    kr, vr = k_rot.repeat_interleave(hq // h, 1), v.repeat_interleave(hq // h, 1)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        sdpa = bench(lambda: F.scaled_dot_product_attention(q_rot, kr, vr, is_causal=True), rep=100)
+    res["sdpa_fwd_ms"] = sdpa
+    rows.append(("SDPA flash causal fwd T=32K", f"{sdpa:.3f} ms"))
+    del kr, vr
+
+    variants = [FwdConfig(rows=128, bn=64, span=512, cs=64, num_warps=8, num_stages=2)]
+    if not args.quick:
+        variants += [
+            FwdConfig(rows=64, bn=64, span=512, cs=64, num_warps=4, num_stages=2),
+            FwdConfig(rows=128, bn=64, span=1024, cs=64, num_warps=8, num_stages=2),
+        ]
+    res["fwd"] = []
+    for w in (64, 512, 2048):
+        for cfg in variants if w == 64 else variants[:1]:
+            kw = dict(window=w, num_sinks=4, scale=d**-0.5, valid=None, cu_seqlens=None, config=cfg)
+            ms = bench(lambda: nha_fwd(*xs, **kw), rep=100)
+            ck = LAST_COMPILED.get("fwd")
+            regs, spills = getattr(ck, "n_regs", -1), getattr(ck, "n_spills", -1)
+            res["fwd"].append(dict(window=w, config=cfg.__dict__, ms=ms, regs=regs, spills=spills))
+            rows.append((f"NHA fwd w={w} r={cfg.rows} bn={cfg.bn} L={cfg.span} nw={cfg.num_warps} ns={cfg.num_stages} "
+                         f"mc={cfg.mc}",
+                         f"{ms:.3f} ms  x{sdpa / ms:.1f} vs SDPA  {ms / floor_ms:.2f}x floor  regs={regs} spills={spills}"))
+            print(rows[-1], flush=True)
+
+    # Forward + backward at the target shape (w = 64) against SDPA flash.
+    xg = [x.detach().requires_grad_(True) for x in xs]
+    grad = torch.randn(b, hq, t, d, device="cuda", dtype=torch.bfloat16)
+
+    def nha_fb():
+        for x in xg:
+            x.grad = None
+        nha_chunk_triton(*xg, window=64, num_sinks=4, scale=d**-0.5)[0].backward(grad)
+    fb = bench(nha_fb, rep=50)
+    qg, kg, vg = (xs[1].detach().requires_grad_(True), xs[3].detach().repeat_interleave(4, 1).requires_grad_(True),
+                  xs[4].detach().repeat_interleave(4, 1).requires_grad_(True))
+
+    def sdpa_fb():
+        for x in (qg, kg, vg):
+            x.grad = None
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            F.scaled_dot_product_attention(qg, kg, vg, is_causal=True).backward(grad)
+    sfb = bench(sdpa_fb, rep=30)
+    res["fwdbwd"] = dict(nha_ms=fb, sdpa_ms=sfb)
+    rows.append(("fwd+bwd T=32K w=64", f"NHA {fb:.3f} ms, SDPA {sfb:.3f} ms -> x{sfb / fb:.1f}"))
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        nha_fb()
+        torch.cuda.synchronize()
+    parts = {e.key: e.device_time_total / 1e3 for e in prof.key_averages() if e.device_time_total > 0}
+    res["fwdbwd_breakdown"] = parts
+    rows.append(("fwd+bwd breakdown", ", ".join(f"{k[:22]}={v:.3f}ms" for k, v in
+                                                 sorted(parts.items(), key=lambda kv: -kv[1])[:7])))
+    del xg, qg, kg, vg, grad
+
+    # Where the forward time goes: per-kernel device time from the profiler (default config, w = 64).
+    for mm in (64, 16, 0):
+        ys = xs if mm == 64 else xs[:5] + [xs[5][..., :mm].contiguous()]
+        kw = dict(window=64, num_sinks=4, scale=d**-0.5, valid=None, cu_seqlens=None)
+        for _ in range(3):
+            nha_fwd(*ys, **kw)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                nha_fwd(*ys, **kw)
+            torch.cuda.synchronize()
+        parts = {e.key: e.device_time_total / 5 / 1e3 for e in prof.key_averages() if e.device_time_total > 0}
+        res.setdefault("fwd_breakdown", {})[f"m={mm}"] = parts
+        rows.append((f"breakdown w=64 m={mm}", ", ".join(f"{k[:22]}={v:.3f}ms" for k, v in
+                                                        sorted(parts.items(), key=lambda kv: -kv[1])[:4])))
+
+    # Decode: batch 64, one step; state bytes read once is the floor.
+    for w in (64, 2048):
+        bd, pre = 64, w + 37
+        ys = inputs(bd, hq, h, pre + 1, d, m, seed=3)
+        valid = torch.ones(bd, pre + 1, dtype=torch.bool, device="cuda")
+        head = [y[:, :, :pre] for y in ys]
+        _, slots = nha_chunk_triton(*head, window=w, num_sinks=4, scale=d**-0.5, valid=valid[:, :pre],
+                                    return_state=True)
+        st = NHAState.from_prefill(head[2], head[3], head[4], head[5], valid[:, :pre], slots, window=w, num_sinks=4)
+        step = [y[:, :, pre] for y in ys] + [valid[:, pre]]
+        nbytes = st.nbytes()
+        eager = bench(lambda: nha_decode_step(st, *step, scale=d**-0.5), rep=100)
+
+        def graphed(state):
+            # Replays of one captured step (same position each replay: same work) time the GPU, not Python launches.
+            for _ in range(2):
+                nha_decode_step(state, *step, scale=d**-0.5)
+            seen = state.seen
+            gr = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(gr):
+                nha_decode_step(state, *step, scale=d**-0.5)
+            state.seen = seen
+            return bench(gr.replay, rep=100)
+        ms = graphed(st)
+        st.seen += 10**6  # context length 1M: same state size, same work
+        ms_long = graphed(st)
+        floor = nbytes / bw * 1e3
+        res.setdefault("decode", []).append(dict(window=w, batch=bd, ms=ms, ms_at_1M=ms_long, state_bytes=nbytes,
+                                                  floor_ms=floor))
+        res["decode"][-1]["eager_ms"] = eager
+        rows.append((f"decode B=64 w={w}", f"{ms * 1e3:.1f} us graph (eager {eager * 1e3:.0f}; 1M ctx {ms_long * 1e3:.1f}), "
+                     f"state {nbytes / 2**20:.1f} MiB read-once {floor * 1e3:.1f} us -> {ms / floor:.2f}x"))
+
+    json.dump(res, open(os.path.join(args.out, "gpu_check.json"), "w"), indent=1)
+    print("\n==== summary ====")
+    for k, v in rows:
+        print(f"{k:55s} {v}")
+
+
+if __name__ == "__main__":
+    main()

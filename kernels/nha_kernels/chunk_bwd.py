@@ -1,0 +1,627 @@
+"""Backward of the fused NHA op: all gradients (q, q_rot, k, k_rot, v, log_alpha) from Triton kernels.
+
+Given the forward's log-sum-exp L per row and delta = rowsum(dO * O), the joint softmax decouples: every logit z
+(slot, sink or band) gets dz = p (dp - delta) with p = exp(z - L). So the band/sink part is a flash-attention
+backward with a sliding-window mask, and the slot part is the backward of two gated linear recurrences.
+
+Kernels (all GQA-native: the G query heads of a KV head are rows of one tile):
+- `_bwd_band_q_kernel`   dq_rot over band + sink keys; sink keys' dk_rot / dv by atomic adds (fp32).
+- `_bwd_band_kv_kernel`  dk_rot, dv of the band: per key block, over the query rows that see it.
+- `_bwd_slot_q_kernel`   forward sweep per span (state carried as in the forward): slot probabilities p, their
+                         dp = dO . V~, dl = p (dp - delta); dq of the slots; per token
+                         X = sum_heads(dl * l + p * dp) (= rowdot(dK~, K~) + rowdot(dV~, V~)); stores dl, p per row.
+- `_bwd_slot_rlocal_kernel` + reverse `_span_scan_kernel`: the slot adjoints (dK~, dV~ pulled back through the
+                         decays) arriving at each span end from later spans.
+- `_bwd_slot_kv_kernel`  reverse sweep per span: gradients of the slot tokens' k, v and write weights s.
+Then, in torch: dlog_alpha = reverse-cumsum(X - s * ds) - alpha * ds (per sequence), undo the token shift.
+
+Math of the slot recurrence (one KV head, shifted positions, A = cumulative log decay, s = 1 - alpha):
+    K~_t = sum_{j<=t} exp(A_t - A_j) s_j k_j^T,   l_t = scale K~_t q_t,   dK~_t = scale sum_g dl_t q_t^T
+    R_t  = sum_{t'>=t} exp(A_t' - A_t) dK~_t'     (reverse recurrence; the same for V~)
+    dk_j = sum_i s_j[i] R_j[i, :],   ds_j[i] = R^K_j[i] . k_j + R^V_j[i] . v_j,
+    dL/dA_t = rowdot(dK~_t, K~_t) + rowdot(dV~_t, V~_t) - s_t * ds_t.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .chunk_fwd import FAST_LIMIT, FwdOut, _mm_state, _seq_of_span, _span_scan_kernel, precisions
+from .prep import next_pow2
+from .triton_utils import expm1, pick_col, pick_row, rows_of, sum_heads
+
+
+@triton.jit
+def _dot_split(a, b, SPLIT: tl.constexpr, PREC: tl.constexpr):
+    """a (fp32 weights such as dS) @ b (input dtype). bf16: a split into hi + lo bf16 parts, two tensor-core products
+    with ~16 mantissa bits instead of the 8 of a plain bf16 cast (the plain cast leaves ~7e-3 relative error in
+    the gradients, too close to the 1e-2 bound)."""
+    if SPLIT:
+        a_hi = a.to(b.dtype)
+        a_lo = (a - a_hi.to(tl.float32)).to(b.dtype)
+        return tl.dot(a_hi, b) + tl.dot(a_lo, b)
+    else:
+        return tl.dot(a.to(b.dtype), b, input_precision=PREC)
+
+
+@triton.jit
+def _exact_rows(x, a, s, a_rows, jb, tt, BM: tl.constexpr):
+    """sum_{j <= t} x[r, j] * exp(a_t - a_j) * s_j  as (ROWS, MC), exactly (for hard-decaying gates)."""
+    out = tl.zeros(a_rows.shape, tl.float32)
+    for j in range(0, BM):
+        e = tl.exp(tl.where((tt >= j)[:, None], a_rows - pick_row(a, jb, j)[None, :], float("-inf")))
+        out += pick_col(x, jb, j)[:, None] * e * pick_row(s, jb, j)[None, :]
+    return out
+
+
+@triton.jit
+def _exact_cols(y, a, s, a_rows, jb, tt, BM: tl.constexpr):
+    """(ROWS, BM) with column j = sum_i y[r, i] exp(a_t - a_j)_i s_j,i for t >= j (zero above the diagonal)."""
+    out = tl.zeros((a_rows.shape[0], BM), tl.float32)
+    for j in range(0, BM):
+        e = tl.exp(tl.where((tt >= j)[:, None], a_rows - pick_row(a, jb, j)[None, :], float("-inf")))
+        col = tl.sum(y * e * pick_row(s, jb, j)[None, :], axis=1)
+        out = tl.where((jb == j)[None, :], col[:, None], out)
+    return out
+
+
+@triton.jit
+def _bwd_band_q_kernel(
+    qr, kr, v, do, lse, delta, tok, sink_pos, span_table, dqr, dk_sink, dv_sink,
+    T, W, L, SPANS_PER_ROW, H, scale,
+    G: tl.constexpr, GP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    D: tl.constexpr, DV: tl.constexpr, DP: tl.constexpr, DVP: tl.constexpr, SP: tl.constexpr,
+    HAS_SINKS: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr, SPLIT: tl.constexpr,
+):
+    ROWS: tl.constexpr = GP * BM
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    b, n, seq_start, seq_end, span_start, span_end = _seq_of_span(span_table, pid, T, L, SPANS_PER_ROW, VARLEN)
+    b64 = b.to(tl.int64)
+    bh = b64 * H + h
+    tok_b = tok + b64 * T
+    rr = tl.arange(0, ROWS)
+    g = rr // BM
+    tt = rr % BM
+    hq = bh * G + g
+    g_ok = g < G
+    dd = tl.arange(0, DP)
+    dv = tl.arange(0, DVP)
+    d_ok = (dd < D)[None, :]
+    dv_ok = (dv < DV)[None, :]
+    if HAS_SINKS:
+        spi = tl.arange(0, SP)
+        spos = tl.load(sink_pos + n * SP + spi)
+        s_ok = spos >= 0
+        spos_c = tl.where(s_ok, spos, 0).to(tl.int64)
+        sink_out = ((n * H + h) * SP + spi).to(tl.int64)
+
+    for t0 in range(span_start, span_end, BM):
+        t = t0 + tt
+        row_ok = g_ok & (t < seq_end)
+        q_rot = tl.load(qr + (hq * T + t)[:, None] * D + dd[None, :], mask=row_ok[:, None] & d_ok, other=0.0)
+        d_o = tl.load(do + (hq * T + t)[:, None] * DV + dv[None, :], mask=row_ok[:, None] & dv_ok, other=0.0)
+        lse_r = tl.load(lse + hq * T + t, mask=row_ok, other=float("-inf"))
+        lse_r = tl.where(lse_r == float("-inf"), float("inf"), lse_r)  # nothing visible: p = 0
+        dl_r = tl.load(delta + hq * T + t, mask=row_ok, other=0.0)
+        dq = tl.zeros((ROWS, DP), tl.float32)
+        if HAS_SINKS:
+            k_sink = tl.load(kr + (bh * T + spos_c)[:, None] * D + dd[None, :], mask=s_ok[:, None] & d_ok,
+                             other=0.0)
+            v_sink = tl.load(v + (bh * T + spos_c)[:, None] * DV + dv[None, :], mask=s_ok[:, None] & dv_ok,
+                             other=0.0)
+            sc_s = tl.dot(q_rot, tl.trans(k_sink), input_precision=PREC) * scale
+            vis_s = s_ok[None, :] & (spos[None, :] <= (t - W)[:, None]) & row_ok[:, None]
+            p_s = tl.where(vis_s, tl.exp(sc_s - lse_r[:, None]), 0.0)
+            ds_s = p_s * (tl.dot(d_o, tl.trans(v_sink), input_precision=PREC) - dl_r[:, None])
+            dq += _dot_split(ds_s, k_sink, SPLIT, PREC)
+            tl.atomic_add(dk_sink + sink_out[:, None] * DP + dd[None, :],
+                          _dot_split(tl.trans(ds_s), q_rot, SPLIT, PREC) * scale)
+            tl.atomic_add(dv_sink + sink_out[:, None] * DVP + dv[None, :],
+                          tl.dot(tl.trans(p_s).to(d_o.dtype), d_o, input_precision=PREC))
+        lo = tl.maximum(seq_start, t0 - W + 1)
+        hi = tl.minimum(t0 + BM, seq_end)
+        hi = tl.where(W == 0, lo, hi)
+        for kb in range(lo, hi, BN):
+            kj = kb + tl.arange(0, BN)
+            k_ok = kj < hi
+            code = tl.load(tok_b + kj, mask=k_ok, other=0)
+            kj64 = kj.to(tl.int64)
+            kt = tl.load(kr + (bh * T + kj64)[:, None] * D + dd[None, :], mask=k_ok[:, None] & d_ok, other=0.0)
+            vt = tl.load(v + (bh * T + kj64)[:, None] * DV + dv[None, :], mask=k_ok[:, None] & dv_ok, other=0.0)
+            sc = tl.dot(q_rot, tl.trans(kt), input_precision=PREC) * scale
+            vis = (((code & 1) == 1) & k_ok)[None, :] & (kj[None, :] <= t[:, None]) & (kj[None, :] > (t - W)[:, None])
+            p = tl.where(vis, tl.exp(sc - lse_r[:, None]), 0.0)
+            ds = p * (tl.dot(d_o, tl.trans(vt), input_precision=PREC) - dl_r[:, None])
+            dq += _dot_split(ds, kt, SPLIT, PREC)
+        tl.store(dqr + (hq * T + t)[:, None] * D + dd[None, :], (dq * scale).to(dqr.dtype.element_ty),
+                 mask=row_ok[:, None] & d_ok)
+
+
+@triton.jit
+def _bwd_band_kv_kernel(
+    qr, kr, v, do, lse, delta, tok, span_table, dkr, dvb,
+    T, W, L, SPANS_PER_ROW, H, scale,
+    G: tl.constexpr, GP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    D: tl.constexpr, DV: tl.constexpr, DP: tl.constexpr, DVP: tl.constexpr,
+    VARLEN: tl.constexpr, PREC: tl.constexpr, SPLIT: tl.constexpr,
+):
+    ROWS: tl.constexpr = GP * BM
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    b, n, seq_start, seq_end, span_start, span_end = _seq_of_span(span_table, pid, T, L, SPANS_PER_ROW, VARLEN)
+    b64 = b.to(tl.int64)
+    bh = b64 * H + h
+    tok_b = tok + b64 * T
+    rr = tl.arange(0, ROWS)
+    g = rr // BM
+    tt = rr % BM
+    hq = bh * G + g
+    g_ok = g < G
+    dd = tl.arange(0, DP)
+    dv = tl.arange(0, DVP)
+    d_ok = (dd < D)[None, :]
+    dv_ok = (dv < DV)[None, :]
+    for j0 in range(span_start, span_end, BN):
+        kj = j0 + tl.arange(0, BN)
+        k_ok = kj < seq_end
+        code = tl.load(tok_b + kj, mask=k_ok, other=0)
+        k_vis = k_ok & ((code & 1) == 1)
+        kj64 = kj.to(tl.int64)
+        kt = tl.load(kr + (bh * T + kj64)[:, None] * D + dd[None, :], mask=k_ok[:, None] & d_ok, other=0.0)
+        vt = tl.load(v + (bh * T + kj64)[:, None] * DV + dv[None, :], mask=k_ok[:, None] & dv_ok, other=0.0)
+        dk = tl.zeros((BN, DP), tl.float32)
+        dvv = tl.zeros((BN, DVP), tl.float32)
+        q_hi = tl.minimum(j0 + BN - 1 + W, seq_end)  # the last query that sees key j is j + w - 1
+        q_hi = tl.where(W == 0, j0, q_hi)
+        for tq0 in range(j0, q_hi, BM):
+            t = tq0 + tt
+            row_ok = g_ok & (t < seq_end)
+            q_rot = tl.load(qr + (hq * T + t)[:, None] * D + dd[None, :], mask=row_ok[:, None] & d_ok, other=0.0)
+            d_o = tl.load(do + (hq * T + t)[:, None] * DV + dv[None, :], mask=row_ok[:, None] & dv_ok, other=0.0)
+            lse_r = tl.load(lse + hq * T + t, mask=row_ok, other=float("-inf"))
+            lse_r = tl.where(lse_r == float("-inf"), float("inf"), lse_r)
+            dl_r = tl.load(delta + hq * T + t, mask=row_ok, other=0.0)
+            sc = tl.dot(q_rot, tl.trans(kt), input_precision=PREC) * scale
+            vis = k_vis[None, :] & (kj[None, :] <= t[:, None]) & (kj[None, :] > (t - W)[:, None]) & row_ok[:, None]
+            p = tl.where(vis, tl.exp(sc - lse_r[:, None]), 0.0)
+            ds = p * (tl.dot(d_o, tl.trans(vt), input_precision=PREC) - dl_r[:, None])
+            dvv += tl.dot(tl.trans(p).to(d_o.dtype), d_o, input_precision=PREC)
+            dk += _dot_split(tl.trans(ds), q_rot, SPLIT, PREC)
+        tl.store(dkr + (bh * T + kj64)[:, None] * DP + dd[None, :], dk * scale, mask=k_ok[:, None])
+        tl.store(dvb + (bh * T + kj64)[:, None] * DVP + dv[None, :], dvv, mask=k_ok[:, None])
+
+
+@triton.jit
+def _slot_gates(la_bh, js64, writes, c0, M, MC: tl.constexpr):
+    ic = c0 + tl.arange(0, MC)
+    lab = tl.load(la_bh + js64[:, None] * M + ic[None, :], mask=writes[:, None] & (ic < M)[None, :], other=0.0)
+    s = -expm1(lab)
+    a = tl.cumsum(lab, axis=0)
+    aend = tl.sum(lab, axis=0)
+    return ic, s, a, aend
+
+
+@triton.jit
+def _bwd_slot_q_kernel(
+    q, k, v, la, do, lse, delta, tok, span_table, st_k, st_v, dq, xg, dlb, psb,
+    T, W, S, L, SPANS_PER_ROW, H, NSPH, scale,
+    G: tl.constexpr, GP: tl.constexpr, BM: tl.constexpr,
+    D: tl.constexpr, DV: tl.constexpr, M: tl.constexpr, DP: tl.constexpr, DVP: tl.constexpr, MP: tl.constexpr,
+    MC: tl.constexpr, SPLIT: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr, PREC_SLOT: tl.constexpr,
+    FAST_LIMIT: tl.constexpr,
+):
+    ROWS: tl.constexpr = GP * BM
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    b, n, seq_start, seq_end, span_start, span_end = _seq_of_span(span_table, pid, T, L, SPANS_PER_ROW, VARLEN)
+    b64 = b.to(tl.int64)
+    bh = b64 * H + h
+    tok_b = tok + b64 * T
+    la_bh = la + bh * T * M
+    rr = tl.arange(0, ROWS)
+    g = rr // BM
+    tt = rr % BM
+    hq = bh * G + g
+    g_ok = g < G
+    dd = tl.arange(0, DP)
+    dv = tl.arange(0, DVP)
+    jb = tl.arange(0, BM)
+    d_ok = (dd < D)[None, :]
+    dv_ok = (dv < DV)[None, :]
+    causal = tt[:, None] >= jb[None, :]
+    st_k0 = st_k + (pid * H + h).to(tl.int64) * MP * DP
+    st_v0 = st_v + (pid * H + h).to(tl.int64) * MP * DVP
+    run_k = NSPH * MP * DP
+    run_v = NSPH * MP * DVP
+    for t0 in range(span_start, span_end, BM):
+        cur = tl.where(t0 == span_start, 0, 1).to(tl.int64)
+        t = t0 + tt
+        row_ok = g_ok & (t < seq_end)
+        tb = t0 + jb
+        js = tb - W
+        jok = (tb < seq_end) & (js >= seq_start)
+        code_j = tl.load(tok_b + js, mask=jok, other=0)
+        writes = jok & ((code_j & 1) == 1) & ((code_j >> 1) > S)
+        js64 = js.to(tl.int64)
+        ks = tl.load(k + (bh * T + js64)[:, None] * D + dd[None, :], mask=jok[:, None] & d_ok, other=0.0)
+        vs = tl.load(v + (bh * T + js64)[:, None] * DV + dv[None, :], mask=jok[:, None] & dv_ok, other=0.0)
+        qoff = (hq * T + t)[:, None] * D + dd[None, :]
+        qu = tl.load(q + qoff, mask=row_ok[:, None] & d_ok, other=0.0)
+        d_o = tl.load(do + (hq * T + t)[:, None] * DV + dv[None, :], mask=row_ok[:, None] & dv_ok, other=0.0)
+        lse_r = tl.load(lse + hq * T + t, mask=row_ok, other=float("-inf"))
+        lse_r = tl.where(lse_r == float("-inf"), float("inf"), lse_r)
+        dl_r = tl.load(delta + hq * T + t, mask=row_ok, other=0.0)
+        qk = tl.where(causal, tl.dot(qu, tl.trans(ks), input_precision=PREC), 0.0)  # (ROWS, BM)
+        dvk = tl.where(causal, tl.dot(d_o, tl.trans(vs), input_precision=PREC), 0.0)  # dO . v_j
+        jr = t - W
+        code_r = tl.load(tok_b + jr, mask=row_ok & (jr >= seq_start), other=0)
+        row_has = (code_r >> 1) > S
+        dq_acc = tl.zeros((ROWS, DP), tl.float32)
+        for c0 in range(0, MP, MC):
+            ic, s, a, aend = _slot_gates(la_bh, js64, writes, c0, M, MC)
+            wt = s * tl.exp(aend[None, :] - a)
+            decay = tl.exp(aend)[:, None]
+            off_k = ic[:, None] * DP + dd[None, :]
+            off_v = ic[:, None] * DVP + dv[None, :]
+            sk = tl.load(st_k0 + cur * run_k + off_k)
+            sv = tl.load(st_v0 + cur * run_v + off_v)
+            q_s = _mm_state(qu, tl.trans(sk), SPLIT)
+            do_s = _mm_state(d_o, tl.trans(sv), SPLIT)
+            a_rows = rows_of(a, GP, BM, MC)
+            ea_rows = tl.exp(a_rows)
+            fast = tl.min(aend, axis=0) > FAST_LIMIT
+            if fast:
+                shat = s * tl.exp(-a)
+                ls = ea_rows * (q_s + tl.dot(qk, shat, input_precision=PREC_SLOT))
+                dp = ea_rows * (do_s + tl.dot(dvk, shat, input_precision=PREC_SLOT))
+            else:
+                shat = tl.zeros((BM, MC), tl.float32)
+                ls = ea_rows * q_s + _exact_rows(qk, a, s, a_rows, jb, tt, BM)
+                dp = ea_rows * do_s + _exact_rows(dvk, a, s, a_rows, jb, tt, BM)
+            vis = row_has[:, None] & (ic < M)[None, :] & row_ok[:, None]
+            ls = ls * scale
+            p = tl.where(vis, tl.exp(ls - lse_r[:, None]), 0.0)
+            dl = p * (dp - dl_r[:, None])
+            xrow = tl.where(vis, dl * ls, 0.0) + p * dp
+            xs_tok = sum_heads(xrow, GP, BM, MC)
+            tl.store(xg + (bh * T + tb.to(tl.int64))[:, None] * M + ic[None, :], xs_tok,
+                     mask=(tb < seq_end)[:, None] & (ic < M)[None, :])
+            rows_m = (hq * T + t)[:, None] * M + ic[None, :]
+            tl.store(dlb + rows_m, dl, mask=row_ok[:, None] & (ic < M)[None, :])
+            tl.store(psb + rows_m, p, mask=row_ok[:, None] & (ic < M)[None, :])
+            dle = dl * ea_rows
+            if fast:
+                p3 = tl.dot(dle, tl.trans(shat), input_precision=PREC_SLOT)
+            else:
+                p3 = _exact_cols(dl, a, s, a_rows, jb, tt, BM)
+            p3 = tl.where(causal, p3, 0.0)
+            dq_acc += tl.dot(dle, sk, input_precision=PREC_SLOT)
+            dq_acc += _dot_split(p3, ks, SPLIT, PREC)
+            tl.store(st_k0 + run_k + off_k, decay * sk + _mm_state(tl.trans(wt), ks, SPLIT))
+            tl.store(st_v0 + run_v + off_v, decay * sv + _mm_state(tl.trans(wt), vs, SPLIT))
+        tl.debug_barrier()
+        tl.store(dq + qoff, (dq_acc * scale).to(dq.dtype.element_ty), mask=row_ok[:, None] & d_ok)
+
+
+@triton.jit
+def _bwd_slot_rlocal_kernel(
+    q, do, la, tok, span_table, dlb, psb, loc_k, loc_v, loc_a,
+    T, W, S, L, SPANS_PER_ROW, H, scale,
+    G: tl.constexpr, GP: tl.constexpr, BM: tl.constexpr,
+    D: tl.constexpr, DV: tl.constexpr, M: tl.constexpr, DP: tl.constexpr, DVP: tl.constexpr, MP: tl.constexpr,
+    SPLIT: tl.constexpr, VARLEN: tl.constexpr,
+):
+    """Per span: sum_{t in span} exp(A_t - A_start) dK~_t (and dV~), the adjoint the span sends to earlier spans."""
+    ROWS: tl.constexpr = GP * BM
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    b, n, seq_start, seq_end, span_start, span_end = _seq_of_span(span_table, pid, T, L, SPANS_PER_ROW, VARLEN)
+    b64 = b.to(tl.int64)
+    bh = b64 * H + h
+    tok_b = tok + b64 * T
+    la_bh = la + bh * T * M
+    rr = tl.arange(0, ROWS)
+    g = rr // BM
+    tt = rr % BM
+    hq = bh * G + g
+    g_ok = g < G
+    dd = tl.arange(0, DP)
+    dv = tl.arange(0, DVP)
+    ii = tl.arange(0, MP)
+    jb = tl.arange(0, BM)
+    d_ok = (dd < D)[None, :]
+    dv_ok = (dv < DV)[None, :]
+    bk = tl.zeros((MP, DP), tl.float32)
+    bv = tl.zeros((MP, DVP), tl.float32)
+    acum = tl.zeros((MP,), tl.float32)
+    for t0 in range(span_start, span_end, BM):
+        t = t0 + tt
+        row_ok = g_ok & (t < seq_end)
+        tb = t0 + jb
+        js = tb - W
+        jok = (tb < seq_end) & (js >= seq_start)
+        code_j = tl.load(tok_b + js, mask=jok, other=0)
+        writes = jok & ((code_j & 1) == 1) & ((code_j >> 1) > S)
+        ic, s, a, aend = _slot_gates(la_bh, js.to(tl.int64), writes, 0, M, MP)
+        ea_rows = tl.exp(rows_of(a, GP, BM, MP) + acum[None, :])  # decay from the span start, <= 1
+        rows_m = (hq * T + t)[:, None] * M + ii[None, :]
+        mm = row_ok[:, None] & (ii < M)[None, :]
+        dle = tl.load(dlb + rows_m, mask=mm, other=0.0) * ea_rows
+        pe = tl.load(psb + rows_m, mask=mm, other=0.0) * ea_rows
+        qu = tl.load(q + (hq * T + t)[:, None] * D + dd[None, :], mask=row_ok[:, None] & d_ok, other=0.0)
+        d_o = tl.load(do + (hq * T + t)[:, None] * DV + dv[None, :], mask=row_ok[:, None] & dv_ok, other=0.0)
+        bk += _mm_state(tl.trans(dle), qu, SPLIT)
+        bv += _mm_state(tl.trans(pe), d_o, SPLIT)
+        acum += aend
+    out = (pid * H + h).to(tl.int64)
+    tl.store(loc_k + out * MP * DP + ii[:, None] * DP + dd[None, :], bk * scale)
+    tl.store(loc_v + out * MP * DVP + ii[:, None] * DVP + dv[None, :], bv)
+    tl.store(loc_a + out * MP + ii, acum)
+
+
+@triton.jit
+def _bwd_slot_kv_kernel(
+    q, k, v, la, do, tok, span_table, dlb, psb, rb_k, rb_v, dks, dvs, dss,
+    T, W, S, L, SPANS_PER_ROW, H, NSPH, scale,
+    G: tl.constexpr, GP: tl.constexpr, BM: tl.constexpr,
+    D: tl.constexpr, DV: tl.constexpr, M: tl.constexpr, DP: tl.constexpr, DVP: tl.constexpr, MP: tl.constexpr,
+    MC: tl.constexpr, SPLIT: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr, PREC_SLOT: tl.constexpr,
+    FAST_LIMIT: tl.constexpr,
+):
+    """Reverse sweep over the blocks of a span: gradients of the slot tokens entering at each shifted position."""
+    ROWS: tl.constexpr = GP * BM
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    b, n, seq_start, seq_end, span_start, span_end = _seq_of_span(span_table, pid, T, L, SPANS_PER_ROW, VARLEN)
+    b64 = b.to(tl.int64)
+    bh = b64 * H + h
+    tok_b = tok + b64 * T
+    la_bh = la + bh * T * M
+    rr = tl.arange(0, ROWS)
+    g = rr // BM
+    tt = rr % BM
+    hq = bh * G + g
+    g_ok = g < G
+    dd = tl.arange(0, DP)
+    dv = tl.arange(0, DVP)
+    jb = tl.arange(0, BM)
+    d_ok = (dd < D)[None, :]
+    dv_ok = (dv < DV)[None, :]
+    causal = tt[:, None] >= jb[None, :]
+    rb_k0 = rb_k + (pid * H + h).to(tl.int64) * MP * DP
+    rb_v0 = rb_v + (pid * H + h).to(tl.int64) * MP * DVP
+    run_k = NSPH * MP * DP
+    run_v = NSPH * MP * DVP
+    n_blocks = tl.cdiv(span_end - span_start, BM)
+    for ib in range(0, n_blocks):
+        t0 = span_start + (n_blocks - 1 - ib) * BM
+        cur = tl.where(ib == 0, 0, 1).to(tl.int64)
+        t = t0 + tt
+        row_ok = g_ok & (t < seq_end)
+        tb = t0 + jb
+        js = tb - W
+        jok = (tb < seq_end) & (js >= seq_start)
+        code_j = tl.load(tok_b + js, mask=jok, other=0)
+        writes = jok & ((code_j & 1) == 1) & ((code_j >> 1) > S)
+        js64 = js.to(tl.int64)
+        ks = tl.load(k + (bh * T + js64)[:, None] * D + dd[None, :], mask=jok[:, None] & d_ok, other=0.0)
+        vs = tl.load(v + (bh * T + js64)[:, None] * DV + dv[None, :], mask=jok[:, None] & dv_ok, other=0.0)
+        qu = tl.load(q + (hq * T + t)[:, None] * D + dd[None, :], mask=row_ok[:, None] & d_ok, other=0.0)
+        d_o = tl.load(do + (hq * T + t)[:, None] * DV + dv[None, :], mask=row_ok[:, None] & dv_ok, other=0.0)
+        qk = tl.where(causal, tl.dot(qu, tl.trans(ks), input_precision=PREC), 0.0)
+        dvk = tl.where(causal, tl.dot(d_o, tl.trans(vs), input_precision=PREC), 0.0)
+        dk_acc = tl.zeros((BM, DP), tl.float32)
+        dv_acc = tl.zeros((BM, DVP), tl.float32)
+        for c0 in range(0, MP, MC):
+            ic, s, a, aend = _slot_gates(la_bh, js64, writes, c0, M, MC)
+            wt = s * tl.exp(aend[None, :] - a)
+            decay = tl.exp(aend)[:, None]
+            off_k = ic[:, None] * DP + dd[None, :]
+            off_v = ic[:, None] * DVP + dv[None, :]
+            bk = tl.load(rb_k0 + cur * run_k + off_k)  # adjoint arriving from after this block
+            bvv = tl.load(rb_v0 + cur * run_v + off_v)
+            rows_m = (hq * T + t)[:, None] * M + ic[None, :]
+            mm = row_ok[:, None] & (ic < M)[None, :]
+            dlr = tl.load(dlb + rows_m, mask=mm, other=0.0) * scale
+            psr = tl.load(psb + rows_m, mask=mm, other=0.0)
+            a_rows = rows_of(a, GP, BM, MC)
+            ea_rows = tl.exp(a_rows)
+            dle = dlr * ea_rows
+            pe = psr * ea_rows
+            # From later blocks: exp(aend - a_j) (B_k k_j + B_v v_j) and s_j exp(aend - a_j) B.
+            ds = tl.exp(aend[None, :] - a) * (_mm_state(ks, tl.trans(bk), SPLIT) + _mm_state(vs, tl.trans(bvv), SPLIT))
+            dk_acc += tl.dot(wt, bk, input_precision=PREC_SLOT)
+            dv_acc += tl.dot(wt, bvv, input_precision=PREC_SLOT)
+            fast = tl.min(aend, axis=0) > FAST_LIMIT
+            if fast:
+                shat = s * tl.exp(-a)
+                ds += tl.exp(-a) * (tl.dot(tl.trans(qk), dle, input_precision=PREC_SLOT)
+                                    + tl.dot(tl.trans(dvk), pe, input_precision=PREC_SLOT))
+                p3 = tl.dot(dle, tl.trans(shat), input_precision=PREC_SLOT)
+                p2 = tl.dot(pe, tl.trans(shat), input_precision=PREC_SLOT)
+            else:
+                for j in range(0, BM):
+                    e = tl.exp(tl.where((tt >= j)[:, None], a_rows - pick_row(a, jb, j)[None, :], float("-inf")))
+                    row = tl.sum(e * (pick_col(qk, jb, j)[:, None] * dlr + pick_col(dvk, jb, j)[:, None] * psr), axis=0)
+                    ds = tl.where((jb == j)[:, None], ds + row[None, :], ds)
+                p3 = _exact_cols(dlr, a, s, a_rows, jb, tt, BM)
+                p2 = _exact_cols(psr, a, s, a_rows, jb, tt, BM)
+            p3 = tl.where(causal, p3, 0.0)
+            p2 = tl.where(causal, p2, 0.0)
+            dk_acc += _dot_split(tl.trans(p3), qu, SPLIT, PREC)
+            dv_acc += tl.dot(tl.trans(p2).to(d_o.dtype), d_o, input_precision=PREC)
+            tl.store(dss + (bh * T + tb.to(tl.int64))[:, None] * M + ic[None, :], ds,
+                     mask=(tb < seq_end)[:, None] & (ic < M)[None, :])
+            tl.store(rb_k0 + run_k + off_k, decay * bk + _mm_state(tl.trans(dle), qu, SPLIT))
+            tl.store(rb_v0 + run_v + off_v, decay * bvv + _mm_state(tl.trans(pe), d_o, SPLIT))
+        tl.debug_barrier()
+        tb64 = (bh * T + tb.to(tl.int64))
+        tl.store(dks + tb64[:, None] * DP + dd[None, :], dk_acc, mask=(tb < seq_end)[:, None])
+        tl.store(dvs + tb64[:, None] * DVP + dv[None, :], dv_acc, mask=(tb < seq_end)[:, None])
+
+
+def _unshift(x: Tensor, w: int, lay, dim: int = 2) -> Tensor:
+    """Values at shifted positions t -> the tokens t - w they belong to (within each sequence); zeros elsewhere."""
+    t_len = x.shape[dim]
+    if w == 0:
+        return x
+    dev = x.device
+    pos = torch.arange(t_len, device=dev)
+    if lay.varlen:
+        ends = torch.tensor([e for _, _, e in lay.seq_bounds], device=dev)
+        seq_end = ends[torch.searchsorted(ends, pos, right=True)]
+    else:
+        seq_end = torch.full_like(pos, t_len)
+    src = pos + w
+    ok = src < seq_end
+    shape = [1] * x.dim()
+    shape[dim] = t_len
+    idx = torch.where(ok, src, 0).view(shape).expand_as(x)
+    return torch.where(ok.view(shape), x.gather(dim, idx), torch.zeros((), dtype=x.dtype, device=dev))
+
+
+def _revcumsum(x: Tensor, lay, dim: int = 2) -> Tensor:
+    """Reverse cumulative sum along dim, restarting at every sequence start."""
+    rc = x.flip(dim).cumsum(dim).flip(dim)
+    if not lay.varlen:
+        return rc
+    t_len = x.shape[dim]
+    pos = torch.arange(t_len, device=x.device)
+    ends = torch.tensor([e for _, _, e in lay.seq_bounds], device=x.device)
+    seq_end = ends[torch.searchsorted(ends, pos, right=True)]
+    shape = [1] * x.dim()
+    shape[dim] = t_len
+    nxt = torch.where(seq_end < t_len, seq_end, 0).view(shape).expand_as(x)
+    after = torch.where((seq_end < t_len).view(shape), rc.gather(dim, nxt), torch.zeros((), device=x.device))
+    return rc - after
+
+
+def nha_bwd(fwd: FwdOut, do: Tensor, q, q_rot, k, k_rot, v, log_alpha, *, window, num_sinks, scale):
+    """Gradients (dq, dq_rot, dk, dk_rot, dv, dlog_alpha) of the op whose forward produced `fwd`."""
+    lay, cfg = fwd.layout, fwd.config
+    b, hq, t_len, d = q.shape
+    hkv, dv, m = k.shape[1], v.shape[-1], log_alpha.shape[-1]
+    g = hq // hkv
+    gp = next_pow2(g)
+    bm = cfg.rows // gp
+    dev = q.device
+    q, q_rot, k, k_rot, v = (x.contiguous() for x in (q, q_rot, k, k_rot, v))
+    la = log_alpha.float().contiguous()
+    do = do.contiguous()
+    w_eff = t_len if window is None else min(window, t_len)
+    has_slots = fwd.span_k is not None
+    has_sinks = num_sinks > 0 and window is not None and window < t_len
+    dp_, dvp, mp = max(16, next_pow2(d)), max(16, next_pow2(dv)), max(16, next_pow2(m))
+    prec, prec_slot = precisions(q.dtype)
+    split = q.dtype != torch.float32
+    span_table = lay.span_table if lay.varlen else lay.tok
+    seq_table = lay.seq_table if lay.varlen else lay.tok
+    o32 = fwd.o.float() if fwd.o_lo is None else fwd.o.float() + fwd.o_lo.float()
+    delta = (do.float() * o32).sum(-1).contiguous()
+    del o32
+    grid = (lay.n_spans, hkv)
+    common = (t_len, w_eff)
+
+    dq_rot = torch.empty_like(q_rot)
+    dk_sink = torch.zeros(lay.n_seqs, hkv, lay.sink_pad, dp_, dtype=torch.float32, device=dev)
+    dv_sink = torch.zeros(lay.n_seqs, hkv, lay.sink_pad, dvp, dtype=torch.float32, device=dev)
+    dk_rot32 = torch.empty(b, hkv, t_len, dp_, dtype=torch.float32, device=dev)
+    dv32 = torch.empty(b, hkv, t_len, dvp, dtype=torch.float32, device=dev)
+    if lay.n_spans:
+        _bwd_band_q_kernel[grid](
+            q_rot, k_rot, v, do, fwd.lse, delta, lay.tok, lay.sink_pos, span_table, dq_rot, dk_sink, dv_sink,
+            *common, cfg.span, lay.spans_per_row, hkv, scale,
+            G=g, GP=gp, BM=bm, BN=cfg.bn, D=d, DV=dv, DP=dp_, DVP=dvp, SP=lay.sink_pad, HAS_SINKS=has_sinks,
+            VARLEN=lay.varlen, PREC=prec, SPLIT=split, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+        _bwd_band_kv_kernel[grid](
+            q_rot, k_rot, v, do, fwd.lse, delta, lay.tok, span_table, dk_rot32, dv32,
+            *common, cfg.span, lay.spans_per_row, hkv, scale,
+            G=g, GP=gp, BM=bm, BN=cfg.bn, D=d, DV=dv, DP=dp_, DVP=dvp, VARLEN=lay.varlen, PREC=prec, SPLIT=split,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+    if has_sinks:  # sink keys seen as sinks (after they left the band): scatter-add their gradients
+        for n, (row, _, _) in enumerate(lay.seq_bounds):
+            pos = lay.sink_pos[n].long()
+            ok = pos >= 0
+            dk_rot32[row].index_add_(1, pos[ok], dk_sink[n][:, ok])
+            dv32[row].index_add_(1, pos[ok], dv_sink[n][:, ok])
+
+    if has_slots:
+        dq = torch.empty_like(q)
+        xg = torch.zeros(b, hkv, t_len, m, dtype=torch.float32, device=dev)
+        dlb = torch.empty(b, hq, t_len, m, dtype=torch.float32, device=dev)
+        psb = torch.empty(b, hq, t_len, m, dtype=torch.float32, device=dev)
+        st_k = torch.stack([fwd.span_k, torch.empty_like(fwd.span_k)])  # [0] span starts, [1] running
+        st_v = torch.stack([fwd.span_v, torch.empty_like(fwd.span_v)])
+        mc = min(cfg.mc, mp)
+        nsph = lay.n_spans * hkv
+        _bwd_slot_q_kernel[grid](
+            q, k, v, la, do, fwd.lse, delta, lay.tok, span_table, st_k, st_v, dq, xg, dlb, psb,
+            *common, num_sinks, cfg.span, lay.spans_per_row, hkv, nsph, scale,
+            G=g, GP=gp, BM=bm, D=d, DV=dv, M=m, DP=dp_, DVP=dvp, MP=mp, MC=mc, SPLIT=split, VARLEN=lay.varlen,
+            PREC=prec, PREC_SLOT=prec_slot, FAST_LIMIT=FAST_LIMIT, num_warps=cfg.num_warps, num_stages=1,
+        )
+        rb_k = torch.empty(2, lay.n_spans, hkv, mp, dp_, dtype=torch.float32, device=dev)
+        rb_v = torch.empty(2, lay.n_spans, hkv, mp, dvp, dtype=torch.float32, device=dev)
+        rb_a = torch.empty(lay.n_spans, hkv, mp, dtype=torch.float32, device=dev)
+        _bwd_slot_rlocal_kernel[grid](
+            q, do, la, lay.tok, span_table, dlb, psb, rb_k, rb_v, rb_a,
+            *common, num_sinks, cfg.span, lay.spans_per_row, hkv, scale,
+            G=g, GP=gp, BM=bm, D=d, DV=dv, M=m, DP=dp_, DVP=dvp, MP=mp, SPLIT=split, VARLEN=lay.varlen,
+            num_warps=cfg.num_warps, num_stages=1,
+        )
+        fin_k = torch.empty(lay.n_seqs, hkv, mp, dp_, dtype=torch.float32, device=dev)
+        fin_v = torch.empty(lay.n_seqs, hkv, mp, dvp, dtype=torch.float32, device=dev)
+        for loc, fin, xp in ((rb_k, fin_k, dp_), (rb_v, fin_v, dvp)):
+            _span_scan_kernel[(lay.n_seqs, hkv)](loc, rb_a, seq_table, fin, lay.spans_per_row, hkv, MP=mp, XP=xp,
+                                                 VARLEN=lay.varlen, REVERSE=True, num_warps=4)
+        dks = torch.zeros(b, hkv, t_len, dp_, dtype=torch.float32, device=dev)
+        dvs = torch.zeros(b, hkv, t_len, dvp, dtype=torch.float32, device=dev)
+        dss = torch.zeros(b, hkv, t_len, m, dtype=torch.float32, device=dev)
+        _bwd_slot_kv_kernel[grid](
+            q, k, v, la, do, lay.tok, span_table, dlb, psb, rb_k, rb_v, dks, dvs, dss,
+            *common, num_sinks, cfg.span, lay.spans_per_row, hkv, nsph, scale,
+            G=g, GP=gp, BM=bm, D=d, DV=dv, M=m, DP=dp_, DVP=dvp, MP=mp, MC=mc, SPLIT=split, VARLEN=lay.varlen,
+            PREC=prec, PREC_SLOT=prec_slot, FAST_LIMIT=FAST_LIMIT, num_warps=cfg.num_warps, num_stages=1,
+        )
+        # Gates: shifted log decays la' (0 where a token does not write), then dL/dla'.
+        cv, real = lay.tok >> 1, (lay.tok & 1) == 1
+        writes = real & (cv > num_sinks)
+        la_w = torch.where(writes[:, None, :, None], la, torch.zeros((), device=dev))
+        la_s = _shift(la_w, w_eff, lay)
+        s_s = -torch.expm1(la_s)
+        dla_s = _revcumsum(xg - s_s * dss, lay) - torch.exp(la_s) * dss
+        dla = _unshift(dla_s, w_eff, lay) * writes[:, None, :, None]
+        dk = _unshift(dks, w_eff, lay)[..., :d].to(k.dtype)
+        dv32 = dv32 + _unshift(dvs, w_eff, lay)
+    else:
+        dq = torch.zeros_like(q)
+        dk = torch.zeros_like(k)
+        dla = torch.zeros_like(la)
+    return (dq, dq_rot, dk, dk_rot32[..., :d].to(k_rot.dtype), dv32[..., :dv].to(v.dtype),
+            dla.to(log_alpha.dtype))
+
+
+def _shift(x: Tensor, w: int, lay, dim: int = 2) -> Tensor:
+    """Token j -> shifted position j + w (within each sequence); zeros where nothing enters."""
+    t_len = x.shape[dim]
+    if w == 0:
+        return x
+    dev = x.device
+    pos = torch.arange(t_len, device=dev)
+    if lay.varlen:
+        starts = torch.tensor([a for _, a, _ in lay.seq_bounds], device=dev)
+        seq_start = starts[torch.searchsorted(starts, pos, right=True) - 1]
+    else:
+        seq_start = torch.zeros_like(pos)
+    src = pos - w
+    ok = src >= seq_start
+    shape = [1] * x.dim()
+    shape[dim] = t_len
+    idx = torch.where(ok, src, 0).view(shape).expand_as(x)
+    return torch.where(ok.view(shape), x.gather(dim, idx), torch.zeros((), dtype=x.dtype, device=dev))

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .chunk import SlotState, gather_sinks
@@ -149,6 +150,8 @@ class NHAState:
         self.n_real = self.n_real + valid.long()
         self.seen = t + 1
 
+        if w is None:
+            return self._full_attention(q_rot, scale)
         h = k.shape[1]
         qg, qg_rot = group_queries(q.float()[:, :, None], h), group_queries(q_rot.float()[:, :, None], h)  # (B,H,G,1,D)
         slot_logits = scale * torch.einsum("bhgtd,bhid->bhgti", qg, self.slot_k)
@@ -165,6 +168,13 @@ class NHAState:
         if len(probs) == 3:
             o = o + probs[2] @ self.sink_v.float()[:, :, None]
         return ungroup(o)[:, :, 0].to(q.dtype)
+
+    def _full_attention(self, q_rot: Tensor, scale: float) -> Tensor:
+        """A full-attention layer reads its buffer like a KV cache: SDPA in the model dtype, GQA-native, no copies."""
+        mask = self.win_valid[:, None, None, :]
+        o = F.scaled_dot_product_attention(q_rot[:, :, None].to(self.win_v.dtype), self.win_k_rot, self.win_v,
+                                           attn_mask=mask, scale=scale, enable_gqa=True)
+        return o[:, :, 0].nan_to_num_(0.0).to(q_rot.dtype)  # a row of padding only sees nothing
 
 
 def nha_recurrent(

@@ -140,13 +140,13 @@ class NHAState:
             self.win_valid[:, i] = valid
             self.win_sink[:, i] = is_sink
 
-        if self.num_sinks:
-            rows = is_sink.nonzero().flatten()
-            slot = self.n_real[rows]
-            self.sink_k_rot[rows, :, slot] = k_rot[rows].to(self.sink_k_rot.dtype)
-            self.sink_v[rows, :, slot] = v[rows].to(self.sink_v.dtype)
-            self.sink_pos[rows, slot] = t
-            self.sink_present[rows, slot] = True
+        if self.num_sinks:  # write sink number n_real of each row that got one (no host sync: masked selects)
+            hit = (torch.arange(self.num_sinks, device=valid.device) == self.n_real[:, None]) & is_sink[:, None]
+            self.sink_k_rot = torch.where(hit[:, None, :, None], k_rot[:, :, None].to(self.sink_k_rot.dtype),
+                                          self.sink_k_rot)
+            self.sink_v = torch.where(hit[:, None, :, None], v[:, :, None].to(self.sink_v.dtype), self.sink_v)
+            self.sink_pos = torch.where(hit, t, self.sink_pos)
+            self.sink_present = self.sink_present | hit
         self.n_real = self.n_real + valid.long()
         self.seen = t + 1
 

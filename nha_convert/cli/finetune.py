@@ -7,6 +7,7 @@ recipes/accelerate-fsdp.yaml). Ctrl-C saves a checkpoint; `--resume` continues e
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -59,7 +60,8 @@ def finetune(
         err.print(f"interrupted after step {stop.global_step}; checkpoint {stop.checkpoint}; "
                   f"continue with: nha-finetune {recipe} --resume" + (f" -o {output}" if output else ""))
         sys.exit(130)
-    typer.echo(str(final))
+    if os.environ.get("RANK", "0") == "0":  # once, not once per process under accelerate launch
+        typer.echo(str(final))
 
 
 main = run_app(app)

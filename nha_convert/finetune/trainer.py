@@ -293,6 +293,7 @@ class Trainer:
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
         acc.save_state(str(tmp), safe_serialization=True)
+        acc.wait_for_everyone()  # every process has written its part (shards, RNG state) before the rename
         if self.main:
             torch.save({"scheduler": scheduler.state_dict()}, tmp / "scheduler_state.pt")
             (tmp / STATE_FILE).write_text(json.dumps({**asdict(pos), "recipe": self.recipe.source,
@@ -382,6 +383,7 @@ class Trainer:
             (self.run_dir / "DONE").write_text(json.dumps(asdict(pos)) + "\n")
             self.console.print(f"[green]saved {final}")
         acc.wait_for_everyone()
+        acc.end_training()  # tears the process group down cleanly under accelerate launch
         self.student = student
         return final
 

@@ -68,7 +68,8 @@ def report(name, k, secs):
     sass_ops = k.asm.get("ptx", "")
     wgmma = sass_ops.count("wgmma.mma_async")
     mma = sass_ops.count("mma.sync")
-    print(f"{name:55s} {resources(k)} wgmma={wgmma} mma.sync={mma} ({secs:.1f}s)", flush=True)
+    print(f"{name:55s} {resources(k)} dyn_smem={k.metadata.shared} wgmma={wgmma} mma.sync={mma} ({secs:.1f}s)",
+          flush=True)
 
 
 def main() -> None:
@@ -120,7 +121,7 @@ def compile_generic(fn, consts: dict, ptr_types: dict, num_warps=8, num_stages=1
     return compile_one(fn, sig, consts, num_warps, num_stages)
 
 
-def bwd_variants(g=4, d=128, m=64, rows=128, nw=8):
+def bwd_variants(g=4, d=128, m=64, rows=128, nw=8, mc=16):
     from nha_kernels import chunk_bwd as cb
 
     gp = 1 << (g - 1).bit_length()
@@ -137,7 +138,7 @@ def bwd_variants(g=4, d=128, m=64, rows=128, nw=8):
     band_kv.pop("DKR")
     pt_kv = dict(pt, dkr="*fp32", dvb="*fp32")
     out.append(("bwd band kv", compile_generic(cb._bwd_band_kv_kernel, band, pt_kv, nw, 2)))
-    sq = {**slot, "MC": 16, "PREC": "tf32", "PREC_SLOT": "tf32", "FAST_LIMIT": -80.0}
+    sq = {**slot, "MC": mc, "PREC": "tf32", "PREC_SLOT": "tf32", "FAST_LIMIT": -80.0}
     pt_q = dict(pt, dq="*bf16")
     out.append(("bwd slot q", compile_generic(cb._bwd_slot_q_kernel, sq, pt_q, nw, 1)))
     out.append(("bwd slot rlocal", compile_generic(cb._bwd_slot_rlocal_kernel, slot, pt, nw, 1)))

@@ -90,11 +90,13 @@ def main() -> None:
     rows.append(("SDPA flash causal fwd T=32K", f"{sdpa:.3f} ms"))
     del kr, vr
 
-    variants = [FwdConfig(rows=128, bn=64, span=512, cs=64, num_warps=8, num_stages=2)]
+    variants = [FwdConfig(rows=128, bn=64, span=512, cs=64, num_warps=8, num_stages=2, mc=64)]
     if not args.quick:
         variants += [
-            FwdConfig(rows=64, bn=64, span=512, cs=64, num_warps=4, num_stages=2),
-            FwdConfig(rows=128, bn=64, span=1024, cs=64, num_warps=8, num_stages=2),
+            FwdConfig(rows=128, bn=64, span=512, cs=64, num_warps=8, num_stages=2, mc=16),
+            FwdConfig(rows=64, bn=64, span=512, cs=64, num_warps=4, num_stages=2, mc=64),
+            FwdConfig(rows=128, bn=64, span=1024, cs=64, num_warps=8, num_stages=2, mc=64),
+            FwdConfig(rows=128, bn=64, span=512, cs=64, num_warps=8, num_stages=1, mc=64),
         ]
     res["fwd"] = []
     for w in (64, 512, 2048):
@@ -155,7 +157,11 @@ def main() -> None:
                                                         sorted(parts.items(), key=lambda kv: -kv[1])[:4])))
 
     # Decode: batch 64, one step; state bytes read once is the floor.
-    for w in (64, 2048):
+    from nha_kernels import decode as dec_mod
+    tiles = [dict(dec_mod.DECODE_TILES), dict(slots=32, ring=64, num_warps=8, num_stages=1),
+             dict(slots=64, ring=128, num_warps=4, num_stages=2)]
+    for w, tile in [(64, tiles[0]), (64, tiles[1]), (64, tiles[2]), (2048, tiles[0])]:
+        dec_mod.DECODE_TILES.update(tile)
         bd, pre = 64, w + 37
         ys = inputs(bd, hq, h, pre + 1, d, m, seed=3)
         valid = torch.ones(bd, pre + 1, dtype=torch.bool, device="cuda")
@@ -182,9 +188,9 @@ def main() -> None:
         ms_long = graphed(st)
         floor = nbytes / bw * 1e3
         res.setdefault("decode", []).append(dict(window=w, batch=bd, ms=ms, ms_at_1M=ms_long, state_bytes=nbytes,
-                                                  floor_ms=floor))
+                                                  floor_ms=floor, tiles=tile))
         res["decode"][-1]["eager_ms"] = eager
-        rows.append((f"decode B=64 w={w}", f"{ms * 1e3:.1f} us graph (eager {eager * 1e3:.0f}; 1M ctx {ms_long * 1e3:.1f}), "
+        rows.append((f"decode B=64 w={w} {tile}", f"{ms * 1e3:.1f} us graph (eager {eager * 1e3:.0f}; 1M ctx {ms_long * 1e3:.1f}), "
                      f"state {nbytes / 2**20:.1f} MiB read-once {floor * 1e3:.1f} us -> {ms / floor:.2f}x"))
 
     json.dump(res, open(os.path.join(args.out, "gpu_check.json"), "w"), indent=1)

@@ -341,15 +341,16 @@ class FwdConfig:
     cs: int  # token chunk of the span-state pass
     num_warps: int
     num_stages: int
-    mc: int = 16  # slots per chunk of the slot phase
+    mc: int = 64  # slots per chunk of the slot phase (forward)
+    mc_bwd: int = 16  # the same in the backward kernels (more live tiles there)
 
 
 def default_config(batch: int, hkv: int, t_len: int, gp: int, dtype: torch.dtype = torch.bfloat16) -> FwdConfig:
     if interpreting():
         rows = max(16, 16 * gp)
-        return FwdConfig(rows=rows, bn=16, span=2 * (rows // gp), cs=16, num_warps=4, num_stages=1)
+        return FwdConfig(rows=rows, bn=16, span=2 * (rows // gp), cs=16, num_warps=4, num_stages=1, mc=16)
     if dtype == torch.float32:  # fp32 tiles take twice the shared memory
-        return FwdConfig(rows=max(64, 16 * gp), bn=32, span=512, cs=32, num_warps=4, num_stages=1)
+        return FwdConfig(rows=max(64, 16 * gp), bn=32, span=512, cs=32, num_warps=4, num_stages=1, mc=16)
     rows = max(128, 16 * gp)
     # Enough spans to fill the GPU (132 SMs on an H100) two times over, but long spans keep state traffic low.
     span = 1024

@@ -24,6 +24,9 @@ from .prep import next_pow2
 from .triton_utils import expm1
 
 
+DECODE_TILES = {"slots": 64, "ring": 128, "num_warps": 8, "num_stages": 2}  # per G query heads of a group
+
+
 @triton.jit
 def _attend(m_i, l_i, acc, q, keys, vals, ok, scale):
     """One block of the online softmax in fp32 FMAs (decode is memory-bound; no tensor-core padding of the G rows).
@@ -205,8 +208,9 @@ def nha_decode_step(
         state.sink_k_rot, state.sink_v, state.sink_pos, _u8(state.sink_present), o,
         state.seen, w, s, h, scale,
         G=g, GP=gp, D=d, DV=dv, M=m, DP=max(16, next_pow2(d)), DVP=max(16, next_pow2(dv)),
-        MP=mp, SP=max(16, next_pow2(s)), NB=max(2, 32 // gp), NBW=max(4, 64 // gp), HAS_SINKS=s > 0,
-        num_warps=8,
+        MP=mp, SP=max(16, next_pow2(s)), NB=max(2, DECODE_TILES["slots"] // gp),
+        NBW=max(4, DECODE_TILES["ring"] // gp), HAS_SINKS=s > 0, num_warps=DECODE_TILES["num_warps"],
+        num_stages=DECODE_TILES["num_stages"],
     )
     _decode_flags_kernel[(b,)](
         valid_i, state.n_real, state.slot_count, _u8(state.win_valid), _u8(state.win_sink), state.sink_pos,

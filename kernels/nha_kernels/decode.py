@@ -24,7 +24,8 @@ from .prep import next_pow2
 from .triton_utils import expm1
 
 
-DECODE_TILES = {"slots": 64, "ring": 128, "num_warps": 8, "num_stages": 2}  # per G query heads of a group
+# Entries per block for the G query heads of a group (H100, B = 64, w = 64: 138 us; 64/128 entries: 171 us).
+DECODE_TILES = {"slots": 32, "ring": 64, "num_warps": 8, "num_stages": 1}
 
 
 @triton.jit

@@ -91,9 +91,10 @@ class NHAAttention(nn.Module):
 
         if cache is not None and cache.state is not None:
             # Continue from the cache one token at a time: exact, and the usual decode case is t == 1.
+            step = nha_decode_fn(q)
             out = torch.stack(
-                [cache.state.step(q[:, :, i], q_rot[:, :, i], k[:, :, i], k_rot[:, :, i], v[:, :, i],
-                                  log_alpha[:, :, i], valid[:, i], scale=self.scaling) for i in range(t)],
+                [step(cache.state, q[:, :, i], q_rot[:, :, i], k[:, :, i], k_rot[:, :, i], v[:, :, i],
+                      log_alpha[:, :, i], valid[:, i], scale=self.scaling) for i in range(t)],
                 dim=2,
             )
         else:
@@ -133,6 +134,23 @@ def nha_forward(q, q_rot, k, k_rot, v, log_alpha, **kwargs):
             return nha_chunk_triton(q, q_rot, k, k_rot, v, log_alpha, **kwargs)
     _log_backend("torch")
     return nha_chunk(q, q_rot, k, k_rot, v, log_alpha, **kwargs)
+
+
+def nha_decode_fn(q: Tensor):
+    """The decode step to use: the Triton kernel (nha_kernels.nha_decode_step, same contract as NHAState.step,
+    updates the state in place) on CUDA, else NHAState.step. NHA_BACKEND=torch|triton forces one, as for prefill."""
+    backend = os.environ.get("NHA_BACKEND", "auto")
+    if backend != "torch" and q.is_cuda:
+        try:
+            from nha_kernels import nha_decode_step  # type: ignore[import-not-found]
+        except ImportError:
+            if backend == "triton":
+                raise NHAError("NHA_BACKEND=triton but the Triton kernels are not importable; pip install '.[gpu]'")
+        else:
+            _log_backend("triton decode")
+            return nha_decode_step
+    _log_backend("torch decode")
+    return lambda state, *args, **kw: state.step(*args, **kw)
 
 
 _logged: set[str] = set()

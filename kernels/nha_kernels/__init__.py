@@ -9,5 +9,6 @@ from ._compat import patch_interpreter
 patch_interpreter()
 
 from .autograd import nha_chunk_triton  # noqa: E402
+from .decode import nha_decode_step  # noqa: E402
 
-__all__ = ["nha_chunk_triton"]
+__all__ = ["nha_chunk_triton", "nha_decode_step"]

@@ -180,3 +180,33 @@ def test_prefill_then_decode_equals_recurrence():
         out = nha_decode_step(st, *[x[:, :, i] for x in xs], valid[:, i], scale=0.125)
         keep = valid[:, i][:, None, None]
         assert ((out - full[:, :, i]) * keep).abs().max() <= 1e-4
+
+
+def test_model_backends_agree(monkeypatch):
+    """A converted model on CUDA: Triton prefill + Triton decode give the torch backend's logits."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from nha_convert import NHACache, NHASettings, convert
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=8,
+                      num_key_value_heads=2, vocab_size=256, max_position_embeddings=512)
+    model = convert(LlamaForCausalLM(cfg).eval(), NHASettings(window=8, slots=16, sinks=2, full_layers=[0])).to(DEV)
+    ids = torch.randint(0, 256, (2, 60), device=DEV)
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    outs = {}
+    for backend in ("torch", "triton"):
+        monkeypatch.setenv("NHA_BACKEND", backend)
+        with torch.no_grad():
+            full = model(ids, attention_mask=mask).logits
+            cache = NHACache(model.config)
+            out = model(ids[:, :50], attention_mask=mask[:, :50], past_key_values=cache, use_cache=True)
+            steps = [out.logits[:, -1]]
+            for i in range(50, 60):
+                out = model(ids[:, i : i + 1], attention_mask=mask[:, : i + 1], past_key_values=cache, use_cache=True)
+                steps.append(out.logits[:, -1])
+        outs[backend] = (full, torch.stack(steps, 1))
+    keep = mask.bool()[..., None]
+    assert rel(outs["triton"][0], outs["torch"][0], keep) <= 1e-4
+    assert rel(outs["triton"][1], outs["torch"][1], 1.0) <= 1e-4

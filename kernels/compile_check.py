@@ -73,8 +73,10 @@ def report(name, k, secs):
 
 
 def main() -> None:
-    variants = [dict(), dict(rows=128, nw=8), dict(g=8, rows=128, nw=8), dict(g=3), dict(g=1), dict(dtype="fp32"),
-                dict(slots=False, sinks=False)]
+    # The defaults the launcher picks: bf16 128 rows / 8 warps / one 64-slot chunk / one stage; fp32 64 rows.
+    base = dict(rows=128, nw=8, mc=64, ns=1)
+    variants = [base, dict(base, g=8), dict(base, g=3), dict(base, g=1), dict(dtype="fp32", rows=64, nw=4, ns=1),
+                dict(base, slots=False, sinks=False)]
     if len(sys.argv) > 1:
         variants = [eval(f"dict({a})") for a in sys.argv[1:]]
     for v in variants:
@@ -84,10 +86,9 @@ def main() -> None:
         for v in [dict(), dict(g=8), dict(g=1), dict(nw=4)]:
             k, secs = decode_variant(**v)
             report(f"decode {v}", k, secs)
+        for name, (k, secs) in bwd_variants():
+            report(name, k, secs)
 
-
-if __name__ == "__main__":
-    main()
 
 
 def decode_variant(dtype="bf16", g=4, d=128, m=64, nw=8):
@@ -134,8 +135,6 @@ def bwd_variants(g=4, d=128, m=64, rows=128, nw=8, mc=16):
     slot = dict(G=g, GP=gp, BM=bm, D=d, DV=d, M=m, DP=d, DVP=d, MP=m, SPLIT=True, VARLEN=False)
     out = []
     out.append(("bwd band q", compile_generic(cb._bwd_band_q_kernel, {**band, "SP": 16, "HAS_SINKS": True}, pt, nw, 2)))
-    band_kv = dict(band, DKR="x")
-    band_kv.pop("DKR")
     pt_kv = dict(pt, dkr="*fp32", dvb="*fp32")
     out.append(("bwd band kv", compile_generic(cb._bwd_band_kv_kernel, band, pt_kv, nw, 2)))
     sq = {**slot, "MC": mc, "PREC": "tf32", "PREC_SLOT": "tf32", "FAST_LIMIT": -80.0}
@@ -144,3 +143,7 @@ def bwd_variants(g=4, d=128, m=64, rows=128, nw=8, mc=16):
     out.append(("bwd slot rlocal", compile_generic(cb._bwd_slot_rlocal_kernel, slot, pt, nw, 1)))
     out.append(("bwd slot kv", compile_generic(cb._bwd_slot_kv_kernel, sq, pt, nw, 1)))
     return out
+
+
+if __name__ == "__main__":
+    main()

@@ -11,8 +11,11 @@ from __future__ import annotations
 import os
 
 
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")  # read once: @triton.jit reads it at import
+
+
 def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return _INTERPRET
 
 
 def patch_interpreter() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -117,39 +118,39 @@ def padding_mask(attention_mask: Tensor | None, b: int, t: int, device: torch.de
     return attention_mask[:, -t:].bool()
 
 
-def nha_forward(q, q_rot, k, k_rot, v, log_alpha, **kwargs):
-    """Dispatch the parallel NHA op: Triton kernels on CUDA when available, the torch reference otherwise.
+def triton_kernels(x: Tensor) -> ModuleType | None:
+    """The `nha_kernels` package when it should run on `x`: CUDA tensors and importable kernels, else None.
 
-    NHA_BACKEND=torch|triton forces one; the choice is logged once.
+    NHA_BACKEND=torch|triton forces one backend (triton fails loudly when the kernels are missing); the choice is
+    logged once per kind of call.
     """
     backend = os.environ.get("NHA_BACKEND", "auto")
-    if backend != "torch" and q.is_cuda:
-        try:
-            from nha_kernels import nha_chunk_triton  # type: ignore[import-not-found]
-        except ImportError:
-            if backend == "triton":
-                raise NHAError("NHA_BACKEND=triton but the Triton kernels are not importable; pip install '.[gpu]'")
-        else:
-            _log_backend("triton")
-            return nha_chunk_triton(q, q_rot, k, k_rot, v, log_alpha, **kwargs)
-    _log_backend("torch")
-    return nha_chunk(q, q_rot, k, k_rot, v, log_alpha, **kwargs)
+    if backend == "torch" or not x.is_cuda:
+        return None
+    try:
+        import nha_kernels  # type: ignore[import-not-found]
+    except ImportError:
+        if backend == "triton":
+            raise NHAError("NHA_BACKEND=triton but the Triton kernels are not importable; pip install -e '.[gpu]'")
+        return None
+    return nha_kernels
+
+
+def nha_forward(q, q_rot, k, k_rot, v, log_alpha, **kwargs):
+    """The parallel NHA op (training, prefill): fused Triton kernels on CUDA, the torch reference elsewhere."""
+    kernels = triton_kernels(q)
+    _log_backend("prefill: triton" if kernels else "prefill: torch")
+    op = kernels.nha_chunk_triton if kernels else nha_chunk
+    return op(q, q_rot, k, k_rot, v, log_alpha, **kwargs)
 
 
 def nha_decode_fn(q: Tensor):
-    """The decode step to use: the Triton kernel (nha_kernels.nha_decode_step, same contract as NHAState.step,
-    updates the state in place) on CUDA, else NHAState.step. NHA_BACKEND=torch|triton forces one, as for prefill."""
-    backend = os.environ.get("NHA_BACKEND", "auto")
-    if backend != "torch" and q.is_cuda:
-        try:
-            from nha_kernels import nha_decode_step  # type: ignore[import-not-found]
-        except ImportError:
-            if backend == "triton":
-                raise NHAError("NHA_BACKEND=triton but the Triton kernels are not importable; pip install '.[gpu]'")
-        else:
-            _log_backend("triton decode")
-            return nha_decode_step
-    _log_backend("torch decode")
+    """The decode step: nha_kernels.nha_decode_step on CUDA (same contract as NHAState.step, updates the state in
+    place), else NHAState.step."""
+    kernels = triton_kernels(q)
+    _log_backend("decode: triton" if kernels else "decode: torch")
+    if kernels:
+        return kernels.nha_decode_step
     return lambda state, *args, **kw: state.step(*args, **kw)
 
 

@@ -170,11 +170,14 @@ class NHAState:
         return ungroup(o)[:, :, 0].to(q.dtype)
 
     def _full_attention(self, q_rot: Tensor, scale: float) -> Tensor:
-        """A full-attention layer reads its buffer like a KV cache: SDPA in the model dtype, GQA-native, no copies."""
-        mask = self.win_valid[:, None, None, :]
-        o = F.scaled_dot_product_attention(q_rot[:, :, None].to(self.win_v.dtype), self.win_k_rot, self.win_v,
-                                           attn_mask=mask, scale=scale, enable_gqa=True)
-        return o[:, :, 0].nan_to_num_(0.0).to(q_rot.dtype)  # a row of padding only sees nothing
+        """A full-attention layer reads its buffer like a KV cache, in the model dtype. The G query heads of a KV
+        head are the G query rows of one SDPA head: GQA with no repeated keys (enable_gqa + mask would repeat)."""
+        b, hq, d = q_rot.shape
+        h = self.win_k_rot.shape[1]
+        q = q_rot.reshape(b, h, hq // h, d).to(self.win_v.dtype)
+        o = F.scaled_dot_product_attention(q, self.win_k_rot, self.win_v, attn_mask=self.win_valid[:, None, None, :],
+                                           scale=scale)
+        return o.reshape(b, hq, -1).nan_to_num_(0.0).to(q_rot.dtype)  # a row of padding only sees nothing
 
 
 def nha_recurrent(

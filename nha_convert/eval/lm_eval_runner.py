@@ -172,7 +172,8 @@ def run_tasks(
         manager = manager or task_manager(tasks, mode, mmlu_split)
         check_tasks(manager, tasks)
         dev = device or str(next(model.parameters()).device)
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=dev, max_length=max_length)
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=dev, max_length=max_length,
+                  backend="causal")  # nha_* model types are causal LMs lm-eval does not know by name
         t0 = time.perf_counter()
         try:
             res = simple_evaluate(

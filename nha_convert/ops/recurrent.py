@@ -13,7 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .chunk import SlotState, gather_sinks
@@ -170,14 +169,19 @@ class NHAState:
         return ungroup(o)[:, :, 0].to(q.dtype)
 
     def _full_attention(self, q_rot: Tensor, scale: float) -> Tensor:
-        """A full-attention layer reads its buffer like a KV cache, in the model dtype. The G query heads of a KV
-        head are the G query rows of one SDPA head: GQA with no repeated keys (enable_gqa + mask would repeat)."""
+        """A full-attention layer reads its buffer like a KV cache, in the model dtype, keys and values once each.
+
+        The G query heads of a KV head are G rows of one product (GQA without repeating K/V). Plain matmuls, not
+        SDPA: for one query position they are what SDPA would do, and the cuDNN SDPA backend re-plans at every new
+        key length, which cost ~11 ms of CPU per layer per decode step on the H100 (benchmarks/profile_decode.py).
+        """
         b, hq, d = q_rot.shape
         h = self.win_k_rot.shape[1]
         q = q_rot.reshape(b, h, hq // h, d).to(self.win_v.dtype)
-        o = F.scaled_dot_product_attention(q, self.win_k_rot, self.win_v, attn_mask=self.win_valid[:, None, None, :],
-                                           scale=scale)
-        return o.reshape(b, hq, -1).nan_to_num_(0.0).to(q_rot.dtype)  # a row of padding only sees nothing
+        scores = (q @ self.win_k_rot.transpose(-1, -2)).float() * scale  # (B, H, G, L)
+        scores = scores.masked_fill(~self.win_valid[:, None, None, :], NEG_INF)
+        (p,) = joint_softmax(scores)
+        return (p.to(self.win_v.dtype) @ self.win_v).reshape(b, hq, -1).to(q_rot.dtype)
 
 
 def nha_recurrent(

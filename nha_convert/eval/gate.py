@@ -12,13 +12,12 @@ latency, memory) fail when value > expected * (1 + tolerance) (relative: perplex
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..errors import NHAError
-from .report import task_rows
+from .report import read_json, task_rows
 from .tasks import LOWER_IS_BETTER
 
 
@@ -76,12 +75,7 @@ def flatten(results: dict[str, Any], label: str | None = None) -> dict[str, floa
 
 def load_expected(path: str | Path) -> dict[str, Any]:
     p = Path(path)
-    if not p.is_file():
-        raise NHAError(f"no expected-values file {p}; write one with --write-expected")
-    try:
-        exp = json.loads(p.read_text())
-    except ValueError as e:
-        raise NHAError(f"{p} is not valid JSON ({e})") from None
+    exp = read_json(p, f"no expected-values file {p}; write one with --write-expected")
     if not isinstance(exp, dict) or not isinstance(exp.get("metrics"), dict) or not exp["metrics"]:
         raise NHAError(f"{p} needs a non-empty 'metrics' object, e.g. {{\"metrics\": {{\"piqa/acc\": 0.64}}}}")
     return exp

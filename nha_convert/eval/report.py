@@ -40,14 +40,20 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
     return path
 
 
-def load_results(path: str | os.PathLike) -> dict[str, Any]:
+def read_json(path: str | os.PathLike, missing: str) -> Any:
+    """A JSON file's content; a missing file or bad JSON is a one-line NHAError (`missing` names the fix)."""
     p = Path(path)
     if not p.is_file():
-        raise NHAError(f"no results file {p}; run nha-eval with --out first")
+        raise NHAError(missing)
     try:
-        res = json.loads(p.read_text())
+        return json.loads(p.read_text())
     except ValueError as e:
         raise NHAError(f"{p} is not valid JSON ({e})") from None
+
+
+def load_results(path: str | os.PathLike) -> dict[str, Any]:
+    p = Path(path)
+    res = read_json(p, f"no results file {p}; run nha-eval with --out first")
     if not isinstance(res, dict) or "models" not in res:
         raise NHAError(f"{p} is not an nha-eval results file (no 'models' key)")
     return res

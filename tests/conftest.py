@@ -13,3 +13,22 @@ from nha_convert import assets
 def smollm2_path() -> Path:
     """The real SmolLM2-135M-Instruct HF folder (built once into the cache: ~45 s the first time, then free)."""
     return assets.smollm2_folder()
+
+
+@pytest.fixture
+def run_cli(monkeypatch, capsys):
+    """Call a console-script `main(prog, *args)` in-process: returns (exit code, stdout, stderr)."""
+    import sys
+
+    def run(main, *argv):
+        monkeypatch.setenv("COLUMNS", "200")  # rich wraps at the terminal width: keep messages on one line
+        monkeypatch.setattr(sys, "argv", [str(a) for a in argv])
+        try:
+            main()
+            code = 0
+        except SystemExit as e:
+            code = e.code or 0
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return run

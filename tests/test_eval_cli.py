@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 import torch
@@ -29,20 +28,14 @@ def tiny_folders(tmp_path_factory, smollm2_path):
     return root
 
 
-def _run(monkeypatch, capsys, *args):
-    monkeypatch.setenv("COLUMNS", "200")
-    monkeypatch.setattr(sys, "argv", ["nha-eval", *map(str, args)])
-    try:
-        cli.main()
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    return code, capsys.readouterr().err
+def _run(run_cli, *args):
+    code, _, err = run_cli(cli.main, "nha-eval", *args)
+    return code, err
 
 
-def test_side_by_side_with_baseline_and_gate(tiny_folders, tmp_path, monkeypatch, capsys):
+def test_side_by_side_with_baseline_and_gate(tiny_folders, tmp_path, run_cli):
     out = tmp_path / "out"
-    code, err = _run(monkeypatch, capsys, tiny_folders / "nha", "--compare", tiny_folders / "base",
+    code, err = _run(run_cli, tiny_folders / "nha", "--compare", tiny_folders / "base",
                      "--baseline", "swa-sinks", "--tasks", "piqa", "--limit", 2, "--batch-size", 2,
                      "--recall", "--recall-lengths", 256, "--recall-n", 1, "--recall-pairs", 4,
                      "--ppl", "--ppl-len", 64, "--ppl-seqs", 1, "--out", out,
@@ -65,18 +58,18 @@ def test_side_by_side_with_baseline_and_gate(tiny_folders, tmp_path, monkeypatch
 
     exp = json.loads((tmp_path / "exp.json").read_text())
     assert exp["model"] == "nha" and "piqa/acc" in exp["metrics"]
-    code, err = _run(monkeypatch, capsys, "--results", out / "results.json", "--check", tmp_path / "exp.json",
+    code, err = _run(run_cli, "--results", out / "results.json", "--check", tmp_path / "exp.json",
                      "--out", tmp_path / "o2")
     assert code == 0, err
     exp["metrics"]["piqa/acc"] += 0.5
     (tmp_path / "exp.json").write_text(json.dumps(exp))
-    code, err = _run(monkeypatch, capsys, "--results", out / "results.json", "--check", tmp_path / "exp.json",
+    code, err = _run(run_cli, "--results", out / "results.json", "--check", tmp_path / "exp.json",
                      "--out", tmp_path / "o2")
     assert code == 1 and "FAIL piqa/acc" in err
 
 
-def test_bench_cli_writes_rows_and_chart(tmp_path, monkeypatch, capsys):
-    code, err = _run(monkeypatch, capsys, "tiny-random", "--bench", "--bench-contexts", "32,64",
+def test_bench_cli_writes_rows_and_chart(tmp_path, run_cli):
+    code, err = _run(run_cli, "tiny-random", "--bench", "--bench-contexts", "32,64",
                      "--bench-batches", "1,2", "--bench-steps", 1, "--window", 8, "--slots", 4,
                      "--full-layers", "0", "--out", tmp_path)
     assert code == 0, err
@@ -95,7 +88,7 @@ def test_bench_cli_writes_rows_and_chart(tmp_path, monkeypatch, capsys):
     (["{base}", "--tasks", "no_such_task_xyz", "--limit", "1"], "unknown task"),
     ([], "name at least one model"),
 ])
-def test_bad_input_is_one_line(tiny_folders, monkeypatch, capsys, args, message):
+def test_bad_input_is_one_line(tiny_folders, run_cli, args, message):
     args = [a.format(base=tiny_folders / "base", nha=tiny_folders / "nha") for a in args]
-    code, err = _run(monkeypatch, capsys, *args)
+    code, err = _run(run_cli, *args)
     assert code != 0 and message in err and "Traceback" not in err

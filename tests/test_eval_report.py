@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import pytest
 
@@ -107,24 +106,18 @@ def test_expected_from_round_trips_through_the_gate():
     assert [f.metric for f in G.check(res, exp)] == ["hellaswag/acc_norm", "average"]
 
 
-def test_cli_check_exit_codes(tmp_path, monkeypatch, capsys):
+def test_cli_check_exit_codes(tmp_path, run_cli):
     """`nha-eval --results r.json --check e.json`: exit 0 within tolerance, 1 naming each metric that fell."""
     from nha_convert.cli import eval as cli
 
     (tmp_path / "r.json").write_text(json.dumps(_results()))
     (tmp_path / "ok.json").write_text(json.dumps({"metrics": {"piqa/acc": 0.62}}))
     (tmp_path / "bad.json").write_text(json.dumps({"metrics": {"piqa/acc": 0.7, "hellaswag/acc_norm": 0.5}}))
-    monkeypatch.setenv("COLUMNS", "200")
 
     def run(expected):
-        monkeypatch.setattr(sys, "argv", ["nha-eval", "--results", str(tmp_path / "r.json"),
-                                          "--check", str(tmp_path / expected), "--out", str(tmp_path / "o")])
-        try:
-            cli.main()
-            code = 0
-        except SystemExit as e:
-            code = e.code
-        return code, capsys.readouterr().err
+        code, _, err = run_cli(cli.main, "nha-eval", "--results", tmp_path / "r.json",
+                               "--check", tmp_path / expected, "--out", tmp_path / "o")
+        return code, err
 
     code, err = run("ok.json")
     assert code == 0 and "check passed" in err

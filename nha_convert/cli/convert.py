@@ -6,7 +6,6 @@ import time
 from pathlib import Path
 from typing import Annotated
 
-import torch
 import typer
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table

@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         import nha_kernels  # noqa: F401
 
-        backend = "triton forward + torch reference backward" if device.type == "cuda" else "torch"
+        backend = "triton (forward and backward)" if device.type == "cuda" else "torch"
     except ImportError:
         backend = "torch"
     report: dict[str, Any] = {"backend": backend, "torch": torch.__version__, "recipe": args.recipe, "budget": recipe.budget, "overrides": args.overrides,

@@ -99,7 +99,7 @@ def nha_chunk(
     for c0 in range(0, t_len, chunk_size):
         c1 = min(c0 + chunk_size, t_len)
         tq = pos[c0:c1]
-        logits, values = [], []
+        logits = []
 
         if use_slots:
             a = las[:, :, c0:c1].cumsum(dim=2)  # (B,H,C,M) log decay since the block start

@@ -55,6 +55,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--ppl-len", type=int, default=2048)
     ap.add_argument("--ppl-seqs", type=int, default=8)
     ap.add_argument("--skip-swa-training", action="store_true")
+    ap.add_argument("--rows", default="base,untrained,nha,swa",
+                    help="which rows to run (comma-separated): base, untrained (NHA and SWA before training), nha "
+                         "(the recipe), swa (the baseline trained with the recipe's steps; with 'nha' absent, give "
+                         "its step counts with --set stages.NAME.steps=N). Lets one device call train one model.")
     args = ap.parse_args(argv)
 
     import nha_convert
@@ -137,12 +141,19 @@ def main(argv: list[str] | None = None) -> None:
                     "steps": steps, "train_tokens": seen, "train_seconds": round(train_s, 1)}
         return fn
 
-    base = row("base", untrained(None))
-    row(f"NHA w{nha.get('window')} m{nha.get('slots')}, no training", untrained(nha))
-    row(f"{swa_label}, no training", untrained(swa))
-    nha_trained = row(f"NHA w{nha.get('window')} m{nha.get('slots')}, trained", trained(nha, "nha", []))
-    if not args.skip_swa_training and "steps" in nha_trained:
-        same = [f"stages.{name}.steps={n}" for name, n in nha_trained["steps"].items()]
+    rows = {r.strip() for r in args.rows.split(",") if r.strip()}
+    unknown = rows - {"base", "untrained", "nha", "swa"}
+    if unknown:
+        raise NHAError(f"--rows: unknown row(s) {', '.join(sorted(unknown))}; choose from base, untrained, nha, swa")
+    base = row("base", untrained(None)) if "base" in rows else {}
+    if "untrained" in rows:
+        row(f"NHA w{nha.get('window')} m{nha.get('slots')}, no training", untrained(nha))
+        row(f"{swa_label}, no training", untrained(swa))
+    same: list[str] | None = []  # the SWA run's step overrides: the NHA run's counts, or those given by --set
+    if "nha" in rows:
+        nha_trained = row(f"NHA w{nha.get('window')} m{nha.get('slots')}, trained", trained(nha, "nha", []))
+        same = [f"stages.{name}.steps={n}" for name, n in nha_trained.get("steps", {}).items()] or None
+    if "swa" in rows and not args.skip_swa_training and same is not None:
         same += [f"stages.{stage_name(s)}.max_minutes=null" for s in recipe.stages]
         row(f"{swa_label}, trained (same steps)", trained(swa, "swa", same))
     if "ppl" in base:

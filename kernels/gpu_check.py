@@ -185,6 +185,7 @@ def main() -> None:
             return bench(gr.replay, rep=100)
         ms = graphed(st)
         st.seen += 10**6  # context length 1M: same state size, same work
+        st.pos += 10**6
         ms_long = graphed(st)
         floor = nbytes / bw * 1e3
         res.setdefault("decode", []).append(dict(window=w, batch=bd, ms=ms, ms_at_1M=ms_long, state_bytes=nbytes,

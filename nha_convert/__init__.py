@@ -5,6 +5,7 @@ Importing the package registers the `nha_*` model types with transformers' Auto 
 
 from .cache import NHACache
 from .convert import convert, supported_model_types
+from .decode_graph import generate_fast
 from .errors import NHAError
 from .io import load, save
 from .layer import NHAAttention
@@ -13,6 +14,6 @@ from .settings import NHASettings
 
 __all__ = [
     "ARCHITECTURES", "NHAAttention", "NHACache", "NHAError", "NHASettings",
-    "convert", "load", "save", "supported_model_types",
+    "convert", "generate_fast", "load", "save", "supported_model_types",
 ]
 __version__ = "0.1.0"

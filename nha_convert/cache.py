@@ -2,6 +2,8 @@
 
 Each layer holds an `NHAState` (ops/recurrent.py): a window ring buffer, sinks and fp32 slots per KV head, so
 memory per NHA layer is constant in context length. Layers fill it on their first (prefill) call, then step it.
+Full-attention layers keep a buffer of fixed capacity: `capacity` (or `reserve`) sizes it for the whole generation
+up front, so decoding never reallocates and one step can be captured in a CUDA graph (decode_graph.py).
 """
 
 from __future__ import annotations
@@ -18,9 +20,20 @@ class NHALayerCache(CacheLayerMixin):
     is_compileable = False
     is_sliding = False
 
-    def __init__(self) -> None:
+    def __init__(self, capacity: int = 0) -> None:
         super().__init__()
         self.state: NHAState | None = None
+        self.capacity = capacity  # tokens a full-attention layer's buffer is sized for once filled (0: as it grows)
+
+    def set_state(self, state: NHAState) -> None:
+        """The state after a prefill, its full-attention buffer sized for `capacity` tokens."""
+        state.reserve(self.capacity)
+        self.state = state
+
+    def reserve(self, n: int) -> None:
+        self.capacity = max(self.capacity, n)
+        if self.state is not None:
+            self.state.reserve(n)
 
     # The NHA layer reads and writes `state` itself; the key/value `update` of dense caches does not apply.
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:  # noqa: D401
@@ -65,9 +78,15 @@ class NHALayerCache(CacheLayerMixin):
 class NHACache(Cache):
     """One NHALayerCache per decoder layer. `nbytes()` is the decode state of the whole model."""
 
-    def __init__(self, config: Any = None, num_layers: int | None = None, **kwargs: Any) -> None:
+    def __init__(self, config: Any = None, num_layers: int | None = None, capacity: int = 0, **kwargs: Any) -> None:
+        """`capacity`: total tokens (prompt + new) to size full-attention buffers for; they grow past it if needed."""
         n = num_layers if num_layers is not None else config.num_hidden_layers
-        super().__init__(layers=[NHALayerCache() for _ in range(n)])
+        super().__init__(layers=[NHALayerCache(capacity) for _ in range(n)])
+
+    def reserve(self, n: int) -> None:
+        """Size every full-attention buffer for `n` tokens in all (before capturing a decode graph)."""
+        for layer in self.layers:
+            layer.reserve(n)
 
     @property
     def nha_layers(self) -> list[NHALayerCache]:

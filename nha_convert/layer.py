@@ -102,8 +102,8 @@ class NHAAttention(nn.Module):
             out, slots = nha_forward(q, q_rot, k, k_rot, v, log_alpha, valid=valid,
                                      chunk_size=self.chunk_size, return_state=cache is not None, **common)
             if cache is not None:
-                cache.state = NHAState.from_prefill(k, k_rot, v, log_alpha, valid, slots,
-                                                    window=self.window, num_sinks=self.num_sinks)
+                cache.set_state(NHAState.from_prefill(k, k_rot, v, log_alpha, valid, slots,
+                                                      window=self.window, num_sinks=self.num_sinks))
         out = out.transpose(1, 2).reshape(b, t, -1).to(hidden_states.dtype)
         return self.o_proj(out), None
 

@@ -65,7 +65,8 @@ class NHAModelMixin:
 
     def _prepare_cache_for_generation(self, generation_config: Any, model_kwargs: dict, *args: Any, **kwargs: Any):
         if model_kwargs.get("past_key_values") is None and generation_config.use_cache is not False:
-            model_kwargs["past_key_values"] = NHACache(self.config)
+            # Full-attention buffers sized once for prompt + new tokens (max_length is set by then).
+            model_kwargs["past_key_values"] = NHACache(self.config, capacity=generation_config.max_length or 0)
         return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
 
     def forward(self, *args: Any, past_key_values: Any = None, use_cache: bool | None = None, **kwargs: Any):

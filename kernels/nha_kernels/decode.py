@@ -6,7 +6,10 @@ Two launches:
   (the new token is substituted into the ring in registers), then writes the new ring entry, sink and slots.
 - `_decode_flags_kernel`, one program per batch row: the per-row bookkeeping (ring validity/sink flags, slot
   count, real-token count, sink positions), which every head of the first kernel must read in its old state.
-Full-attention layers (window None) keep a growing buffer and stay on the torch path.
+Full-attention layers (window None) keep a fixed-capacity buffer and stay on the torch path.
+
+Graph-safe: the position comes from the state's device counter `pos` (read by both kernels, then `pos += 1`), so a
+captured step replays correctly at every later position.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ def _decode_kernel(
     q, qr, k, kr, v, la, valid, n_real, slot_count, slot_k, slot_v,
     win_kr, win_k, win_v, win_la, win_valid, win_sink,
     sink_kr, sink_v, sink_pos, sink_present, o,
-    t, W, S, H, scale,
+    pos, W, S, H, scale,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, M: tl.constexpr,
     DP: tl.constexpr, DVP: tl.constexpr, MP: tl.constexpr, SP: tl.constexpr, NB: tl.constexpr, NBW: tl.constexpr,
     HAS_SINKS: tl.constexpr,
@@ -57,6 +60,7 @@ def _decode_kernel(
     b = tl.program_id(0)
     h = tl.program_id(1)
     b64 = b.to(tl.int64)
+    t = tl.load(pos)
     bh = b64 * H + h
     dd = tl.arange(0, DP)
     dv = tl.arange(0, DVP)
@@ -158,8 +162,9 @@ def _decode_kernel(
 
 
 @triton.jit
-def _decode_flags_kernel(valid, n_real, slot_count, win_valid, win_sink, sink_pos, sink_present, t, W, S):
+def _decode_flags_kernel(valid, n_real, slot_count, win_valid, win_sink, sink_pos, sink_present, pos, W, S):
     b = tl.program_id(0).to(tl.int64)
+    t = tl.load(pos)
     valid_b = tl.load(valid + b) != 0
     nr = tl.load(n_real + b)
     is_sink = valid_b & (nr < S)
@@ -194,7 +199,7 @@ def nha_decode_step(
     g = hq // h
     gp = next_pow2(g)
     w, s = state.window, state.num_sinks
-    for f in fields(state):  # the kernels index flat memory (prefill can leave a strided view, e.g. sink_pos)
+    for f in fields(state):  # the kernels index flat memory (a no-op after the first step: done before any capture)
         x = getattr(state, f.name)
         if isinstance(x, Tensor) and not x.is_contiguous():
             setattr(state, f.name, x.contiguous())
@@ -207,7 +212,7 @@ def nha_decode_step(
         q, q_rot, k, k_rot, v, la, valid_i, state.n_real, state.slot_count, state.slot_k, state.slot_v,
         state.win_k_rot, state.win_k, state.win_v, state.win_la, _u8(state.win_valid), _u8(state.win_sink),
         state.sink_k_rot, state.sink_v, state.sink_pos, _u8(state.sink_present), o,
-        state.seen, w, s, h, scale,
+        state.pos, w, s, h, scale,
         G=g, GP=gp, D=d, DV=dv, M=m, DP=max(16, next_pow2(d)), DVP=max(16, next_pow2(dv)),
         MP=mp, SP=max(16, next_pow2(s)), NB=max(2, DECODE_TILES["slots"] // gp),
         NBW=max(4, DECODE_TILES["ring"] // gp), HAS_SINKS=s > 0, num_warps=DECODE_TILES["num_warps"],
@@ -215,7 +220,8 @@ def nha_decode_step(
     )
     _decode_flags_kernel[(b,)](
         valid_i, state.n_real, state.slot_count, _u8(state.win_valid), _u8(state.win_sink), state.sink_pos,
-        _u8(state.sink_present), state.seen, w, s, num_warps=1,
+        _u8(state.sink_present), state.pos, w, s, num_warps=1,
     )
+    state.pos.add_(1)
     state.seen += 1
     return o

@@ -239,3 +239,22 @@ def test_prefill_state_continues_exactly():
         out = nha_decode_step(st, *[x[:, :, i] for x in xs], valid[:, i], scale=0.3)
         keep = valid[:, i][:, None, None]
         assert ((out - full[:, :, i]) * keep).abs().max() <= 1e-5
+
+
+def test_autograd_frees_activations_without_the_cycle_collector():
+    """The autograd Function keeps no reference cycle: once the loss is backpropagated and dropped, the output
+    and everything saved for backward are freed by reference counting alone (a cycle through ctx made a GPU
+    training run grow until it ran out of memory)."""
+    import gc
+    import weakref
+
+    xs, valid = make(1, 4, 2, 40, 16, 16, pad=False, dtype=torch.float32, seed=5, requires_grad=True)
+    gc.disable()
+    try:
+        o = nha_chunk_triton(*xs, window=4, num_sinks=1, scale=0.3, valid=valid)[0]
+        ref = weakref.ref(o)
+        o.sum().backward()
+        del o
+        assert ref() is None
+    finally:
+        gc.enable()

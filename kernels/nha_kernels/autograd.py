@@ -6,6 +6,7 @@ Full-attention calls (window None or >= T) without padding or packing go to torc
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
@@ -37,20 +38,25 @@ class _NHAFunction(torch.autograd.Function):
     def forward(ctx, q, q_rot, k, k_rot, v, log_alpha, window, num_sinks, scale, valid, cu_seqlens, config, holder):
         out = nha_fwd(q, q_rot, k, k_rot, v, log_alpha, window=window, num_sinks=num_sinks, scale=scale,
                       valid=valid, cu_seqlens=cu_seqlens, config=config, store_lo=True)
-        ctx.save_for_backward(q, q_rot, k, k_rot, v, log_alpha)
+        # The output goes through save_for_backward, never onto ctx: a ctx attribute holding the output would be
+        # a reference cycle (output -> grad_fn -> ctx -> output) that frees each step's activations only when
+        # Python's cycle collector runs: a training run grew to 78 GB and ran out of memory.
+        ctx.save_for_backward(q, q_rot, k, k_rot, v, log_alpha, out.o)
         ctx.extra = (window, num_sinks, scale, valid, cu_seqlens)
-        ctx.fwd = out
+        ctx.fwd = dataclasses.replace(out, o=None)
         holder.append(out)  # lets the caller read the final slot state without a second forward
         return out.o
 
     @staticmethod
     def backward(ctx, do):
         window, num_sinks, scale, valid, cu_seqlens = ctx.extra
+        *saved, o = ctx.saved_tensors
         if os.environ.get("NHA_TRITON_BWD", "triton") != "reference":
-            grads = nha_bwd(ctx.fwd, do, *ctx.saved_tensors, window=window, num_sinks=num_sinks, scale=scale)
+            fwd = dataclasses.replace(ctx.fwd, o=o)
+            grads = nha_bwd(fwd, do, *saved, window=window, num_sinks=num_sinks, scale=scale)
             return (*grads, None, None, None, None, None, None, None)
         # Debug path (NHA_TRITON_BWD=reference): differentiate the torch reference, recomputed under autograd.
-        inputs = [x.detach().requires_grad_(True) for x in ctx.saved_tensors]
+        inputs = [x.detach().requires_grad_(True) for x in saved]
         with torch.enable_grad():
             o = _reference_per_sequence(*inputs, window=window, num_sinks=num_sinks, scale=scale, valid=valid,
                                         cu_seqlens=cu_seqlens)

@@ -39,13 +39,16 @@ def shakespeare_documents() -> list[str]:
 
 
 def boolq_documents() -> list[str]:
+    import pyarrow as pa
+
     from .. import assets
 
-    import datasets
-
-    ds = datasets.load_from_disk(str(assets.hf_dataset_dir("boolq/none", "validation")))
+    # A save_to_disk folder is one Arrow stream file: pyarrow reads it without the `datasets` package.
+    arrow = assets.hf_dataset_dir("boolq/none", "validation") / "data-00000-of-00001.arrow"
+    with pa.memory_map(str(arrow)) as source:
+        passages = pa.ipc.open_stream(source).read_all().column("passage").to_pylist()
     seen: dict[str, None] = {}
-    for passage in ds["passage"]:
+    for passage in passages:
         seen.setdefault(passage, None)  # questions share passages; keep each once, in order
     return list(seen)
 

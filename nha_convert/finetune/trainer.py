@@ -63,6 +63,15 @@ class Position:
     total: int | None = None  # the stage's step count (fixed after timing when the stage has a time budget)
 
 
+def _peak_memory(device: torch.device) -> dict[str, float]:
+    """Peak device memory since the last call (GiB), for the metrics log; nothing on CPU."""
+    if device.type != "cuda":
+        return {}
+    peak = torch.cuda.max_memory_allocated(device) / 1024**3
+    torch.cuda.reset_peak_memory_stats(device)
+    return {"peak_mem_gib": round(peak, 2)}
+
+
 # --- hooks on the attention modules ----------------------------------------------------------------
 
 
@@ -462,7 +471,7 @@ class Trainer:
                     self.metrics.write(stage=name, step=pos.step, global_step=pos.global_step, loss=loss,
                                        lr=scheduler.get_last_lr()[0], tokens=pos.tokens,
                                        tokens_per_s=round(bar.tokens_per_s(), 1),
-                                       time_s=round(time.perf_counter() - t_start, 3))
+                                       time_s=round(time.perf_counter() - t_start, 3), **_peak_memory(self.device))
                 if stage.eval_every and pos.step % stage.eval_every == 0 and pos.step < total[0]:
                     self._evaluate(module, stage, teacher, held, pos, name)
                     module.train()

@@ -52,3 +52,35 @@ def test_random_llama3_8b_shape_is_the_released_config():
     cfg = B.RANDOM_MODELS["llama-3-8b-random"]
     assert (cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_attention_heads"],
             cfg["num_key_value_heads"], cfg["intermediate_size"], cfg["vocab_size"]) == (4096, 32, 32, 8, 14336, 128256)
+
+
+def test_static_base_cache_decodes_like_the_dynamic_one():
+    """The graphed base runs on a StaticCache filled from the one-sequence prefill: same next-step logits."""
+    model = B.random_model("tiny-random", torch.float32, "cpu", seed=2)
+    ids = torch.randint(0, 256, (1, 20))
+    with torch.no_grad():
+        dyn = model(input_ids=ids, use_cache=True).past_key_values
+        static = B.static_cache_from(model, dyn, 3, 30)
+        nxt = torch.tensor([[5], [6], [7]])
+        pos = torch.full((3, 1), 20)
+        a = model(input_ids=nxt, position_ids=pos, past_key_values=static, use_cache=True).logits
+        dyn.batch_repeat_interleave(3)
+        b = model(input_ids=nxt, past_key_values=dyn, use_cache=True).logits
+    assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_graph_mode_rows_and_ratios_against_the_fastest_base():
+    model = B.random_model("tiny-random", torch.float32, "cpu")
+    rows = B.bench_model(model, "base-static-graph", [32], [2], decode_steps=2, decode="graph", prefill=False)
+    assert rows[0].decode_tok_s > 0 and rows[0].prefill_s is None and rows[0].note == ""  # no graph on a CPU
+    nha_convert.convert(model, nha_convert.NHASettings(window=8, slots=4, full_layers=[0]))
+    rows += B.bench_model(model, "nha", [32], [2], decode_steps=2, decode="graph", prefill_repeats=1)
+    assert rows[1].decode_tok_s > 0
+    fake = [dict(model="base", context=8, batch=2, decode_tok_s=10.0, prefill_s=2.0, note=""),
+            dict(model="base-nocudnn", context=8, batch=2, decode_tok_s=20.0, prefill_s=3.0, note=""),
+            dict(model="nha", context=8, batch=2, decode_tok_s=50.0, prefill_s=1.0, note="graph"),
+            dict(model="base-static-graph", context=8, batch=5, decode_tok_s=40.0, note="graph max batch"),
+            dict(model="nha", context=8, batch=40, decode_tok_s=400.0, note="graph max batch")]
+    sp = {s["batch"]: s for s in B.speedups(fake)}
+    assert sp[2]["decode_x"] == 2.5 and sp[2]["base_run"] == "base-nocudnn" and sp[2]["prefill_x"] == 2.0
+    assert sp["max (40 vs 5)"]["decode_x"] == 10.0 and sp["max (40 vs 5)"]["base_run"] == "base-static-graph"

@@ -129,6 +129,12 @@ def nha_eval(
     bench_batches: Annotated[str, typer.Option(help="Batches for --bench; 'max' = largest that fits.")] = "1,8",
     bench_steps: Annotated[int, typer.Option(help="Timed decode steps per row.")] = 16,
     bench_models: Annotated[str, typer.Option(help="Which of base,nha to benchmark.")] = "base,nha",
+    bench_graph: Annotated[bool, typer.Option("--bench-graph/--no-bench-graph", help="NHA decode steps replayed "
+                                              "from a CUDA graph (on CUDA).")] = True,
+    bench_base_runs: Annotated[str, typer.Option(help="Ways to run the base model: eager (transformers' default), "
+                                                 "nocudnn (cuDNN SDPA off), static (StaticCache + CUDA graph); "
+                                                 "ratios use the fastest. Default: all three on CUDA, else eager.")
+                               ] = "auto",
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for results.json, report.md and charts.")]
     = Path("eval-out"),
     results_file: Annotated[Optional[Path], typer.Option("--results", help="Re-render / check an earlier "
@@ -164,7 +170,8 @@ def nha_eval(
                       slots=slots, sinks=sinks, full_layers=_ints(full_layers, "--full-layers"),
                       full_every=full_every, contexts=_ints(bench_contexts, "--bench-contexts"),
                       batches=_batches(bench_batches), steps=bench_steps,
-                      which=[m.strip() for m in bench_models.split(",") if m.strip()])
+                      which=[m.strip() for m in bench_models.split(",") if m.strip()], graph=bench_graph,
+                      base_runs=[m.strip() for m in bench_base_runs.split(",") if m.strip()])
     files = report.write_report(results, out)
     from rich.markdown import Markdown
 
@@ -303,8 +310,12 @@ def evaluate(specs: list[str], *, tasks: str, compare: list[str], baseline: str 
 
 def run_bench(results: dict[str, Any], spec: str | None, *, device: str, dtype: str, window: int | None,
               slots: int, sinks: int, full_layers: list[int], full_every: int | None, contexts: list[int],
-              batches: list[int | str], steps: int, which: list[str]) -> None:
-    """Base rows, then the same model converted in place (one copy in memory), into results['bench']."""
+              batches: list[int | str], steps: int, which: list[str], graph: bool = True,
+              base_runs: list[str] | None = None) -> None:
+    """Base rows (one set per way of running it), then the same model converted in place (one copy in memory),
+    into results['bench']."""
+    import torch
+
     import nha_convert
 
     from ..eval import bench as B, models as M
@@ -315,6 +326,11 @@ def run_bench(results: dict[str, Any], spec: str | None, *, device: str, dtype: 
     bad = [w for w in which if w not in ("base", "nha")]
     if bad or not which:
         raise NHAError(f"--bench-models takes base and/or nha; got {','.join(which) or 'nothing'}")
+    runs = base_runs or ["auto"]
+    if runs == ["auto"]:
+        runs = list(B.BASE_RUNS) if torch.device(dev).type == "cuda" else ["eager"]
+    if any(r not in B.BASE_RUNS for r in runs):
+        raise NHAError(f"--bench-base-runs takes {', '.join(B.BASE_RUNS)} (or auto); got {','.join(runs)}")
     console.print(f"bench: loading {spec or 'smollm2-135m'} ({dt}, {dev})", highlight=False)
     loaded = M.load(spec, dt, dev)
     rows: list[dict[str, Any]] = []
@@ -322,16 +338,25 @@ def run_bench(results: dict[str, Any], spec: str | None, *, device: str, dtype: 
     settings = None
     if loaded.kind in ("base", "random"):
         if "base" in which:
-            rows += [r.to_dict() for r in B.bench_model(loaded.model, "base", contexts, batches, steps, log=log)]
+            for run in runs:
+                label, mode, cudnn = B.BASE_RUNS[run]
+                rows += [r.to_dict() for r in B.bench_model(
+                    loaded.model, label, contexts, batches, steps, log=log, decode=mode, cudnn=cudnn,
+                    prefill=mode == "eager")]
         if "nha" in which:
             settings = NHASettings(window=64 if window is None else window, slots=slots, sinks=sinks,
                                    full_layers=full_layers, full_every=full_every)
             nha_convert.convert(loaded.model, settings)
     if "nha" in which:
-        rows += [r.to_dict() for r in B.bench_model(loaded.model, "nha", contexts, batches, steps, log=log)]
+        rows += [r.to_dict() for r in B.bench_model(loaded.model, "nha", contexts, batches, steps, log=log,
+                                                    decode="graph" if graph else "eager")]
     bench = results.setdefault("bench", {})
     bench.setdefault("rows", []).extend(rows)
     bench["speedups"] = B.speedups(bench["rows"])
+    for sp in bench["speedups"]:
+        x = lambda v: "-" if v is None else f"{v:.2f}x"  # noqa: E731
+        log(f"speedup ctx={sp['context']} batch={sp['batch']}: decode {x(sp['decode_x'])} "
+            f"({sp['nha_run']} vs fastest base: {sp['base_run']}), prefill {x(sp['prefill_x'])}")
     bench.setdefault("runs", []).append({
         "model": loaded.source, "device": _device_name(dev), "dtype": str(dt).replace("torch.", ""),
         "nha": dict(loaded.model.config.nha) if getattr(loaded.model.config, "nha", None) else None,

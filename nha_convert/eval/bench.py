@@ -6,15 +6,22 @@ random weights built directly on the device in bf16 (speed needs no download).
 Decode is measured on a real cache: one sequence is prefilled, then its cache is repeated to the batch size
 (`Cache.batch_repeat_interleave`), so a batch of 100 sequences at 32K context costs one 32K prefill, not 100.
 Random token ids feed both phases: speed does not depend on what the tokens say.
+
+Decode modes (`bench_model(decode=...)`), so that NHA is compared with the fastest base:
+- "eager": transformers' default path, one Python-launched step at a time (the model's own cache);
+- "graph": NHA: the same NHACache, full-attention buffers reserved up front, each step replayed from a CUDA graph
+  (nha_convert/decode_graph.py); base: transformers' StaticCache filled from the prefill, replayed the same way;
+- `sdpa_cudnn=False` runs a model with PyTorch's cuDNN SDPA backend off (it re-plans at every new key length).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -129,20 +136,58 @@ def prefill_cache(model: Any, context: int, vocab: int, device: torch.device) ->
     return out.past_key_values, out.logits[:, -1:].argmax(-1), time.perf_counter() - t0
 
 
+DECODE_WARMUP = 3  # untimed steps: two eager ones, then (graph mode) the capture and its first replay
+
+
 @torch.no_grad()
 def time_decode(model: Any, cache: Any, next_tok: torch.Tensor, steps: int, device: torch.device,
-                warmup: int = 2) -> float:
-    """Seconds per decode step (greedy, one new token per sequence per step) after `warmup` untimed steps."""
+                warmup: int = DECODE_WARMUP, graph: bool = False) -> float:
+    """Seconds per decode step (greedy, one new token per sequence per step) after `warmup` untimed steps.
+
+    graph=True: steps go through GraphedDecodeStep (replayed from a CUDA graph on CUDA); the cache must hold
+    context + warmup + steps tokens without growing (NHACache.reserve, or a StaticCache of that length)."""
+    from ..decode_graph import GraphedDecodeStep
+
     tok = next_tok
+    step = None
+    if graph:
+        start = cache.get_seq_length()
+        start = int(start.item()) if isinstance(start, torch.Tensor) else int(start)
+        step = GraphedDecodeStep(model, cache, torch.full_like(tok, start))
     for i in range(warmup + steps):
         if i == warmup:
             _sync(device)
             t0 = time.perf_counter()
-        out = _forward(model, tok, cache=cache, use_cache=True)
-        cache = out.past_key_values
-        tok = out.logits[:, -1:].argmax(-1)
+        if step is not None:
+            logits = step(tok)
+        else:
+            out = _forward(model, tok, cache=cache, use_cache=True)
+            cache, logits = out.past_key_values, out.logits
+        tok = logits[:, -1:].argmax(-1)
     _sync(device)
     return (time.perf_counter() - t0) / max(steps, 1)
+
+
+def static_cache_from(model: Any, cache: Any, batch: int, capacity: int) -> Any:
+    """transformers' StaticCache of `capacity` tokens holding `batch` copies of a one-sequence DynamicCache."""
+    from transformers import StaticCache
+
+    static = StaticCache(config=model.config, max_cache_len=capacity)
+    for i, layer in enumerate(cache.layers):
+        k, v = layer.keys, layer.values
+        static.update(k.expand(batch, *k.shape[1:]), v.expand(batch, *v.shape[1:]), i)
+    return static
+
+
+@contextlib.contextmanager
+def sdpa_cudnn(enabled: bool) -> Iterator[None]:
+    """PyTorch's cuDNN SDPA backend on or off for the block (the other backends stay as they are)."""
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    torch.backends.cuda.enable_cudnn_sdp(enabled)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)
 
 
 def max_batch(state_bytes_per_seq: int, device: torch.device, fraction: float = 0.8, cap: int = 4096) -> int:
@@ -163,12 +208,27 @@ def bench_model(
     decode_contexts: Sequence[int] | None = None,
     log: Callable[[str], None] = lambda s: None,
     prefill_repeats: int = 2,
+    decode: str = "eager",
+    cudnn: bool = True,
+    prefill: bool = True,
 ) -> list[BenchRow]:
     """Rows for every (context, batch): prefill (when batch x context <= the token budget) and decode.
 
     A batch of "max" means the largest batch whose decode state fits (from the measured state per sequence);
     if decoding still runs out of memory (transient buffers of a step), it is cut by a quarter and retried.
+    decode: "eager" or "graph" (see the module docstring); cudnn=False turns the cuDNN SDPA backend off;
+    prefill=False skips the prefill timings (a variant whose prefill another row already measured).
     """
+    if decode not in ("eager", "graph"):
+        raise NHAError(f"decode mode is eager or graph, got {decode!r}")
+    with sdpa_cudnn(cudnn):
+        return _bench_model(model, label, contexts, batches, decode_steps, prefill_token_budget, decode_contexts,
+                            log, prefill_repeats, decode, prefill)
+
+
+def _bench_model(model: Any, label: str, contexts: Sequence[int], batches: Sequence[int | str], decode_steps: int,
+                 prefill_token_budget: int, decode_contexts: Sequence[int] | None, log: Callable[[str], None],
+                 prefill_repeats: int, decode: str, prefill: bool) -> list[BenchRow]:
     device = next(model.parameters()).device
     vocab = model.config.vocab_size
     rows: list[BenchRow] = []
@@ -181,7 +241,7 @@ def bench_model(
             torch.cuda.reset_peak_memory_stats(device)
         try:
             cache, tok, _ = prefill_cache(model, ctx, vocab, device)
-            prefill_1 = time_prefill(model, 1, ctx, vocab, device, prefill_repeats)
+            prefill_1 = time_prefill(model, 1, ctx, vocab, device, prefill_repeats) if prefill else None
         except RuntimeError as e:
             if not _is_oom(e):
                 raise
@@ -195,8 +255,8 @@ def bench_model(
             row = None
             for _attempt in range(10):
                 row = _bench_row(model, label, ctx, B, cache, tok, per_seq, prefill_1, vocab, device,
-                                 decode_steps if ctx in decode_contexts else 0, prefill_token_budget,
-                                 prefill_repeats)
+                                 decode_steps if ctx in decode_contexts else 0,
+                                 prefill_token_budget if prefill else 0, prefill_repeats, decode)
                 if row.note != "out of memory" or b != "max":
                     break
                 B = max(1, int(B * 0.75))
@@ -209,9 +269,10 @@ def bench_model(
 
 
 def _bench_row(model: Any, label: str, ctx: int, B: int, cache: Any, tok: torch.Tensor, per_seq: int,
-               prefill_1: float, vocab: int, device: torch.device, steps: int, budget: int,
-               repeats: int) -> BenchRow:
-    row = BenchRow(label, ctx, B, state_mib_per_seq=per_seq / MIB)
+               prefill_1: float | None, vocab: int, device: torch.device, steps: int, budget: int,
+               repeats: int, decode: str = "eager") -> BenchRow:
+    graphed = decode == "graph" and device.type == "cuda"  # elsewhere the same steps run eagerly
+    row = BenchRow(label, ctx, B, state_mib_per_seq=per_seq / MIB, note="graph" if graphed and steps else "")
     _free_memory(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -223,10 +284,16 @@ def _bench_row(model: Any, label: str, ctx: int, B: int, cache: Any, tok: torch.
         if row.prefill_s:
             row.prefill_tok_s = B * ctx / row.prefill_s
         if steps > 0:
-            c = copy.deepcopy(cache)
-            if B > 1:
-                c.batch_repeat_interleave(B)
-            sec = time_decode(model, c, tok.repeat(B, 1), steps, device)
+            total = ctx + DECODE_WARMUP + steps
+            if decode == "graph" and not hasattr(cache, "reserve"):  # a dense base cache: StaticCache
+                c = static_cache_from(model, cache, B, total)
+            else:
+                c = copy.deepcopy(cache)
+                if hasattr(c, "reserve"):  # NHACache: full-attention buffers sized before the batch is expanded
+                    c.reserve(total)
+                if B > 1:
+                    c.batch_repeat_interleave(B)
+            sec = time_decode(model, c, tok.repeat(B, 1), steps, device, graph=decode == "graph")
             row.decode_ms_per_step = sec * 1e3
             row.decode_tok_s = B / sec
             del c
@@ -235,10 +302,19 @@ def _bench_row(model: Any, label: str, ctx: int, B: int, cache: Any, tok: torch.
             raise
         row.note = "out of memory"
     finally:
+        c = None
         _free_memory(device)
     if device.type == "cuda":
         row.peak_mem_gib = torch.cuda.max_memory_allocated(device) / GIB
     return row
+
+
+# The ways to run the base model that --bench can time (label suffix, decode mode, cuDNN SDPA on).
+BASE_RUNS: dict[str, tuple[str, str, bool]] = {
+    "eager": ("base", "eager", True),  # transformers' default
+    "nocudnn": ("base-nocudnn", "eager", False),
+    "static": ("base-static-graph", "graph", True),  # StaticCache, CUDA-graph replay
+}
 
 
 def _fmt(row: BenchRow) -> str:
@@ -251,22 +327,37 @@ def _fmt(row: BenchRow) -> str:
 
 
 def speedups(rows: Sequence[dict[str, Any]], base: str = "base", other: str = "nha") -> list[dict[str, Any]]:
-    """NHA / base ratios per (context, batch) where both ran, plus the ratio of the two max-batch rows."""
-    idx = {(r["model"], r["context"], r["batch"]): r for r in rows if "max batch" not in r.get("note", "")}
+    """NHA / base ratios per (context, batch) where both ran, plus the ratio of the two max-batch rows.
+
+    Every model label starting with `base` (base, base-nocudnn, base-static, ...) is a way to run the base model;
+    each ratio is taken against the FASTEST of them (and the fastest NHA row), named in `base_run` / `nha_run`.
+    """
+    def best(model: str, pick: Callable[[dict[str, Any]], float | None], cands: Sequence[dict[str, Any]],
+             low: bool) -> dict[str, Any] | None:
+        have = [r for r in cands if r["model"].startswith(model) and pick(r)]
+        return (min if low else max)(have, key=pick) if have else None
+
+    dec = lambda r: r.get("decode_tok_s")  # noqa: E731
+    pre = lambda r: r.get("prefill_s")  # noqa: E731
     out = []
-    for (m, ctx, b), r in idx.items():
-        if m != other or (base, ctx, b) not in idx:
+    plain = [r for r in rows if "max batch" not in r.get("note", "")]
+    for ctx, b in dict.fromkeys((r["context"], r["batch"]) for r in plain):
+        here = [r for r in plain if (r["context"], r["batch"]) == (ctx, b)]
+        if not any(r["model"].startswith(other) for r in here) or not any(r["model"].startswith(base) for r in here):
             continue
-        q = idx[(base, ctx, b)]
+        bd, nd = best(base, dec, here, False), best(other, dec, here, False)
+        bp, np_ = best(base, pre, here, True), best(other, pre, here, True)
         out.append({"context": ctx, "batch": b,
-                    "decode_x": _ratio(r.get("decode_tok_s"), q.get("decode_tok_s")),
-                    "prefill_x": _ratio(q.get("prefill_s"), r.get("prefill_s"))})
+                    "decode_x": _ratio(dec(nd) if nd else None, dec(bd) if bd else None),
+                    "prefill_x": _ratio(pre(bp) if bp else None, pre(np_) if np_ else None),
+                    "base_run": bd["model"] if bd else None, "nha_run": nd["model"] if nd else None})
     for ctx in sorted({r["context"] for r in rows}):
-        mx = {r["model"]: r for r in rows if r["context"] == ctx and "max batch" in r.get("note", "")}
-        if base in mx and other in mx:
-            out.append({"context": ctx, "batch": f"max ({mx[other]['batch']} vs {mx[base]['batch']})",
-                        "decode_x": _ratio(mx[other].get("decode_tok_s"), mx[base].get("decode_tok_s")),
-                        "prefill_x": None})
+        mx = [r for r in rows if r["context"] == ctx and "max batch" in r.get("note", "")]
+        bd, nd = best(base, dec, mx, False), best(other, dec, mx, False)
+        if bd and nd:
+            out.append({"context": ctx, "batch": f"max ({nd['batch']} vs {bd['batch']})",
+                        "decode_x": _ratio(dec(nd), dec(bd)), "prefill_x": None,
+                        "base_run": bd["model"], "nha_run": nd["model"]})
     return out
 
 

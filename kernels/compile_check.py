@@ -23,29 +23,41 @@ TARGET = GPUTarget("cuda", 90, 32)
 DIV16_INTS = {"T", "L", "NSPH"}  # run-time ints that are multiples of 16 in the benchmarked shapes
 
 
-def compile_one(fn, sig: dict, consts: dict, num_warps=4, num_stages=2):
+def compile_one(fn, sig: dict, consts: dict, num_warps=4, num_stages=2, maxnreg=None):
     """Compile as the launcher would: pointers (and T, L) specialised as 16-byte aligned / multiples of 16."""
     t0 = time.time()
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]]
              for n, ty in sig.items() if ty.startswith("*") or n in DIV16_INTS}
     src = ASTSource(fn, sig, constexprs=consts, attrs=attrs)
-    k = triton.compile(src, target=TARGET, options=dict(num_warps=num_warps, num_stages=num_stages))
+    opts = dict(num_warps=num_warps, num_stages=num_stages)
+    if maxnreg:
+        opts["maxnreg"] = maxnreg
+    k = triton.compile(src, target=TARGET, options=opts)
     return k, time.time() - t0
 
 
-def fwd_variant(dtype="bf16", g=4, rows=64, bn=64, d=128, m=64, slots=True, sinks=True, nw=4, ns=2, mc=16):
+def fwd_variant(dtype="bf16", g=4, rows=64, bn=64, d=128, m=64, slots=True, sinks=True, nw=4, ns=2, mc=16, par=0, exact=True, maxnreg=None):
+    """par = CK > 0: the chunk-parallel kernel (fwd_parallel.py) with state chunks of CK positions."""
     gp = 1 << (g - 1).bit_length()
-    names = ["q", "qr", "k", "kr", "v", "la", "tok", "sink_pos", "span_table", "st_k", "st_v", "o", "lse"]
-    types = [f"*{dtype}"] * 5 + ["*fp32", "*i32", "*i32", "*i32", "*fp32", "*fp32", f"*{dtype}", "*fp32"]
+    names = ["q", "qr", "k", "kr", "v", "la", "tok", "sink_pos", "span_table", "st_k", "st_v", "o", "o_lo", "lse"]
+    types = [f"*{dtype}"] * 5 + ["*fp32", "*i32", "*i32", "*i32", "*fp32", "*fp32", f"*{dtype}", f"*{dtype}", "*fp32"]
     sig = dict(zip(names, types))
     sig.update(T="i32", W="i32", S="i32", L="i32", SPANS_PER_ROW="i32", H="i32", NSPH="i32", scale="fp32")
     prec = "tf32x3" if dtype == "fp32" else "tf32"
     consts = dict(G=g, GP=gp, BM=rows // gp, BN=bn, D=d, DV=d, M=m, DP=d, DVP=d, MP=m, MC=mc, SP=16, HAS_SLOTS=slots,
-                  SPLIT=dtype != "fp32",
+                  SPLIT=dtype != "fp32", STORE_LO=False,
                   HAS_SINKS=sinks, VARLEN=False, PREC=prec, PREC_SLOT=prec, FAST_LIMIT=chunk_fwd.FAST_LIMIT)
+    fn = chunk_fwd._nha_fwd_kernel
+    if par:
+        from nha_kernels import fwd_parallel
+
+        fn = fwd_parallel._nha_fwd_par_kernel
+        del sig["NSPH"], consts["MC"]
+        consts.update(CK=par, NSUB=par // (rows // gp), EXACT=exact)
     for c in consts:
         sig[c] = "constexpr"
-    return compile_one(chunk_fwd._nha_fwd_kernel, sig, consts, nw, ns)
+    sig = {p.name: sig[p.name] for p in fn.params}
+    return compile_one(fn, sig, consts, nw, ns, maxnreg)
 
 
 def resources(k) -> str:

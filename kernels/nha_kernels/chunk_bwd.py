@@ -10,7 +10,7 @@ Kernels (all GQA-native: the G query heads of a KV head are rows of one tile):
 - `_bwd_slot_q_kernel`   forward sweep per span (state carried as in the forward): slot probabilities p, their
                          dp = dO . V~, dl = p (dp - delta); dq of the slots; per token
                          X = sum_heads(dl * l + p * dp) (= rowdot(dK~, K~) + rowdot(dV~, V~)); stores dl, p per row.
-- `_bwd_slot_rlocal_kernel` + reverse `_span_scan_kernel`: the slot adjoints (dK~, dV~ pulled back through the
+- `_bwd_slot_rlocal_kernel` + reverse `span_scan`: the slot adjoints (dK~, dV~ pulled back through the
                          decays) arriving at each span end from later spans.
 - `_bwd_slot_kv_kernel`  reverse sweep per span: gradients of the slot tokens' k, v and write weights s.
 Then, in torch: dlog_alpha = reverse-cumsum(X - s * ds) - alpha * ds (per sequence), undo the token shift.
@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .chunk_fwd import FAST_LIMIT, FwdOut, _mm_state, _seq_of_span, _span_scan_kernel, precisions
+from .chunk_fwd import FAST_LIMIT, FwdOut, _mm_state, _seq_of_span, precisions, span_scan
 from .prep import next_pow2
 from .triton_utils import expm1, pick_col, pick_row, rows_of, sum_heads
 
@@ -579,8 +579,7 @@ def nha_bwd(fwd: FwdOut, do: Tensor, q, q_rot, k, k_rot, v, log_alpha, *, window
         fin_k = torch.empty(lay.n_seqs, hkv, mp, dp_, dtype=torch.float32, device=dev)
         fin_v = torch.empty(lay.n_seqs, hkv, mp, dvp, dtype=torch.float32, device=dev)
         for loc, fin, xp in ((rb_k, fin_k, dp_), (rb_v, fin_v, dvp)):
-            _span_scan_kernel[(lay.n_seqs, hkv)](loc, rb_a, seq_table, fin, lay.spans_per_row, hkv, MP=mp, XP=xp,
-                                                 VARLEN=lay.varlen, REVERSE=True, num_warps=4)
+            span_scan(loc, rb_a, seq_table, fin, lay, hkv, mp, xp, reverse=True)
         dks = torch.zeros(b, hkv, t_len, dp_, dtype=torch.float32, device=dev)
         dvs = torch.zeros(b, hkv, t_len, dvp, dtype=torch.float32, device=dev)
         dss = torch.zeros(b, hkv, t_len, m, dtype=torch.float32, device=dev)

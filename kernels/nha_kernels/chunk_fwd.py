@@ -24,6 +24,7 @@ token-by-token path (rare; the test suite forces it).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -114,34 +115,110 @@ def _span_local_kernel(
 @triton.jit
 def _span_scan_kernel(
     loc, loc_a, seq_table, final, SPANS_PER_ROW, H,
-    MP: tl.constexpr, XP: tl.constexpr, VARLEN: tl.constexpr, REVERSE: tl.constexpr = False,
+    MP: tl.constexpr, XP: tl.constexpr, E: tl.constexpr, VARLEN: tl.constexpr, REVERSE: tl.constexpr = False,
 ):
     """Turn per-span local states into the state at each span start (in place) and the final state.
 
-    REVERSE (backward pass): walk the spans from the last, so each span gets the adjoint arriving from later spans."""
+    The recurrence S <- exp(a_row) S + local is elementwise, so each program owns E of the MP x XP entries of one
+    (sequence, KV head): many programs walk the spans side by side (a whole tile per program made this loop, 512
+    steps at 64-token spans, latency-bound). REVERSE (backward pass): walk the spans from the last, so each span
+    gets the adjoint arriving from later spans."""
     n = tl.program_id(0)
     h = tl.program_id(1)
+    cb = tl.program_id(2)
     if VARLEN:
         first = tl.load(seq_table + n * 4 + 0)
         count = tl.load(seq_table + n * 4 + 1)
     else:
         first = n * SPANS_PER_ROW
         count = SPANS_PER_ROW + n * 0
-    ii = tl.arange(0, MP)
-    xx = tl.arange(0, XP)
-    tile = ii[:, None] * XP + xx[None, :]
-    st = tl.zeros((MP, XP), tl.float32)
+    ee = cb * E + tl.arange(0, E)
+    row = ee // XP
+    st = tl.zeros((E,), tl.float32)
     for i in range(0, count):
         if REVERSE:
             sp = first + count - 1 - i
         else:
             sp = first + i
         idx = (sp * H + h).to(tl.int64)
-        lk = tl.load(loc + idx * MP * XP + tile)
-        la = tl.load(loc_a + idx * MP + ii)
-        tl.store(loc + idx * MP * XP + tile, st)
-        st = tl.exp(la)[:, None] * st + lk
-    tl.store(final + (n * H + h).to(tl.int64) * MP * XP + tile, st)
+        lk = tl.load(loc + idx * MP * XP + ee)
+        la = tl.load(loc_a + idx * MP + row)
+        tl.store(loc + idx * MP * XP + ee, st)
+        st = tl.exp(la) * st + lk
+    tl.store(final + (n * H + h).to(tl.int64) * MP * XP + ee, st)
+
+
+@triton.jit
+def _lin_combine(a1, b1, a2, b2):
+    """Compose x -> a1 x + b1, then x -> a2 x + b2."""
+    return a2 * a1, a2 * b1 + b2
+
+
+@triton.jit
+def _span_scan_tree_kernel(
+    loc, loc_a, seq_table, final, SPANS_PER_ROW, H,
+    MP: tl.constexpr, XP: tl.constexpr, E: tl.constexpr, NCP: tl.constexpr, VARLEN: tl.constexpr,
+    REVERSE: tl.constexpr = False,
+):
+    """`_span_scan_kernel` as one parallel scan over all spans of a sequence (no sequential loop): position c of the
+    walk takes the pair (decay, local state) of the span before it, so the inclusive scan of the pairs is the state at
+    each span start. Each program owns E entries of the state tile for all (up to NCP) spans."""
+    n = tl.program_id(0)
+    h = tl.program_id(1)
+    cb = tl.program_id(2)
+    if VARLEN:
+        first = tl.load(seq_table + n * 4 + 0)
+        count = tl.load(seq_table + n * 4 + 1)
+    else:
+        first = n * SPANS_PER_ROW
+        count = SPANS_PER_ROW + n * 0
+    cc = tl.arange(0, NCP)  # position in the walk (reversed order for REVERSE)
+    ee = cb * E + tl.arange(0, E)
+    row = ee // XP
+    if REVERSE:
+        span_of = first + count - 1 - cc
+        src = span_of + 1
+        last = first
+    else:
+        span_of = first + cc
+        src = span_of - 1
+        last = first + count - 1
+    src_ok = (cc >= 1) & (cc < count)
+    src_idx = tl.where(src_ok, src * H + h, 0).to(tl.int64)
+    bb = tl.load(loc + src_idx[:, None] * MP * XP + ee[None, :], mask=src_ok[:, None], other=0.0)
+    aa = tl.exp(tl.load(loc_a + src_idx[:, None] * MP + row[None, :], mask=src_ok[:, None], other=0.0))
+    # The last span's own pair continues the walk to the final state; read it before the in-place stores.
+    has = count > 0
+    last_idx = tl.where(has, last * H + h, 0).to(tl.int64)
+    b_last = tl.load(loc + last_idx * MP * XP + ee, mask=(ee >= 0) & has, other=0.0)
+    a_last = tl.exp(tl.load(loc_a + last_idx * MP + row, mask=(ee >= 0) & has, other=0.0))
+    _, st = tl.associative_scan((aa, bb), 0, _lin_combine)
+    out_idx = tl.where(cc < count, span_of * H + h, 0).to(tl.int64)
+    tl.store(loc + out_idx[:, None] * MP * XP + ee[None, :], st, mask=(cc < count)[:, None])
+    st_last = tl.sum(tl.where((cc == count - 1)[:, None], st, 0.0), axis=0)
+    fin = tl.where(has, a_last * st_last + b_last, 0.0)
+    tl.store(final + (n * H + h).to(tl.int64) * MP * XP + ee, fin)
+
+
+def span_scan(loc: Tensor, loc_a: Tensor, seq_table: Tensor, final: Tensor, lay: Layout, hkv: int, mp: int, xp: int,
+              reverse: bool = False) -> None:
+    """State at every span start (in place over the local states in `loc`) and after the last span (`final`)."""
+    max_spans = lay.spans_per_row if not lay.varlen else max(
+        (-(-(e - a) // lay.span) for _, a, e in lay.seq_bounds), default=1)
+    ncp = next_pow2(max(2, max_spans))
+    if ncp <= 4096:  # the whole walk of E entries in registers: E x NCP <= 32K values
+        e = max(8, min(mp * xp, 4096 // ncp))
+        warps = min(32, max(4, ncp * e // 256))
+        _span_scan_tree_kernel[(lay.n_seqs, hkv, mp * xp // e)](
+            loc, loc_a, seq_table, final, lay.spans_per_row, hkv, MP=mp, XP=xp, E=e, NCP=ncp, VARLEN=lay.varlen,
+            REVERSE=reverse, num_warps=warps,
+        )
+        return
+    e = min(512, mp * xp)
+    _span_scan_kernel[(lay.n_seqs, hkv, mp * xp // e)](
+        loc, loc_a, seq_table, final, lay.spans_per_row, hkv, MP=mp, XP=xp, E=e, VARLEN=lay.varlen,
+        REVERSE=reverse, num_warps=4, num_stages=3,
+    )
 
 
 @triton.jit
@@ -343,15 +420,32 @@ class FwdConfig:
     num_stages: int
     mc: int = 64  # slots per chunk of the slot phase (forward)
     mc_bwd: int = 16  # the same in the backward kernels (more live tiles there)
+    parallel: bool = False  # chunk-parallel main kernel (fwd_parallel.py): `span` is then the state chunk CK
+    maxnreg: int | None = None  # register cap per thread for the parallel main kernel (more programs per SM)
+    exact: bool = True  # False drops the exact hard-decay path (timing experiments only: wrong for such gates)
+
+
+def parallel_default() -> bool:
+    """NHA_FWD=parallel|serial picks the forward main kernel (serial, the span walk, is the default)."""
+    mode = os.environ.get("NHA_FWD", "serial")
+    if mode not in ("parallel", "serial"):
+        raise ValueError(f"NHA_FWD must be 'parallel' or 'serial', got {mode!r}")
+    return mode == "parallel"
 
 
 def default_config(batch: int, hkv: int, t_len: int, gp: int, dtype: torch.dtype = torch.bfloat16) -> FwdConfig:
+    par = parallel_default()
     if interpreting():
         rows = max(16, 16 * gp)
-        return FwdConfig(rows=rows, bn=16, span=2 * (rows // gp), cs=16, num_warps=4, num_stages=1, mc=16)
+        return FwdConfig(rows=rows, bn=16, span=2 * (rows // gp), cs=16, num_warps=4, num_stages=1, mc=16,
+                         parallel=par)
     if dtype == torch.float32:  # fp32 tiles take twice the shared memory
-        return FwdConfig(rows=max(64, 16 * gp), bn=32, span=512, cs=32, num_warps=4, num_stages=1, mc=16)
+        rows = max(64, 16 * gp)
+        span = max(64, rows // gp) if par else 512
+        return FwdConfig(rows=rows, bn=32, span=span, cs=32, num_warps=4, num_stages=1, mc=16, parallel=par)
     rows = max(128, 16 * gp)
+    if par:  # state chunks of 64 positions (at least one query block)
+        return FwdConfig(rows=rows, bn=64, span=max(64, rows // gp), cs=64, num_warps=8, num_stages=1, parallel=True)
     # Long spans keep the slot-state traffic low (measured on an H100, T = 32K, B = 1: L = 1024 2.64 ms,
     # L = 512 2.82 ms, L = 256 3.50 ms); shorten them only when there would be fewer programs than SMs.
     span = 1024
@@ -390,7 +484,7 @@ def nha_fwd(
     gp = next_pow2(g)
     cfg = config or default_config(b, hkv, t_len, gp, q.dtype)
     bm = cfg.rows // gp
-    assert bm >= 16 and cfg.span % bm == 0 and cfg.span % cfg.cs == 0, cfg
+    assert bm >= 16 and cfg.span % bm == 0 and cfg.span % min(cfg.cs, cfg.span) == 0, cfg
     dev = q.device
     q, q_rot, k, k_rot, v = (x.contiguous() for x in (q, q_rot, k, k_rot, v))
     la = log_alpha.float().contiguous()
@@ -408,24 +502,38 @@ def nha_fwd(
     lse = torch.empty(b, hq, t_len, dtype=torch.float32, device=dev)
     span_k = span_v = final_k = final_v = None
     if has_slots and lay.n_spans > 0:
-        # [0]: slot state at each span start; [1]: scratch for the running state of the forward kernel.
-        span_k = torch.empty(2, lay.n_spans, hkv, mp, dp, dtype=torch.float32, device=dev)
-        span_v = torch.empty(2, lay.n_spans, hkv, mp, dvp, dtype=torch.float32, device=dev)
+        # [0]: slot state at each span start; [1]: scratch for the running state of the serial forward kernel.
+        copies = 1 if cfg.parallel else 2
+        span_k = torch.empty(copies, lay.n_spans, hkv, mp, dp, dtype=torch.float32, device=dev)
+        span_v = torch.empty(copies, lay.n_spans, hkv, mp, dvp, dtype=torch.float32, device=dev)
         span_a = torch.empty(lay.n_spans, hkv, mp, dtype=torch.float32, device=dev)
         _span_local_kernel[(lay.n_spans, hkv)](
             k, v, la, lay.tok, span_table, span_k, span_v, span_a,
             t_len, w_eff, num_sinks, cfg.span, lay.spans_per_row, hkv,
-            D=d, DV=dv, M=m, DP=dp, DVP=dvp, MP=mp, CS=cfg.cs, VARLEN=lay.varlen, PREC=prec_slot,
+            D=d, DV=dv, M=m, DP=dp, DVP=dvp, MP=mp, CS=min(cfg.cs, cfg.span), VARLEN=lay.varlen, PREC=prec_slot,
             num_warps=cfg.num_warps,
         )
         final_k = torch.empty(lay.n_seqs, hkv, mp, dp, dtype=torch.float32, device=dev)
         final_v = torch.empty(lay.n_seqs, hkv, mp, dvp, dtype=torch.float32, device=dev)
         for loc, fin, xp in ((span_k, final_k, dp), (span_v, final_v, dvp)):
-            _span_scan_kernel[(lay.n_seqs, hkv)](
-                loc, span_a, seq_table, fin, lay.spans_per_row, hkv, MP=mp, XP=xp, VARLEN=lay.varlen, num_warps=4,
-            )
+            span_scan(loc, span_a, seq_table, fin, lay, hkv, mp, xp)
     dummy = lse
-    if lay.n_spans > 0:
+    if lay.n_spans > 0 and cfg.parallel:
+        from .fwd_parallel import _nha_fwd_par_kernel
+
+        nsub = cfg.span // bm
+        LAST_COMPILED["fwd"] = _nha_fwd_par_kernel[(lay.n_spans * nsub, hkv)](
+            q, q_rot, k, k_rot, v, la, lay.tok, lay.sink_pos, span_table,
+            span_k if span_k is not None else dummy, span_v if span_v is not None else dummy, o,
+            o_lo if store_lo else o, lse,
+            t_len, w_eff, num_sinks, cfg.span, lay.spans_per_row, hkv, scale,
+            G=g, GP=gp, BM=bm, BN=cfg.bn, CK=cfg.span, NSUB=nsub, D=d, DV=dv, M=m, DP=dp, DVP=dvp, MP=mp,
+            SP=lay.sink_pad, SPLIT=q.dtype != torch.float32,
+            HAS_SLOTS=has_slots, HAS_SINKS=has_sinks, VARLEN=lay.varlen, STORE_LO=store_lo,
+            PREC=prec, PREC_SLOT=prec_slot, FAST_LIMIT=FAST_LIMIT, EXACT=cfg.exact,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}),
+        )
+    elif lay.n_spans > 0:
         LAST_COMPILED["fwd"] = _nha_fwd_kernel[(lay.n_spans, hkv)](
             q, q_rot, k, k_rot, v, la, lay.tok, lay.sink_pos, span_table,
             span_k if span_k is not None else dummy, span_v if span_v is not None else dummy, o,

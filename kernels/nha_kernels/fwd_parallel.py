@@ -1,0 +1,158 @@
+"""Chunk-parallel NHA forward main kernel: no state carried from block to block.
+
+The slot state at the start of every chunk of CK shifted positions comes from the state pass in chunk_fwd.py
+(`_span_local_kernel` with spans of CK tokens, then `span_scan`). Each program then owns one query block of BM
+positions of one chunk and one KV head (G query heads as rows g * BM + t), and computes, from the chunk-start state
+K0/V0 and the chunk's own tokens up to its block (the same chunk form as chunk_fwd.py, with A the cumulative log
+decay since the chunk start):
+    l_t  = scale * exp(A_t) * (K0 q_t + sum_{j <= t} (q_t . k_j) s_j exp(-A_j))        (slot logits, per slot)
+    o_t += (p_t exp(A_t)) V0 + sum_{j <= t} [(p_t exp(A_t)) . (s_j exp(-A_j))] v_j      (slot output)
+then sinks and the band under the same online softmax. Programs are independent (no dependency chain, no barrier),
+so several run per SM and hide each other's latencies; this is the GLA/GSA "chunk" form (fla) with the token shift.
+Blocks whose decay since the chunk start falls below FAST_LIMIT take the exact per-token path, as in chunk_fwd.py.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .chunk_fwd import _mm_state, _online, _seq_of_span
+from .triton_utils import expm1, pick_col, pick_row, rows_of
+
+
+@triton.jit
+def _nha_fwd_par_kernel(
+    q, qr, k, kr, v, la, tok, sink_pos, span_table, st_k, st_v, o, o_lo, lse,
+    T, W, S, L, SPANS_PER_ROW, H, scale,
+    G: tl.constexpr, GP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, CK: tl.constexpr, NSUB: tl.constexpr,
+    D: tl.constexpr, DV: tl.constexpr, M: tl.constexpr,
+    DP: tl.constexpr, DVP: tl.constexpr, MP: tl.constexpr, SP: tl.constexpr, SPLIT: tl.constexpr,
+    HAS_SLOTS: tl.constexpr, HAS_SINKS: tl.constexpr, VARLEN: tl.constexpr, STORE_LO: tl.constexpr,
+    PREC: tl.constexpr, PREC_SLOT: tl.constexpr, FAST_LIMIT: tl.constexpr, EXACT: tl.constexpr = True,
+):
+    ROWS: tl.constexpr = GP * BM
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    chunk = pid // NSUB
+    sub = pid % NSUB
+    b, n, seq_start, seq_end, c0, c_end = _seq_of_span(span_table, chunk, T, L, SPANS_PER_ROW, VARLEN)
+    t0 = c0 + sub * BM
+    if t0 < c_end:
+        b64 = b.to(tl.int64)
+        bh = b64 * H + h
+        tok_b = tok + b64 * T
+        rr = tl.arange(0, ROWS)
+        g = rr // BM
+        tt = rr % BM
+        hq = bh * G + g
+        g_ok = g < G
+        dd = tl.arange(0, DP)
+        dv = tl.arange(0, DVP)
+        ii = tl.arange(0, MP)
+        d_ok = (dd < D)[None, :]
+        dv_ok = (dv < DV)[None, :]
+        t = t0 + tt
+        row_ok = g_ok & (t < seq_end)
+        qoff = (hq * T + t)[:, None] * D + dd[None, :]
+        m_i = tl.full((ROWS,), float("-inf"), tl.float32)
+        l_i = tl.zeros((ROWS,), tl.float32)
+        acc = tl.zeros((ROWS, DVP), tl.float32)
+
+        if HAS_SLOTS:
+            jc = tl.arange(0, CK)
+            tc = c0 + jc  # the chunk's shifted positions; those after this block are masked
+            js = tc - W
+            jok = (tc < seq_end) & (tc < t0 + BM) & (js >= seq_start)
+            code_j = tl.load(tok_b + js, mask=jok, other=0)
+            writes = jok & ((code_j & 1) == 1) & ((code_j >> 1) > S)
+            js64 = js.to(tl.int64)
+            ks = tl.load(k + (bh * T + js64)[:, None] * D + dd[None, :], mask=jok[:, None] & d_ok, other=0.0)
+            vs = tl.load(v + (bh * T + js64)[:, None] * DV + dv[None, :], mask=jok[:, None] & dv_ok, other=0.0)
+            qu = tl.load(q + qoff, mask=row_ok[:, None] & d_ok, other=0.0)
+            causal = tc[None, :] <= t[:, None]  # (ROWS, CK)
+            qk = tl.where(causal, tl.dot(qu, tl.trans(ks), input_precision=PREC), 0.0)
+            jr = t - W  # empty-slot mask: nothing has entered the slots yet at shifted position t
+            code_r = tl.load(tok_b + jr, mask=row_ok & (jr >= seq_start), other=0)
+            row_has = (code_r >> 1) > S
+            lab = tl.load(la + (bh * T + js64)[:, None] * M + ii[None, :], mask=writes[:, None] & (ii < M)[None, :],
+                          other=0.0)
+            s = -expm1(lab)
+            a = tl.cumsum(lab, axis=0)  # (CK, MP) log decay since the chunk start, through key j
+            aend = tl.sum(lab, axis=0)
+            if NSUB == 1:
+                a_q = a
+            else:  # the block's own rows of a, bit for bit (the exact path needs a_t - a_t == 0)
+                sel = (tl.arange(0, NSUB) == sub)[:, None, None]
+                a_q = tl.sum(tl.where(sel, tl.reshape(a, (NSUB, BM, MP)), 0.0), axis=0)
+            a_rows = rows_of(a_q, GP, BM, MP)
+            ea_rows = tl.exp(a_rows)
+            fast = (tl.min(aend, axis=0) > FAST_LIMIT) | (not EXACT)
+            st_off = (chunk * H + h).to(tl.int64)
+            sk = tl.load(st_k + st_off * MP * DP + ii[:, None] * DP + dd[None, :])  # (MP, DP) fp32
+            q_s = _mm_state(qu, tl.trans(sk), SPLIT)  # (ROWS, MP)
+            if fast:
+                shat = s * tl.exp(-a)  # (CK, MP), <= exp(-FAST_LIMIT)
+                ls = ea_rows * (q_s + tl.dot(qk, shat, input_precision=PREC_SLOT))
+            else:
+                shat = tl.zeros((CK, MP), tl.float32)
+                inner = tl.zeros((ROWS, MP), tl.float32)
+                for j in range(0, CK):
+                    e = tl.exp(tl.where((t >= c0 + j)[:, None], a_rows - pick_row(a, jc, j)[None, :], float("-inf")))
+                    inner += pick_col(qk, jc, j)[:, None] * e * pick_row(s, jc, j)[None, :]
+                ls = ea_rows * q_s + inner
+            ls = tl.where(row_has[:, None] & (ii < M)[None, :], ls * scale, float("-inf"))
+            m_i = tl.max(ls, axis=1)
+            m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
+            p = tl.exp(ls - m_safe[:, None])
+            l_i = tl.sum(p, axis=1)
+            pt = p * ea_rows
+            if fast:
+                p2 = tl.dot(pt, tl.trans(shat), input_precision=PREC_SLOT)  # (ROWS, CK)
+            else:
+                p2 = tl.zeros((ROWS, CK), tl.float32)
+                for j in range(0, CK):
+                    e = tl.exp(tl.where((t >= c0 + j)[:, None], a_rows - pick_row(a, jc, j)[None, :], float("-inf")))
+                    col = tl.sum(p * e * pick_row(s, jc, j)[None, :], axis=1)
+                    p2 = tl.where((jc == j)[None, :], col[:, None], p2)
+            p2 = tl.where(causal, p2, 0.0)
+            sv = tl.load(st_v + st_off * MP * DVP + ii[:, None] * DVP + dv[None, :])
+            acc = _mm_state(pt.to(vs.dtype), sv, SPLIT)
+            acc += tl.dot(p2.to(vs.dtype), vs, input_precision=PREC)
+
+        q_rot = tl.load(qr + qoff, mask=row_ok[:, None] & d_ok, other=0.0)
+        if HAS_SINKS:  # sinks that have left the window (inside it they are ordinary band keys)
+            spi = tl.arange(0, SP)
+            spos = tl.load(sink_pos + n * SP + spi)
+            s_ok = spos >= 0
+            spos_c = tl.where(s_ok, spos, 0).to(tl.int64)
+            k_sink = tl.load(kr + (bh * T + spos_c)[:, None] * D + dd[None, :], mask=s_ok[:, None] & d_ok, other=0.0)
+            v_sink = tl.load(v + (bh * T + spos_c)[:, None] * DV + dv[None, :], mask=s_ok[:, None] & dv_ok,
+                             other=0.0)
+            sc_s = tl.dot(q_rot, tl.trans(k_sink), input_precision=PREC) * scale
+            vis_s = s_ok[None, :] & (spos[None, :] <= (t - W)[:, None])
+            m_i, l_i, acc = _online(m_i, l_i, acc, tl.where(vis_s, sc_s, float("-inf")), v_sink, PREC)
+
+        lo = tl.maximum(seq_start, t0 - W + 1)
+        hi = tl.minimum(t0 + BM, seq_end)
+        hi = tl.where(W == 0, lo, hi)  # w = 0: no band at all
+        for kb in range(lo, hi, BN):
+            kj = kb + tl.arange(0, BN)
+            k_ok = kj < hi
+            code = tl.load(tok_b + kj, mask=k_ok, other=0)
+            kj64 = kj.to(tl.int64)
+            kt = tl.load(kr + (bh * T + kj64)[:, None] * D + dd[None, :], mask=k_ok[:, None] & d_ok, other=0.0)
+            vt = tl.load(v + (bh * T + kj64)[:, None] * DV + dv[None, :], mask=k_ok[:, None] & dv_ok, other=0.0)
+            sc = tl.dot(q_rot, tl.trans(kt), input_precision=PREC) * scale
+            vis = (((code & 1) == 1) & k_ok)[None, :] & (kj[None, :] <= t[:, None]) & (kj[None, :] > (t - W)[:, None])
+            m_i, l_i, acc = _online(m_i, l_i, acc, tl.where(vis, sc, float("-inf")), vt, PREC)
+
+        l_safe = tl.where(l_i > 0, l_i, 1.0)
+        out = acc / l_safe[:, None]
+        o_off = (hq * T + t)[:, None] * DV + dv[None, :]
+        o_hi = out.to(o.dtype.element_ty)
+        tl.store(o + o_off, o_hi, mask=row_ok[:, None] & dv_ok)
+        if STORE_LO:  # what the rounding to the input dtype dropped: the backward's delta = dO . O needs it
+            tl.store(o_lo + o_off, (out - o_hi.to(tl.float32)).to(o.dtype.element_ty), mask=row_ok[:, None] & dv_ok)
+        m_fin = tl.where(m_i == float("-inf"), 0.0, m_i)
+        tl.store(lse + hq * T + t, tl.where(l_i > 0, m_fin + tl.log(l_safe), float("-inf")), mask=row_ok)

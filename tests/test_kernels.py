@@ -258,3 +258,19 @@ def test_autograd_frees_activations_without_the_cycle_collector():
         assert ref() is None
     finally:
         gc.enable()
+
+
+@pytest.mark.parametrize("reserve,hq,h", [(0, 4, 2), (700, 8, 1), (90, 3, 3)])
+def test_full_layer_decode_kernel_equals_reference_step(reserve, hq, h):
+    """Full layers: torch writes the fixed-capacity buffer, the split flash-decoding kernel attends over all of it
+    (several splits when reserved, strided prefill views when not)."""
+    b, pre, steps, d, m = 3, 21, 4, 16, 4
+    xs, valid = make(b, hq, h, pre + steps, d, m, pad=True, dtype=torch.float32, seed=hq)
+    _, st = nha_recurrent(*[x[:, :, :pre] for x in xs], window=None, num_sinks=2, scale=0.3, valid=valid[:, :pre])
+    st.reserve(reserve)
+    st_k = _clone(st)
+    for i in range(pre, pre + steps):
+        args = [x[:, :, i] for x in xs] + [valid[:, i]]
+        ref = st.step(*args, scale=0.3)
+        out = nha_decode_step(st_k, *args, scale=0.3)
+        assert (out - ref).abs().max() <= 1e-5

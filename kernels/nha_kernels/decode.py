@@ -6,7 +6,9 @@ Two launches:
   (the new token is substituted into the ring in registers), then writes the new ring entry, sink and slots.
 - `_decode_flags_kernel`, one program per batch row: the per-row bookkeeping (ring validity/sink flags, slot
   count, real-token count, sink positions), which every head of the first kernel must read in its old state.
-Full-attention layers (window None) keep a fixed-capacity buffer and stay on the torch path.
+Full-attention layers (window None) keep a fixed-capacity buffer, written by the torch step; their attention is
+`full_decode_attention`: flash-decoding, the buffer split into chunks read once each by parallel programs (the G
+query heads of a KV head as rows of one tile), then a small torch merge of the chunks' partial softmaxes.
 
 Graph-safe: the position comes from the state's device counter `pos` (read by both kernels, then `pos += 1`), so a
 captured step replays correctly at every later position.
@@ -183,6 +185,81 @@ def _decode_flags_kernel(valid, n_real, slot_count, win_valid, win_sink, sink_po
     tl.store(n_real + b, nr + valid_b.to(tl.int64))
 
 
+# Keys per block and how many programs to aim for when splitting a full layer's buffer (H100: 132 SMs).
+FULL_TILES = {"block": 64, "programs": 2048, "min_split": 512, "num_warps": 4, "num_stages": 3}
+
+
+@triton.jit
+def _full_decode_kernel(q, k, v, valid, acc_out, m_out, l_out, C, SPLIT, H, NS, scale,
+                        G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
+                        DV: tl.constexpr, DVP: tl.constexpr, BLOCK: tl.constexpr):
+    """Program (b*H + h, split): online softmax of the G query rows over keys [split*SPLIT, (split+1)*SPLIT)."""
+    bh = tl.program_id(0).to(tl.int64)
+    sp = tl.program_id(1)
+    b = bh // H
+    rr = tl.arange(0, GP)
+    dd = tl.arange(0, DP)
+    dv = tl.arange(0, DVP)
+    r_ok = rr < G
+    qt = tl.load(q + (bh * G + rr)[:, None] * D + dd[None, :], mask=r_ok[:, None] & (dd < D)[None, :], other=0.0)
+    m_i = tl.full((GP,), float("-inf"), tl.float32)
+    l_i = tl.zeros((GP,), tl.float32)
+    acc = tl.zeros((GP, DVP), tl.float32)
+    start = sp * SPLIT
+    for c0 in range(0, SPLIT, BLOCK):
+        idx = start + c0 + tl.arange(0, BLOCK)
+        ok = idx < C
+        vis = (tl.load(valid + b * C + idx, mask=ok, other=0) != 0) & ok
+        kt = tl.load(k + (bh * C + idx)[:, None] * D + dd[None, :], mask=ok[:, None] & (dd < D)[None, :], other=0.0)
+        sc = tl.dot(qt, tl.trans(kt)) * scale
+        sc = tl.where(vis[None, :], sc, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m_i - m_safe)
+        p = tl.exp(sc - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        vt = tl.load(v + (bh * C + idx)[:, None] * DV + dv[None, :], mask=ok[:, None] & (dv < DV)[None, :],
+                     other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
+        m_i = m_new
+    row = (bh * NS + sp) * G + rr
+    tl.store(acc_out + row[:, None] * DV + dv[None, :], acc, mask=r_ok[:, None] & (dv < DV)[None, :])
+    tl.store(m_out + row, m_i, mask=r_ok)
+    tl.store(l_out + row, l_i, mask=r_ok)
+
+
+def full_decode_attention(state: NHAState, q_rot: Tensor, scale: float) -> Tensor:
+    """A full layer's decode attention over its whole fixed-capacity buffer (unused entries masked by win_valid):
+    what `NHAState._full_attention` computes, reading keys and values once. q_rot (B, Hq, D) -> (B, Hq, Dv)."""
+    for name in ("win_k_rot", "win_v", "win_valid"):  # a prefill can leave strided views (no-op once reserved)
+        x = getattr(state, name)
+        if not x.is_contiguous():
+            setattr(state, name, x.contiguous())
+    b, hq, d = q_rot.shape
+    _, h, c, dv = state.win_v.shape
+    g = hq // h
+    blk = FULL_TILES["block"]
+    ns = max(1, min(triton.cdiv(c, FULL_TILES["min_split"]), triton.cdiv(FULL_TILES["programs"], b * h)))
+    split = triton.cdiv(triton.cdiv(c, ns), blk) * blk
+    ns = triton.cdiv(c, split)
+    acc = torch.empty(b * h, ns, g, dv, dtype=torch.float32, device=q_rot.device)
+    m = torch.empty(b * h, ns, g, dtype=torch.float32, device=q_rot.device)
+    l_ = torch.empty_like(m)
+    q = q_rot.to(state.win_k_rot.dtype).contiguous()
+    _full_decode_kernel[(b * h, ns)](
+        q, state.win_k_rot, state.win_v, _u8(state.win_valid), acc, m, l_, c, split, h, ns, scale,
+        G=g, GP=max(16, next_pow2(g)), D=d, DP=max(16, next_pow2(d)), DV=dv, DVP=max(16, next_pow2(dv)),
+        BLOCK=blk, num_warps=FULL_TILES["num_warps"], num_stages=FULL_TILES["num_stages"],
+    )
+    # Merge the splits' partial softmaxes (a split that saw nothing has m = -inf and weight 0).
+    top = m.amax(dim=1, keepdim=True)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    wgt = torch.exp(m - top)
+    den = (l_ * wgt).sum(dim=1)
+    out = (acc * wgt[..., None]).sum(dim=1) / torch.where(den > 0, den, torch.ones_like(den))[..., None]
+    return out.reshape(b, hq, dv).to(q_rot.dtype)
+
+
 def _u8(x: Tensor) -> Tensor:
     return x.view(torch.uint8) if x.dtype == torch.bool else x
 
@@ -193,7 +270,7 @@ def nha_decode_step(
 ) -> Tensor:
     """Same contract as `NHAState.step`: q (B,Hq,D); k, k_rot (B,H,D); v (B,H,Dv); log_alpha (B,H,M); valid (B,)."""
     if state.window is None:
-        return state.step(q, q_rot, k, k_rot, v, log_alpha, valid, scale=scale)
+        return state.step(q, q_rot, k, k_rot, v, log_alpha, valid, scale=scale, full_attention=full_decode_attention)
     b, hq, d = q.shape
     h, dv, m = k.shape[1], v.shape[-1], log_alpha.shape[-1]
     g = hq // h

@@ -16,6 +16,7 @@ host-side decision is growing a full layer's buffer, which `reserve` makes unnec
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -146,11 +147,12 @@ class NHAState:
 
     def step(
         self, q: Tensor, q_rot: Tensor, k: Tensor, k_rot: Tensor, v: Tensor, log_alpha: Tensor, valid: Tensor,
-        *, scale: float,
+        *, scale: float, full_attention: Callable[["NHAState", Tensor, float], Tensor] | None = None,
     ) -> Tensor:
         """Consume one token per row and return its output. q: (B,Hq,D); k,k_rot: (B,H,D); log_alpha: (B,H,M).
 
-        In place and free of host syncs: positions come from the device counter `pos` (see the module docstring)."""
+        In place and free of host syncs: positions come from the device counter `pos` (see the module docstring).
+        `full_attention(state, q_rot, scale)` replaces the torch attention of a full layer (the Triton kernel)."""
         w, t = self.window, self.pos
         if w is None and self.seen >= self.capacity:  # host ints only: grow by whole blocks, never under a graph
             self.reserve(-(-(self.seen + 1) // FULL_GROW) * FULL_GROW)
@@ -188,7 +190,10 @@ class NHAState:
         self.n_real.add_(valid.long())
         self.seen += 1
 
-        out = self._full_attention(q_rot, scale) if w is None else self._window_attention(q, q_rot, scale)
+        if w is None:
+            out = full_attention(self, q_rot, scale) if full_attention else self._full_attention(q_rot, scale)
+        else:
+            out = self._window_attention(q, q_rot, scale)
         self.pos.add_(1)
         return out
 

@@ -274,3 +274,19 @@ def test_full_layer_decode_kernel_equals_reference_step(reserve, hq, h):
         ref = st.step(*args, scale=0.3)
         out = nha_decode_step(st_k, *args, scale=0.3)
         assert (out - ref).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("case", [FWD_CASES[3], FWD_CASES[5], FWD_CASES[10], FWD_CASES[11], FWD_CASES[8]])
+def test_parallel_forward_matches_reference(case, monkeypatch):
+    """The chunk-parallel forward (NHA_FWD=parallel): state chunks of two query blocks, so blocks read the chunk's
+    earlier tokens as well as its start state."""
+    monkeypatch.setenv("NHA_FWD", "parallel")
+    test_forward_and_state_match_reference(*case)
+
+
+def test_parallel_forward_exact_path_packing_and_gradients(monkeypatch):
+    monkeypatch.setenv("NHA_FWD", "parallel")
+    test_hard_decaying_gates_take_the_exact_path()
+    test_packed_sequences_never_leak(25, 3)
+    test_gradients_match_reference(*GRAD_CASES[2])
+    test_gradients_match_reference(*GRAD_CASES[5])

@@ -5,14 +5,16 @@ Work split (per KV head h; the G query heads of the group are stacked as rows g 
 values and gates are loaded once per group, never repeated):
 1. `_span_local_kernel`  : per span of L shifted positions, the slot state its tokens add (from zero), and its
                            total log decay. All spans in parallel.
-2. `_span_scan_kernel`   : per sequence, a scan over its spans: the exact slot state at every span start (written
-                           over the local states) and the final state (for the decode cache).
+2. `span_scan`          : per sequence, a scan over its spans (one parallel associative scan; a sequential loop
+                           beyond 4096 spans): the exact slot state at every span start (written over the local
+                           states) and the final state (for the decode cache).
 3. `_nha_fwd_kernel`     : per span, walk its query blocks of BM tokens; for each block
                            - slot logits  l_t = scale * K~_t q_t from the carried state and the block's own
                              tokens (exact chunk form, see below), empty-slot mask;
                            - sinks that left the window, then the band (t - w, t] in key blocks of BN;
                            - one online softmax; output; log-sum-exp (for the backward);
                            - carry the slot state past the block.
+   or, with NHA_FWD=parallel (fwd_parallel.py), spans of 64 positions and one independent program per query block.
 
 Chunk form of the slot part for a block of shifted positions t0..t0+BM-1 (A_t = cumulative log decay since the
 block start, per slot; s_j = 1 - alpha_j):

@@ -141,7 +141,7 @@ def main() -> None:
 
     ser = FwdConfig(rows=128, bn=64, span=1024, cs=64, num_warps=8, num_stages=1)
     par = FwdConfig(rows=128, bn=64, span=64, cs=64, num_warps=8, num_stages=1, parallel=True)
-    variants = [("serial", ser), ("par", par)]
+    variants = [("serial", ser), ("par", par), ("par walk1024", replace(par, state_span=1024))]
     if not args.quick:
         variants += [
             ("par noexact", replace(par, exact=False)),
@@ -156,7 +156,7 @@ def main() -> None:
     res["fwd"] = []
     best: dict = {}
     for w in (64, 512):
-        for name, cfg in variants if w == 64 else variants[:2]:
+        for name, cfg in variants if w == 64 else variants[:3]:
             kw = dict(window=w, num_sinks=0, scale=d**-0.5, valid=None, cu_seqlens=None, config=cfg)
             try:
                 ms = bench(lambda: nha_fwd(*xs, **kw), rep=100)

@@ -276,16 +276,21 @@ def test_full_layer_decode_kernel_equals_reference_step(reserve, hq, h):
         assert (out - ref).abs().max() <= 1e-5
 
 
+@pytest.mark.parametrize("state_span", ["0", "64"])
 @pytest.mark.parametrize("case", [FWD_CASES[3], FWD_CASES[5], FWD_CASES[10], FWD_CASES[11], FWD_CASES[8]])
-def test_parallel_forward_matches_reference(case, monkeypatch):
+def test_parallel_forward_matches_reference(case, state_span, monkeypatch):
     """The chunk-parallel forward (NHA_FWD=parallel): state chunks of two query blocks, so blocks read the chunk's
-    earlier tokens as well as its start state."""
+    earlier tokens as well as its start state; chunk states from a scan over all chunks, or (state span 64) walked
+    from the states at every second chunk."""
     monkeypatch.setenv("NHA_FWD", "parallel")
+    monkeypatch.setenv("NHA_FWD_STATE_SPAN", state_span)
     test_forward_and_state_match_reference(*case)
 
 
-def test_parallel_forward_exact_path_packing_and_gradients(monkeypatch):
+@pytest.mark.parametrize("state_span", ["0", "64"])
+def test_parallel_forward_exact_path_packing_and_gradients(state_span, monkeypatch):
     monkeypatch.setenv("NHA_FWD", "parallel")
+    monkeypatch.setenv("NHA_FWD_STATE_SPAN", state_span)
     test_hard_decaying_gates_take_the_exact_path()
     test_packed_sequences_never_leak(25, 3)
     test_gradients_match_reference(*GRAD_CASES[2])

@@ -425,6 +425,7 @@ class FwdConfig:
     parallel: bool = False  # chunk-parallel main kernel (fwd_parallel.py): `span` is then the state chunk CK
     maxnreg: int | None = None  # register cap per thread for the parallel main kernel (more programs per SM)
     exact: bool = True  # False drops the exact hard-decay path (timing experiments only: wrong for such gates)
+    state_span: int = 0  # parallel only: > 0 builds chunk states from span states of this length (chunk walk)
 
 
 def parallel_default() -> bool:
@@ -435,19 +436,30 @@ def parallel_default() -> bool:
     return mode == "parallel"
 
 
+def state_span(chunk: int) -> int:
+    """NHA_FWD_STATE_SPAN=L (a multiple of the chunk; 0 = off, the default): the parallel forward builds its chunk
+    states by walking spans of L positions from their start states instead of a scan over all chunks (not yet timed)."""
+    span = int(os.environ.get("NHA_FWD_STATE_SPAN", "0"))
+    if span and span % chunk:
+        raise ValueError(f"NHA_FWD_STATE_SPAN={span} must be a multiple of the state chunk {chunk}")
+    return span
+
+
 def default_config(batch: int, hkv: int, t_len: int, gp: int, dtype: torch.dtype = torch.bfloat16) -> FwdConfig:
     par = parallel_default()
     if interpreting():
         rows = max(16, 16 * gp)
         return FwdConfig(rows=rows, bn=16, span=2 * (rows // gp), cs=16, num_warps=4, num_stages=1, mc=16,
-                         parallel=par)
+                         parallel=par, state_span=state_span(2 * (rows // gp)) if par else 0)
     if dtype == torch.float32:  # fp32 tiles take twice the shared memory
         rows = max(64, 16 * gp)
         span = max(64, rows // gp) if par else 512
-        return FwdConfig(rows=rows, bn=32, span=span, cs=32, num_warps=4, num_stages=1, mc=16, parallel=par)
+        return FwdConfig(rows=rows, bn=32, span=span, cs=32, num_warps=4, num_stages=1, mc=16, parallel=par,
+                         state_span=state_span(span) if par else 0)
     rows = max(128, 16 * gp)
     if par:  # state chunks of 64 positions (at least one query block)
-        return FwdConfig(rows=rows, bn=64, span=max(64, rows // gp), cs=64, num_warps=8, num_stages=1, parallel=True)
+        return FwdConfig(rows=rows, bn=64, span=max(64, rows // gp), cs=64, num_warps=8, num_stages=1, parallel=True,
+                         state_span=state_span(max(64, rows // gp)))
     # Long spans keep the slot-state traffic low (measured on an H100, T = 32K, B = 1: L = 1024 2.64 ms,
     # L = 512 2.82 ms, L = 256 3.50 ms); shorten them only when there would be fewer programs than SMs.
     span = 1024
@@ -506,19 +518,35 @@ def nha_fwd(
     if has_slots and lay.n_spans > 0:
         # [0]: slot state at each span start; [1]: scratch for the running state of the serial forward kernel.
         copies = 1 if cfg.parallel else 2
-        span_k = torch.empty(copies, lay.n_spans, hkv, mp, dp, dtype=torch.float32, device=dev)
-        span_v = torch.empty(copies, lay.n_spans, hkv, mp, dvp, dtype=torch.float32, device=dev)
-        span_a = torch.empty(lay.n_spans, hkv, mp, dtype=torch.float32, device=dev)
-        _span_local_kernel[(lay.n_spans, hkv)](
-            k, v, la, lay.tok, span_table, span_k, span_v, span_a,
-            t_len, w_eff, num_sinks, cfg.span, lay.spans_per_row, hkv,
+        walk = cfg.parallel and cfg.state_span > 0
+        lay_s = make_layout(valid, cu_seqlens, b, t_len, num_sinks, cfg.state_span, dev) if walk else lay
+        st_table = lay_s.span_table if lay_s.varlen else lay_s.tok
+        span_k = torch.empty(copies, lay_s.n_spans, hkv, mp, dp, dtype=torch.float32, device=dev)
+        span_v = torch.empty(copies, lay_s.n_spans, hkv, mp, dvp, dtype=torch.float32, device=dev)
+        span_a = torch.empty(lay_s.n_spans, hkv, mp, dtype=torch.float32, device=dev)
+        _span_local_kernel[(lay_s.n_spans, hkv)](
+            k, v, la, lay_s.tok, st_table, span_k, span_v, span_a,
+            t_len, w_eff, num_sinks, lay_s.span, lay_s.spans_per_row, hkv,
             D=d, DV=dv, M=m, DP=dp, DVP=dvp, MP=mp, CS=min(cfg.cs, cfg.span), VARLEN=lay.varlen, PREC=prec_slot,
             num_warps=cfg.num_warps,
         )
         final_k = torch.empty(lay.n_seqs, hkv, mp, dp, dtype=torch.float32, device=dev)
         final_v = torch.empty(lay.n_seqs, hkv, mp, dvp, dtype=torch.float32, device=dev)
         for loc, fin, xp in ((span_k, final_k, dp), (span_v, final_v, dvp)):
-            span_scan(loc, span_a, seq_table, fin, lay, hkv, mp, xp)
+            span_scan(loc, span_a, lay_s.seq_table if lay_s.varlen else lay_s.tok, fin, lay_s, hkv, mp, xp)
+        if walk:
+            from .fwd_parallel import _chunk_walk_kernel
+
+            assert cfg.state_span % cfg.span == 0, cfg
+            chunk_k = torch.empty(1, lay.n_spans, hkv, mp, dp, dtype=torch.float32, device=dev)
+            chunk_v = torch.empty(1, lay.n_spans, hkv, mp, dvp, dtype=torch.float32, device=dev)
+            _chunk_walk_kernel[(lay_s.n_spans, hkv)](
+                k, v, la, lay.tok, st_table, seq_table, span_k, span_v, chunk_k, chunk_v,
+                t_len, w_eff, num_sinks, lay_s.span, lay_s.spans_per_row, lay.spans_per_row, hkv,
+                D=d, DV=dv, M=m, DP=dp, DVP=dvp, MP=mp, CK=cfg.span, VARLEN=lay.varlen, PREC=prec_slot,
+                num_warps=cfg.num_warps,
+            )
+            span_k, span_v = chunk_k, chunk_v
     dummy = lse
     if lay.n_spans > 0 and cfg.parallel:
         from .fwd_parallel import _nha_fwd_par_kernel

@@ -156,3 +156,55 @@ def _nha_fwd_par_kernel(
             tl.store(o_lo + o_off, (out - o_hi.to(tl.float32)).to(o.dtype.element_ty), mask=row_ok[:, None] & dv_ok)
         m_fin = tl.where(m_i == float("-inf"), 0.0, m_i)
         tl.store(lse + hq * T + t, tl.where(l_i > 0, m_fin + tl.log(l_safe), float("-inf")), mask=row_ok)
+
+
+@triton.jit
+def _chunk_walk_kernel(
+    k, v, la, tok, span_table, chunk_first, init_k, init_v, out_k, out_v,
+    T, W, S, L, SPANS_PER_ROW, CHUNKS_PER_ROW, H,
+    D: tl.constexpr, DV: tl.constexpr, M: tl.constexpr, DP: tl.constexpr, DVP: tl.constexpr, MP: tl.constexpr,
+    CK: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr,
+):
+    """Chunk states from span states: per span of L positions (a multiple of CK), start from the exact state at the
+    span start and walk its chunks, storing the state at each chunk start (the chunk update of `_span_local_kernel`).
+    Replaces the per-chunk local pass + scan over all chunks (fp32 states written, read and written again)."""
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    b, n, seq_start, seq_end, span_start, span_end = _seq_of_span(span_table, pid, T, L, SPANS_PER_ROW, VARLEN)
+    if VARLEN:
+        c_base = tl.load(chunk_first + n * 4) + (span_start - seq_start) // CK
+    else:
+        c_base = b * CHUNKS_PER_ROW + span_start // CK
+    bh = (b * H + h).to(tl.int64)
+    tok_b = tok + b.to(tl.int64) * T
+    la_bh = la + bh * T * M
+    dd = tl.arange(0, DP)
+    dv = tl.arange(0, DVP)
+    ii = tl.arange(0, MP)
+    tile_k = ii[:, None] * DP + dd[None, :]
+    tile_v = ii[:, None] * DVP + dv[None, :]
+    src = (pid * H + h).to(tl.int64)
+    sk = tl.load(init_k + src * MP * DP + tile_k)
+    sv = tl.load(init_v + src * MP * DVP + tile_v)
+    for i in range(0, tl.cdiv(span_end - span_start, CK)):
+        c0 = span_start + i * CK
+        dst = ((c_base + i) * H + h).to(tl.int64)
+        tl.store(out_k + dst * MP * DP + tile_k, sk)
+        tl.store(out_v + dst * MP * DVP + tile_v, sv)
+        tb = c0 + tl.arange(0, CK)
+        js = tb - W
+        ok = (tb < span_end) & (js >= seq_start)
+        code = tl.load(tok_b + js, mask=ok, other=0)
+        writes = ok & ((code & 1) == 1) & ((code >> 1) > S)
+        lab = tl.load(la_bh + js.to(tl.int64)[:, None] * M + ii[None, :], mask=writes[:, None] & (ii < M)[None, :],
+                      other=0.0)
+        a = tl.cumsum(lab, axis=0)
+        aend = tl.sum(lab, axis=0)
+        wt = -expm1(lab) * tl.exp(aend[None, :] - a)
+        kk = tl.load(k + (bh * T + js.to(tl.int64))[:, None] * D + dd[None, :], mask=ok[:, None] & (dd < D)[None, :],
+                     other=0.0)
+        vv = tl.load(v + (bh * T + js.to(tl.int64))[:, None] * DV + dv[None, :],
+                     mask=ok[:, None] & (dv < DV)[None, :], other=0.0)
+        decay = tl.exp(aend)[:, None]
+        sk = decay * sk + tl.dot(tl.trans(wt), kk.to(tl.float32), input_precision=PREC)
+        sv = decay * sv + tl.dot(tl.trans(wt), vv.to(tl.float32), input_precision=PREC)

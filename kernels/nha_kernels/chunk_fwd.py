@@ -255,6 +255,51 @@ def _mm_state(a, b, SPLIT: tl.constexpr):
 
 
 @triton.jit
+def _sinks_band_store(m_i, l_i, acc, qr, qoff, kr, v, o, o_lo, lse, sink_pos, tok_b, n, bh, hq, T, t, t0, W,
+                      seq_start, seq_end, scale, row_ok, d_ok, dv_ok, dd, dv,
+                      D: tl.constexpr, DV: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, SP: tl.constexpr,
+                      HAS_SINKS: tl.constexpr, STORE_LO: tl.constexpr, PREC: tl.constexpr):
+    """The end of a row block in both forward kernels: after the slots, the sinks that have left the window and
+    the band join the same online softmax; then the output (and its rounding residual) and the log-sum-exp."""
+    q_rot = tl.load(qr + qoff, mask=row_ok[:, None] & d_ok, other=0.0)
+    if HAS_SINKS:  # sinks that have left the window (inside it they are ordinary band keys)
+        spi = tl.arange(0, SP)
+        spos = tl.load(sink_pos + n * SP + spi)
+        s_ok = spos >= 0
+        spos_c = tl.where(s_ok, spos, 0).to(tl.int64)
+        k_sink = tl.load(kr + (bh * T + spos_c)[:, None] * D + dd[None, :], mask=s_ok[:, None] & d_ok, other=0.0)
+        v_sink = tl.load(v + (bh * T + spos_c)[:, None] * DV + dv[None, :], mask=s_ok[:, None] & dv_ok,
+                         other=0.0)
+        sc_s = tl.dot(q_rot, tl.trans(k_sink), input_precision=PREC) * scale
+        vis_s = s_ok[None, :] & (spos[None, :] <= (t - W)[:, None])
+        m_i, l_i, acc = _online(m_i, l_i, acc, tl.where(vis_s, sc_s, float("-inf")), v_sink, PREC)
+
+    lo = tl.maximum(seq_start, t0 - W + 1)
+    hi = tl.minimum(t0 + BM, seq_end)
+    hi = tl.where(W == 0, lo, hi)  # w = 0: no band at all
+    for kb in range(lo, hi, BN):
+        kj = kb + tl.arange(0, BN)
+        k_ok = kj < hi
+        code = tl.load(tok_b + kj, mask=k_ok, other=0)
+        kj64 = kj.to(tl.int64)
+        kt = tl.load(kr + (bh * T + kj64)[:, None] * D + dd[None, :], mask=k_ok[:, None] & d_ok, other=0.0)
+        vt = tl.load(v + (bh * T + kj64)[:, None] * DV + dv[None, :], mask=k_ok[:, None] & dv_ok, other=0.0)
+        sc = tl.dot(q_rot, tl.trans(kt), input_precision=PREC) * scale
+        vis = (((code & 1) == 1) & k_ok)[None, :] & (kj[None, :] <= t[:, None]) & (kj[None, :] > (t - W)[:, None])
+        m_i, l_i, acc = _online(m_i, l_i, acc, tl.where(vis, sc, float("-inf")), vt, PREC)
+
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    o_off = (hq * T + t)[:, None] * DV + dv[None, :]
+    o_hi = out.to(o.dtype.element_ty)
+    tl.store(o + o_off, o_hi, mask=row_ok[:, None] & dv_ok)
+    if STORE_LO:  # what the rounding to the input dtype dropped: the backward's delta = dO . O needs it
+        tl.store(o_lo + o_off, (out - o_hi.to(tl.float32)).to(o.dtype.element_ty), mask=row_ok[:, None] & dv_ok)
+    m_fin = tl.where(m_i == float("-inf"), 0.0, m_i)
+    tl.store(lse + hq * T + t, tl.where(l_i > 0, m_fin + tl.log(l_safe), float("-inf")), mask=row_ok)
+
+
+@triton.jit
 def _nha_fwd_kernel(
     q, qr, k, kr, v, la, tok, sink_pos, span_table, st_k, st_v, o, o_lo, lse,
     T, W, S, L, SPANS_PER_ROW, H, NSPH, scale,
@@ -374,42 +419,9 @@ def _nha_fwd_kernel(
                 tl.store(st_v0 + run_v + st_off_v, sv)
             tl.debug_barrier()  # the next block reads the running state that other threads just wrote
 
-        q_rot = tl.load(qr + qoff, mask=row_ok[:, None] & d_ok, other=0.0)
-        if HAS_SINKS:  # sinks that have left the window (inside it they are ordinary band keys)
-            spi = tl.arange(0, SP)
-            spos = tl.load(sink_pos + n * SP + spi)
-            s_ok = spos >= 0
-            spos_c = tl.where(s_ok, spos, 0).to(tl.int64)
-            k_sink = tl.load(kr + (bh * T + spos_c)[:, None] * D + dd[None, :], mask=s_ok[:, None] & d_ok, other=0.0)
-            v_sink = tl.load(v + (bh * T + spos_c)[:, None] * DV + dv[None, :], mask=s_ok[:, None] & dv_ok,
-                             other=0.0)
-            sc_s = tl.dot(q_rot, tl.trans(k_sink), input_precision=PREC) * scale
-            vis_s = s_ok[None, :] & (spos[None, :] <= (t - W)[:, None])
-            m_i, l_i, acc = _online(m_i, l_i, acc, tl.where(vis_s, sc_s, float("-inf")), v_sink, PREC)
-
-        lo = tl.maximum(seq_start, t0 - W + 1)
-        hi = tl.minimum(t0 + BM, seq_end)
-        hi = tl.where(W == 0, lo, hi)  # w = 0: no band at all
-        for kb in range(lo, hi, BN):
-            kj = kb + tl.arange(0, BN)
-            k_ok = kj < hi
-            code = tl.load(tok_b + kj, mask=k_ok, other=0)
-            kj64 = kj.to(tl.int64)
-            kt = tl.load(kr + (bh * T + kj64)[:, None] * D + dd[None, :], mask=k_ok[:, None] & d_ok, other=0.0)
-            vt = tl.load(v + (bh * T + kj64)[:, None] * DV + dv[None, :], mask=k_ok[:, None] & dv_ok, other=0.0)
-            sc = tl.dot(q_rot, tl.trans(kt), input_precision=PREC) * scale
-            vis = (((code & 1) == 1) & k_ok)[None, :] & (kj[None, :] <= t[:, None]) & (kj[None, :] > (t - W)[:, None])
-            m_i, l_i, acc = _online(m_i, l_i, acc, tl.where(vis, sc, float("-inf")), vt, PREC)
-
-        l_safe = tl.where(l_i > 0, l_i, 1.0)
-        out = acc / l_safe[:, None]
-        o_off = (hq * T + t)[:, None] * DV + dv[None, :]
-        o_hi = out.to(o.dtype.element_ty)
-        tl.store(o + o_off, o_hi, mask=row_ok[:, None] & dv_ok)
-        if STORE_LO:  # what the rounding to the input dtype dropped: the backward's delta = dO . O needs it
-            tl.store(o_lo + o_off, (out - o_hi.to(tl.float32)).to(o.dtype.element_ty), mask=row_ok[:, None] & dv_ok)
-        m_fin = tl.where(m_i == float("-inf"), 0.0, m_i)
-        tl.store(lse + hq * T + t, tl.where(l_i > 0, m_fin + tl.log(l_safe), float("-inf")), mask=row_ok)
+        _sinks_band_store(m_i, l_i, acc, qr, qoff, kr, v, o, o_lo, lse, sink_pos, tok_b, n, bh, hq, T, t, t0, W,
+                          seq_start, seq_end, scale, row_ok, d_ok, dv_ok, dd, dv,
+                          D, DV, BM, BN, SP, HAS_SINKS, STORE_LO, PREC)
 
 
 @dataclass

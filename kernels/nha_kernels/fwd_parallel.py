@@ -17,7 +17,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .chunk_fwd import _mm_state, _online, _seq_of_span
+from .chunk_fwd import _mm_state, _online, _seq_of_span, _sinks_band_store
 from .triton_utils import expm1, pick_col, pick_row, rows_of
 
 
@@ -120,42 +120,9 @@ def _nha_fwd_par_kernel(
             acc = _mm_state(pt.to(vs.dtype), sv, SPLIT)
             acc += tl.dot(p2.to(vs.dtype), vs, input_precision=PREC)
 
-        q_rot = tl.load(qr + qoff, mask=row_ok[:, None] & d_ok, other=0.0)
-        if HAS_SINKS:  # sinks that have left the window (inside it they are ordinary band keys)
-            spi = tl.arange(0, SP)
-            spos = tl.load(sink_pos + n * SP + spi)
-            s_ok = spos >= 0
-            spos_c = tl.where(s_ok, spos, 0).to(tl.int64)
-            k_sink = tl.load(kr + (bh * T + spos_c)[:, None] * D + dd[None, :], mask=s_ok[:, None] & d_ok, other=0.0)
-            v_sink = tl.load(v + (bh * T + spos_c)[:, None] * DV + dv[None, :], mask=s_ok[:, None] & dv_ok,
-                             other=0.0)
-            sc_s = tl.dot(q_rot, tl.trans(k_sink), input_precision=PREC) * scale
-            vis_s = s_ok[None, :] & (spos[None, :] <= (t - W)[:, None])
-            m_i, l_i, acc = _online(m_i, l_i, acc, tl.where(vis_s, sc_s, float("-inf")), v_sink, PREC)
-
-        lo = tl.maximum(seq_start, t0 - W + 1)
-        hi = tl.minimum(t0 + BM, seq_end)
-        hi = tl.where(W == 0, lo, hi)  # w = 0: no band at all
-        for kb in range(lo, hi, BN):
-            kj = kb + tl.arange(0, BN)
-            k_ok = kj < hi
-            code = tl.load(tok_b + kj, mask=k_ok, other=0)
-            kj64 = kj.to(tl.int64)
-            kt = tl.load(kr + (bh * T + kj64)[:, None] * D + dd[None, :], mask=k_ok[:, None] & d_ok, other=0.0)
-            vt = tl.load(v + (bh * T + kj64)[:, None] * DV + dv[None, :], mask=k_ok[:, None] & dv_ok, other=0.0)
-            sc = tl.dot(q_rot, tl.trans(kt), input_precision=PREC) * scale
-            vis = (((code & 1) == 1) & k_ok)[None, :] & (kj[None, :] <= t[:, None]) & (kj[None, :] > (t - W)[:, None])
-            m_i, l_i, acc = _online(m_i, l_i, acc, tl.where(vis, sc, float("-inf")), vt, PREC)
-
-        l_safe = tl.where(l_i > 0, l_i, 1.0)
-        out = acc / l_safe[:, None]
-        o_off = (hq * T + t)[:, None] * DV + dv[None, :]
-        o_hi = out.to(o.dtype.element_ty)
-        tl.store(o + o_off, o_hi, mask=row_ok[:, None] & dv_ok)
-        if STORE_LO:  # what the rounding to the input dtype dropped: the backward's delta = dO . O needs it
-            tl.store(o_lo + o_off, (out - o_hi.to(tl.float32)).to(o.dtype.element_ty), mask=row_ok[:, None] & dv_ok)
-        m_fin = tl.where(m_i == float("-inf"), 0.0, m_i)
-        tl.store(lse + hq * T + t, tl.where(l_i > 0, m_fin + tl.log(l_safe), float("-inf")), mask=row_ok)
+        _sinks_band_store(m_i, l_i, acc, qr, qoff, kr, v, o, o_lo, lse, sink_pos, tok_b, n, bh, hq, T, t, t0, W,
+                          seq_start, seq_end, scale, row_ok, d_ok, dv_ok, dd, dv,
+                          D, DV, BM, BN, SP, HAS_SINKS, STORE_LO, PREC)
 
 
 @triton.jit

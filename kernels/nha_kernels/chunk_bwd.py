@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .chunk_fwd import FAST_LIMIT, FwdOut, _mm_state, _seq_of_span, precisions, span_scan
+from .chunk_fwd import FAST_LIMIT, FwdOut, _mm_state, _seq_of_span, _slot_kv, _slot_writers, precisions, span_scan
 from .prep import next_pow2
 from .triton_utils import expm1, pick_col, pick_row, rows_of, sum_heads
 
@@ -242,13 +242,8 @@ def _bwd_slot_q_kernel(
         t = t0 + tt
         row_ok = g_ok & (t < seq_end)
         tb = t0 + jb
-        js = tb - W
-        jok = (tb < seq_end) & (js >= seq_start)
-        code_j = tl.load(tok_b + js, mask=jok, other=0)
-        writes = jok & ((code_j & 1) == 1) & ((code_j >> 1) > S)
-        js64 = js.to(tl.int64)
-        ks = tl.load(k + (bh * T + js64)[:, None] * D + dd[None, :], mask=jok[:, None] & d_ok, other=0.0)
-        vs = tl.load(v + (bh * T + js64)[:, None] * DV + dv[None, :], mask=jok[:, None] & dv_ok, other=0.0)
+        js, jok, writes = _slot_writers(tok_b, tb, tb < seq_end, W, S, seq_start)
+        js64, ks, vs = _slot_kv(k, v, bh, T, js, jok, dd, dv, d_ok, dv_ok, D, DV)
         qoff = (hq * T + t)[:, None] * D + dd[None, :]
         qu = tl.load(q + qoff, mask=row_ok[:, None] & d_ok, other=0.0)
         d_o = tl.load(do + (hq * T + t)[:, None] * DV + dv[None, :], mask=row_ok[:, None] & dv_ok, other=0.0)
@@ -342,10 +337,7 @@ def _bwd_slot_rlocal_kernel(
         t = t0 + tt
         row_ok = g_ok & (t < seq_end)
         tb = t0 + jb
-        js = tb - W
-        jok = (tb < seq_end) & (js >= seq_start)
-        code_j = tl.load(tok_b + js, mask=jok, other=0)
-        writes = jok & ((code_j & 1) == 1) & ((code_j >> 1) > S)
+        js, jok, writes = _slot_writers(tok_b, tb, tb < seq_end, W, S, seq_start)
         ic, s, a, aend = _slot_gates(la_bh, js.to(tl.int64), writes, 0, M, MP)
         ea_rows = tl.exp(rows_of(a, GP, BM, MP) + acum[None, :])  # decay from the span start, <= 1
         rows_m = (hq * T + t)[:, None] * M + ii[None, :]
@@ -403,13 +395,8 @@ def _bwd_slot_kv_kernel(
         t = t0 + tt
         row_ok = g_ok & (t < seq_end)
         tb = t0 + jb
-        js = tb - W
-        jok = (tb < seq_end) & (js >= seq_start)
-        code_j = tl.load(tok_b + js, mask=jok, other=0)
-        writes = jok & ((code_j & 1) == 1) & ((code_j >> 1) > S)
-        js64 = js.to(tl.int64)
-        ks = tl.load(k + (bh * T + js64)[:, None] * D + dd[None, :], mask=jok[:, None] & d_ok, other=0.0)
-        vs = tl.load(v + (bh * T + js64)[:, None] * DV + dv[None, :], mask=jok[:, None] & dv_ok, other=0.0)
+        js, jok, writes = _slot_writers(tok_b, tb, tb < seq_end, W, S, seq_start)
+        js64, ks, vs = _slot_kv(k, v, bh, T, js, jok, dd, dv, d_ok, dv_ok, D, DV)
         qu = tl.load(q + (hq * T + t)[:, None] * D + dd[None, :], mask=row_ok[:, None] & d_ok, other=0.0)
         d_o = tl.load(do + (hq * T + t)[:, None] * DV + dv[None, :], mask=row_ok[:, None] & dv_ok, other=0.0)
         qk = tl.where(causal, tl.dot(qu, tl.trans(ks), input_precision=PREC), 0.0)

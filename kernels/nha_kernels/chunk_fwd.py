@@ -61,12 +61,28 @@ def _seq_of_span(span_table, pid, T, L, SPANS_PER_ROW, VARLEN: tl.constexpr):
 
 
 @triton.jit
+def _slot_writers(tok_b, tb, tb_ok, W, S, seq_start):
+    """The tokens js = tb - W that enter the slots at shifted positions tb (where tb_ok): inside the sequence, real
+    (not padding) and past the S sinks. Returns (js, in sequence, writes). `tok` codes: bit 0 real, bits 1+ count."""
+    js = tb - W
+    jok = tb_ok & (js >= seq_start)
+    code = tl.load(tok_b + js, mask=jok, other=0)
+    return js, jok, jok & ((code & 1) == 1) & ((code >> 1) > S)
+
+
+@triton.jit
+def _slot_kv(k, v, bh, T, js, jok, dd, dv, d_ok, dv_ok, D: tl.constexpr, DV: tl.constexpr):
+    """Raw keys and values of the tokens js (zero where not jok), the ones a block folds into the slots."""
+    js64 = js.to(tl.int64)
+    ks = tl.load(k + (bh * T + js64)[:, None] * D + dd[None, :], mask=jok[:, None] & d_ok, other=0.0)
+    vs = tl.load(v + (bh * T + js64)[:, None] * DV + dv[None, :], mask=jok[:, None] & dv_ok, other=0.0)
+    return js64, ks, vs
+
+
+@triton.jit
 def _slot_tokens(tok_b, la_bh, t_block, seq_start, seq_end, W, S, M, MP: tl.constexpr):
     """Gates of the tokens entering the slots at shifted positions t_block: (log decay, write weight, in-seq)."""
-    js = t_block - W
-    ok = (t_block < seq_end) & (js >= seq_start)
-    code = tl.load(tok_b + js, mask=ok, other=0)
-    writes = ok & ((code & 1) == 1) & ((code >> 1) > S)
+    js, ok, writes = _slot_writers(tok_b, t_block, t_block < seq_end, W, S, seq_start)
     ii = tl.arange(0, MP)
     la = tl.load(la_bh + js.to(tl.int64)[:, None] * M + ii[None, :], mask=writes[:, None] & (ii < M)[None, :],
                  other=0.0)
@@ -352,13 +368,8 @@ def _nha_fwd_kernel(
             # (MC x D) state tiles stay small enough to live in registers beside the output accumulator.
             cur = tl.where(t0 == span_start, 0, 1).to(tl.int64)
             tb = t0 + jb
-            js = tb - W
-            jok = (tb < seq_end) & (js >= seq_start)
-            code_j = tl.load(tok_b + js, mask=jok, other=0)
-            writes = jok & ((code_j & 1) == 1) & ((code_j >> 1) > S)
-            js64 = js.to(tl.int64)
-            ks = tl.load(k + (bh * T + js64)[:, None] * D + dd[None, :], mask=jok[:, None] & d_ok, other=0.0)
-            vs = tl.load(v + (bh * T + js64)[:, None] * DV + dv[None, :], mask=jok[:, None] & dv_ok, other=0.0)
+            js, jok, writes = _slot_writers(tok_b, tb, tb < seq_end, W, S, seq_start)
+            js64, ks, vs = _slot_kv(k, v, bh, T, js, jok, dd, dv, d_ok, dv_ok, D, DV)
             qu = tl.load(q + qoff, mask=row_ok[:, None] & d_ok, other=0.0)
             qk = tl.where(causal, tl.dot(qu, tl.trans(ks), input_precision=PREC), 0.0)  # (ROWS, BM)
             # Empty-slot mask: nothing has entered the slots yet at shifted position t.

@@ -17,7 +17,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .chunk_fwd import _mm_state, _online, _seq_of_span, _sinks_band_store
+from .chunk_fwd import _mm_state, _online, _seq_of_span, _sinks_band_store, _slot_kv, _slot_writers
 from .triton_utils import expm1, pick_col, pick_row, rows_of
 
 
@@ -62,13 +62,8 @@ def _nha_fwd_par_kernel(
         if HAS_SLOTS:
             jc = tl.arange(0, CK)
             tc = c0 + jc  # the chunk's shifted positions; those after this block are masked
-            js = tc - W
-            jok = (tc < seq_end) & (tc < t0 + BM) & (js >= seq_start)
-            code_j = tl.load(tok_b + js, mask=jok, other=0)
-            writes = jok & ((code_j & 1) == 1) & ((code_j >> 1) > S)
-            js64 = js.to(tl.int64)
-            ks = tl.load(k + (bh * T + js64)[:, None] * D + dd[None, :], mask=jok[:, None] & d_ok, other=0.0)
-            vs = tl.load(v + (bh * T + js64)[:, None] * DV + dv[None, :], mask=jok[:, None] & dv_ok, other=0.0)
+            js, jok, writes = _slot_writers(tok_b, tc, (tc < seq_end) & (tc < t0 + BM), W, S, seq_start)
+            js64, ks, vs = _slot_kv(k, v, bh, T, js, jok, dd, dv, d_ok, dv_ok, D, DV)
             qu = tl.load(q + qoff, mask=row_ok[:, None] & d_ok, other=0.0)
             causal = tc[None, :] <= t[:, None]  # (ROWS, CK)
             qk = tl.where(causal, tl.dot(qu, tl.trans(ks), input_precision=PREC), 0.0)

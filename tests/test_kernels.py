@@ -205,6 +205,18 @@ def _clone(st: NHAState) -> NHAState:
                        for f in st.__dataclass_fields__})
 
 
+def _decode_both(st: NHAState, xs, valid, positions) -> NHAState:
+    """Step a copy of `st` with the decode kernel and `st` itself with the torch step over `positions`; every
+    output must agree. Returns the kernel's state (`st` holds the reference's)."""
+    st_k = _clone(st)
+    for i in positions:
+        args = [x[:, :, i] for x in xs] + [valid[:, i]]
+        ref = st.step(*args, scale=0.3)
+        out = nha_decode_step(st_k, *args, scale=0.3)
+        assert (out - ref).abs().max() <= 1e-5
+    return st_k
+
+
 @pytest.mark.parametrize("window,sinks,hq,h", [(4, 2, 4, 2), (0, 1, 3, 1), (20, 0, 8, 1), (1, 3, 4, 4)])
 def test_decode_step_equals_reference_step(window, sinks, hq, h):
     b, pre, steps, d, m = 3, 9, 5, 16, 16
@@ -212,12 +224,7 @@ def test_decode_step_equals_reference_step(window, sinks, hq, h):
     valid[1, pre + 1] = False  # a padding token during decode
     _, st = nha_recurrent(*[x[:, :, :pre] for x in xs], window=window, num_sinks=sinks, scale=0.3,
                           valid=valid[:, :pre])
-    st_k = _clone(st)
-    for i in range(pre, pre + steps):
-        args = [x[:, :, i] for x in xs] + [valid[:, i]]
-        ref = st.step(*args, scale=0.3)
-        out = nha_decode_step(st_k, *args, scale=0.3)
-        assert (out - ref).abs().max() <= 1e-5
+    st_k = _decode_both(st, xs, valid, range(pre, pre + steps))
     for f in st.__dataclass_fields__:
         a, b_ = getattr(st, f), getattr(st_k, f)
         if torch.is_tensor(a):
@@ -268,12 +275,7 @@ def test_full_layer_decode_kernel_equals_reference_step(reserve, hq, h):
     xs, valid = make(b, hq, h, pre + steps, d, m, pad=True, dtype=torch.float32, seed=hq)
     _, st = nha_recurrent(*[x[:, :, :pre] for x in xs], window=None, num_sinks=2, scale=0.3, valid=valid[:, :pre])
     st.reserve(reserve)
-    st_k = _clone(st)
-    for i in range(pre, pre + steps):
-        args = [x[:, :, i] for x in xs] + [valid[:, i]]
-        ref = st.step(*args, scale=0.3)
-        out = nha_decode_step(st_k, *args, scale=0.3)
-        assert (out - ref).abs().max() <= 1e-5
+    _decode_both(st, xs, valid, range(pre, pre + steps))
 
 
 @pytest.mark.parametrize("state_span", ["0", "64"])

@@ -54,7 +54,6 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--swa-sinks", type=int, default=4)
     ap.add_argument("--ppl-len", type=int, default=2048)
     ap.add_argument("--ppl-seqs", type=int, default=8)
-    ap.add_argument("--skip-swa-training", action="store_true")
     ap.add_argument("--rows", default="base,untrained,nha,swa",
                     help="which rows to run (comma-separated): base, untrained (NHA and SWA before training), nha "
                          "(the recipe), swa (the baseline trained with the recipe's steps; with 'nha' absent, give "
@@ -153,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
     if "nha" in rows:
         nha_trained = row(f"NHA w{nha.get('window')} m{nha.get('slots')}, trained", trained(nha, "nha", []))
         same = [f"stages.{name}.steps={n}" for name, n in nha_trained.get("steps", {}).items()] or None
-    if "swa" in rows and not args.skip_swa_training and same is not None:
+    if "swa" in rows and same is not None:
         same += [f"stages.{stage_name(s)}.max_minutes=null" for s in recipe.stages]
         row(f"{swa_label}, trained (same steps)", trained(swa, "swa", same))
     if "ppl" in base:

@@ -223,6 +223,17 @@ def stage_steps(stage: StageSpec, world: int) -> int | None:
     return max(1, math.ceil(stage.tokens / per_step))
 
 
+def _forget_optimizer_state(optimizer: Any) -> None:
+    """Empty the state of an optimizer that has not stepped yet.
+
+    Under FSDP, saving the optimizer goes through torch.distributed.checkpoint, which fills an empty optimizer by
+    running one step with zero gradients at lr 0. AdamW's step counter then starts at 1 and its bias correction
+    makes the first real update 0.74x as large (the FSDP2 loss curve left the 1-GPU one at step 2). The same state comes
+    back when resuming from a stage-start checkpoint, so both paths call this before the stage's first step.
+    """
+    getattr(optimizer, "optimizer", optimizer).state.clear()
+
+
 # --- checkpoints -----------------------------------------------------------------------------------
 
 
@@ -431,6 +442,8 @@ class Trainer:
             pos = Position(stage=idx, step=0, global_step=pos.global_step, tokens=pos.tokens, total=planned)
             if recipe.output.checkpoint_every > 0:
                 self._save(pos, scheduler)
+        if pos.step == 0:
+            _forget_optimizer_state(optimizer)
         amount = f"{stage.minutes} min" if planned is None and pos.total is None else f"{total[0]} steps"
         if self.main:
             self.console.print(f"[bold]stage {idx} {name}[/] ({stage.kind}): trains {stage.trains}, "

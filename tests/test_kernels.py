@@ -278,21 +278,27 @@ def test_full_layer_decode_kernel_equals_reference_step(reserve, hq, h):
     _decode_both(st, xs, valid, range(pre, pre + steps))
 
 
-@pytest.mark.parametrize("state_span", ["0", "64"])
+# The default forward is the chunk-parallel one with chunk states walked from span states (here: spans of two
+# chunks, chunks of two query blocks, so blocks read their chunk's earlier tokens as well as its start state). The
+# two other forms stay selectable and tested: the serial span walk (NHA_FWD=serial) and chunk states from one scan
+# over all chunks (NHA_FWD_STATE_SPAN=0).
+OTHER_FORWARDS = [("serial", None), ("parallel", "0")]
+
+
+@pytest.mark.parametrize("mode,state_span", OTHER_FORWARDS)
 @pytest.mark.parametrize("case", [FWD_CASES[3], FWD_CASES[5], FWD_CASES[10], FWD_CASES[11], FWD_CASES[8]])
-def test_parallel_forward_matches_reference(case, state_span, monkeypatch):
-    """The chunk-parallel forward (NHA_FWD=parallel): state chunks of two query blocks, so blocks read the chunk's
-    earlier tokens as well as its start state; chunk states from a scan over all chunks, or (state span 64) walked
-    from the states at every second chunk."""
-    monkeypatch.setenv("NHA_FWD", "parallel")
-    monkeypatch.setenv("NHA_FWD_STATE_SPAN", state_span)
+def test_other_forwards_match_reference(case, mode, state_span, monkeypatch):
+    monkeypatch.setenv("NHA_FWD", mode)
+    if state_span is not None:
+        monkeypatch.setenv("NHA_FWD_STATE_SPAN", state_span)
     test_forward_and_state_match_reference(*case)
 
 
-@pytest.mark.parametrize("state_span", ["0", "64"])
-def test_parallel_forward_exact_path_packing_and_gradients(state_span, monkeypatch):
-    monkeypatch.setenv("NHA_FWD", "parallel")
-    monkeypatch.setenv("NHA_FWD_STATE_SPAN", state_span)
+@pytest.mark.parametrize("mode,state_span", OTHER_FORWARDS)
+def test_other_forwards_exact_path_packing_and_gradients(mode, state_span, monkeypatch):
+    monkeypatch.setenv("NHA_FWD", mode)
+    if state_span is not None:
+        monkeypatch.setenv("NHA_FWD_STATE_SPAN", state_span)
     test_hard_decaying_gates_take_the_exact_path()
     test_packed_sequences_never_leak(25, 3)
     test_gradients_match_reference(*GRAD_CASES[2])

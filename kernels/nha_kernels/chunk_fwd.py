@@ -14,7 +14,8 @@ values and gates are loaded once per group, never repeated):
                            - sinks that left the window, then the band (t - w, t] in key blocks of BN;
                            - one online softmax; output; log-sum-exp (for the backward);
                            - carry the slot state past the block.
-   or, with NHA_FWD=parallel (fwd_parallel.py), spans of 64 positions and one independent program per query block.
+   The default is the chunk-parallel form instead (fwd_parallel.py): the slot state at every 64-position chunk,
+   walked from the span states of steps 1-2, then one independent program per query block (NHA_FWD=serial: this).
 
 Chunk form of the slot part for a block of shifted positions t0..t0+BM-1 (A_t = cumulative log decay since the
 block start, per slot; s_j = 1 - alpha_j):
@@ -27,7 +28,8 @@ token-by-token path (rare; the test suite forces it).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -451,42 +453,61 @@ class FwdConfig:
     state_span: int = 0  # parallel only: > 0 builds chunk states from span states of this length (chunk walk)
 
 
+SMS = 132  # H100 streaming multiprocessors: below this many programs a pass leaves SMs idle
+
+
 def parallel_default() -> bool:
-    """NHA_FWD=parallel|serial picks the forward main kernel (serial, the span walk, is the default)."""
-    mode = os.environ.get("NHA_FWD", "serial")
+    """NHA_FWD=parallel|serial picks the forward main kernel. parallel (the default; fwd_parallel.py) runs one
+    program per query block from chunk states walked out of span states; serial walks each span in one program."""
+    mode = os.environ.get("NHA_FWD", "parallel")
     if mode not in ("parallel", "serial"):
         raise ValueError(f"NHA_FWD must be 'parallel' or 'serial', got {mode!r}")
     return mode == "parallel"
 
 
-def state_span(chunk: int) -> int:
-    """NHA_FWD_STATE_SPAN=L (a multiple of the chunk; 0 = off, the default): the parallel forward builds its chunk
-    states by walking spans of L positions from their start states instead of a scan over all chunks (not yet timed)."""
-    span = int(os.environ.get("NHA_FWD_STATE_SPAN", "0"))
-    if span and span % chunk:
-        raise ValueError(f"NHA_FWD_STATE_SPAN={span} must be a multiple of the state chunk {chunk}")
+def state_span(chunk: int, programs: Callable[[int], int], longest: int) -> int:
+    """Span length whose start states the parallel forward walks to its chunk states (a multiple of the chunk).
+
+    NHA_FWD_STATE_SPAN=L overrides it (0: a scan over all chunks instead of the walk). Otherwise the longest span,
+    shortened while the span passes would have fewer programs than SMs (H100, T = 32K, B = 1, w = 64: chunk states
+    by a scan over 512 chunks 2.63 ms, walked from spans of 1024 2.01 ms)."""
+    env = os.environ.get("NHA_FWD_STATE_SPAN")
+    if env is not None:
+        span = int(env)
+        if span and span % chunk:
+            raise ValueError(f"NHA_FWD_STATE_SPAN={span} must be a multiple of the state chunk {chunk}")
+        return span
+    span = longest
+    while span > 2 * chunk and programs(span) < SMS:
+        span //= 2
     return span
 
 
 def default_config(batch: int, hkv: int, t_len: int, gp: int, dtype: torch.dtype = torch.bfloat16) -> FwdConfig:
     par = parallel_default()
+
+    def programs(span: int) -> int:  # programs of a pass with one program per (span, KV head)
+        return batch * hkv * -(-t_len // span)
+
     if interpreting():
         rows = max(16, 16 * gp)
-        return FwdConfig(rows=rows, bn=16, span=2 * (rows // gp), cs=16, num_warps=4, num_stages=1, mc=16,
-                         parallel=par, state_span=state_span(2 * (rows // gp)) if par else 0)
+        chunk = 2 * (rows // gp)
+        return FwdConfig(rows=rows, bn=16, span=chunk, cs=16, num_warps=4, num_stages=1, mc=16,
+                         parallel=par, state_span=state_span(chunk, programs, 2 * chunk) if par else 0)
     if dtype == torch.float32:  # fp32 tiles take twice the shared memory
         rows = max(64, 16 * gp)
         span = max(64, rows // gp) if par else 512
         return FwdConfig(rows=rows, bn=32, span=span, cs=32, num_warps=4, num_stages=1, mc=16, parallel=par,
-                         state_span=state_span(span) if par else 0)
+                         state_span=state_span(span, programs, 512) if par else 0)
     rows = max(128, 16 * gp)
     if par:  # state chunks of 64 positions (at least one query block)
-        return FwdConfig(rows=rows, bn=64, span=max(64, rows // gp), cs=64, num_warps=8, num_stages=1, parallel=True,
-                         state_span=state_span(max(64, rows // gp)))
+        chunk = max(64, rows // gp)
+        return FwdConfig(rows=rows, bn=64, span=chunk, cs=64, num_warps=8, num_stages=1, parallel=True,
+                         state_span=state_span(chunk, programs, 1024))
     # Long spans keep the slot-state traffic low (measured on an H100, T = 32K, B = 1: L = 1024 2.64 ms,
     # L = 512 2.82 ms, L = 256 3.50 ms); shorten them only when there would be fewer programs than SMs.
     span = 1024
-    while span > 128 and batch * hkv * -(-t_len // span) < 132:
+    while span > 128 and programs(span) < SMS:
         span //= 2
     return FwdConfig(rows=rows, bn=64, span=span, cs=64, num_warps=8, num_stages=1)
 
@@ -537,7 +558,7 @@ def nha_fwd(
     store_lo = store_lo and q.dtype != torch.float32
     o_lo = torch.empty_like(o) if store_lo else None
     lse = torch.empty(b, hq, t_len, dtype=torch.float32, device=dev)
-    span_k = span_v = final_k = final_v = None
+    span_k = span_v = final_k = final_v = walk_states = None
     if has_slots and lay.n_spans > 0:
         # [0]: slot state at each span start; [1]: scratch for the running state of the serial forward kernel.
         copies = 1 if cfg.parallel else 2
@@ -569,6 +590,7 @@ def nha_fwd(
                 D=d, DV=dv, M=m, DP=dp, DVP=dvp, MP=mp, CK=cfg.span, VARLEN=lay.varlen, PREC=prec_slot,
                 num_warps=cfg.num_warps,
             )
+            walk_states = span_k, span_v, lay_s
             span_k, span_v = chunk_k, chunk_v
     dummy = lse
     if lay.n_spans > 0 and cfg.parallel:
@@ -598,6 +620,11 @@ def nha_fwd(
             PREC=prec, PREC_SLOT=prec_slot, FAST_LIMIT=FAST_LIMIT,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
+    if walk_states is not None:
+        # The backward walks spans in one program each, like the serial forward: hand it the span states (32 spans
+        # at T = 32K instead of 512 chunks, so its reverse scan is short too).
+        span_k, span_v, lay = walk_states
+        cfg = replace(cfg, span=cfg.state_span, parallel=False, state_span=0)
     if span_k is not None:
         span_k, span_v = span_k[0], span_v[0]
     return FwdOut(o=o, o_lo=o_lo, lse=lse, layout=lay, span_k=span_k, span_v=span_v, final_k=final_k, final_v=final_v,

@@ -104,18 +104,13 @@ def main() -> None:
 
 
 def decode_variant(dtype="bf16", g=4, d=128, m=64, nw=8):
-    names = ["q", "qr", "k", "kr", "v", "la", "valid", "n_real", "slot_count", "slot_k", "slot_v", "win_kr", "win_k",
-             "win_v", "win_la", "win_valid", "win_sink", "sink_kr", "sink_v", "sink_pos", "sink_present", "o"]
-    types = [f"*{dtype}"] * 5 + ["*fp32", "*i32", "*i64", "*i64", "*fp32", "*fp32"] + [f"*{dtype}"] * 3 + [
-        "*fp32", "*u8", "*u8", f"*{dtype}", f"*{dtype}", "*i64", "*u8", f"*{dtype}"]
-    sig = dict(zip(names, types))
-    sig.update(t="i32", W="i32", S="i32", H="i32", scale="fp32")
+    """The windowed decode kernel as nha_decode_step launches it (DECODE_TILES)."""
     gp = 1 << (g - 1).bit_length()
-    consts = dict(G=g, GP=gp, D=d, DV=d, M=m, DP=d, DVP=d, MP=m, SP=16, NB=max(2, 32 // gp), NBW=max(4, 64 // gp),
-                  HAS_SINKS=True)
-    for c in consts:
-        sig[c] = "constexpr"
-    return compile_one(decode._decode_kernel, sig, consts, nw, 1)
+    ptrs = dict(la="*fp32", valid="*i32", n_real="*i64", slot_count="*i64", slot_k="*fp32", slot_v="*fp32",
+                win_la="*fp32", win_valid="*u8", win_sink="*u8", sink_pos="*i64", sink_present="*u8", pos="*i64")
+    consts = dict(G=g, GP=gp, D=d, DV=d, M=m, DP=d, DVP=d, MP=m, SP=16, NB=max(2, decode.DECODE_TILES["slots"] // gp),
+                  NBW=max(4, decode.DECODE_TILES["ring"] // gp), HAS_SINKS=True)
+    return compile_generic(decode._decode_kernel, consts, ptrs, nw, 1, default_ptr=f"*{dtype}")
 
 
 def compile_generic(fn, consts: dict, ptr_types: dict, num_warps=8, num_stages=1, default_ptr="*bf16"):

@@ -253,7 +253,7 @@ def main() -> None:
         _, slots = nha_chunk_triton(*head, window=w, num_sinks=4, scale=d**-0.5, valid=valid[:, :pre],
                                     return_state=True)
         st = NHAState.from_prefill(head[2], head[3], head[4], head[5], valid[:, :pre], slots, window=w, num_sinks=4)
-        step = [y[:, :, pre] for y in ys] + [valid[:, pre]]
+        step = [y[:, :, pre].contiguous() for y in ys] + [valid[:, pre].contiguous()]  # as a model passes them
         nbytes = st.nbytes()
         eager = bench(lambda: nha_decode_step(st, *step, scale=d**-0.5), rep=100)
 

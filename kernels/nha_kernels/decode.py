@@ -25,6 +25,7 @@ from torch import Tensor
 
 from nha_convert.ops.recurrent import NHAState
 
+from .chunk_fwd import precisions
 from .prep import next_pow2
 from .triton_utils import expm1
 
@@ -192,7 +193,7 @@ FULL_TILES = {"block": 64, "programs": 2048, "min_split": 512, "num_warps": 4, "
 @triton.jit
 def _full_decode_kernel(q, k, v, valid, acc_out, m_out, l_out, C, SPLIT, H, NS, scale,
                         G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
-                        DV: tl.constexpr, DVP: tl.constexpr, BLOCK: tl.constexpr):
+                        DV: tl.constexpr, DVP: tl.constexpr, BLOCK: tl.constexpr, PREC: tl.constexpr):
     """Program (b*H + h, split): online softmax of the G query rows over keys [split*SPLIT, (split+1)*SPLIT)."""
     bh = tl.program_id(0).to(tl.int64)
     sp = tl.program_id(1)
@@ -211,7 +212,7 @@ def _full_decode_kernel(q, k, v, valid, acc_out, m_out, l_out, C, SPLIT, H, NS, 
         ok = idx < C
         vis = (tl.load(valid + b * C + idx, mask=ok, other=0) != 0) & ok
         kt = tl.load(k + (bh * C + idx)[:, None] * D + dd[None, :], mask=ok[:, None] & (dd < D)[None, :], other=0.0)
-        sc = tl.dot(qt, tl.trans(kt)) * scale
+        sc = tl.dot(qt, tl.trans(kt), input_precision=PREC) * scale
         sc = tl.where(vis[None, :], sc, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(sc, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -220,7 +221,7 @@ def _full_decode_kernel(q, k, v, valid, acc_out, m_out, l_out, C, SPLIT, H, NS, 
         l_i = l_i * alpha + tl.sum(p, axis=1)
         vt = tl.load(v + (bh * C + idx)[:, None] * DV + dv[None, :], mask=ok[:, None] & (dv < DV)[None, :],
                      other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
+        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PREC)
         m_i = m_new
     row = (bh * NS + sp) * G + rr
     tl.store(acc_out + row[:, None] * DV + dv[None, :], acc, mask=r_ok[:, None] & (dv < DV)[None, :])
@@ -249,7 +250,8 @@ def full_decode_attention(state: NHAState, q_rot: Tensor, scale: float) -> Tenso
     _full_decode_kernel[(b * h, ns)](
         q, state.win_k_rot, state.win_v, _u8(state.win_valid), acc, m, l_, c, split, h, ns, scale,
         G=g, GP=max(16, next_pow2(g)), D=d, DP=max(16, next_pow2(d)), DV=dv, DVP=max(16, next_pow2(dv)),
-        BLOCK=blk, num_warps=FULL_TILES["num_warps"], num_stages=FULL_TILES["num_stages"],
+        BLOCK=blk, PREC=precisions(q.dtype)[0], num_warps=FULL_TILES["num_warps"],
+        num_stages=FULL_TILES["num_stages"],
     )
     # Merge the splits' partial softmaxes (a split that saw nothing has m = -inf and weight 0).
     top = m.amax(dim=1, keepdim=True)

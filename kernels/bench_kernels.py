@@ -155,7 +155,7 @@ def main() -> None:
         torch.cuda.empty_cache()
 
     hdr = (f"{'T':>7} {'B':>3} {'w':>5} | {'NHA fwd':>8} {'SDPA':>8} {'x':>6} {'flex':>8} {'floor':>7} {'frac':>5} | "
-           f"{'NHA f+b':>8} {'SDPA f+b':>8} {'x':>6} {'flex f+b':>8}")
+           f"{'NHA f+b':>8} {'SDPA f+b':>8} {'x':>6} {'flex f+b':>8} | {'gsa fwd':>8}")
     print(f"\n{result['device']}, copy {bw / 1e12:.2f} TB/s, 32/8 heads, d=128, m=64, bf16, times in ms (median)")
     print(hdr)
     print("-" * len(hdr))
@@ -168,7 +168,7 @@ def main() -> None:
               f"{f(r['sdpa_fwd_ms'] / r['nha_fwd_ms'], 6, 1)} {f(r.get('flex_fwd_ms'))} {f(r['floor_fwd_ms'], 7)} "
               f"{f(r['floor_fwd_ms'] / r['nha_fwd_ms'], 5, 2)} | {f(fb)} {f(r.get('sdpa_fwdbwd_ms'))} "
               f"{f(r['sdpa_fwdbwd_ms'] / fb if fb and r.get('sdpa_fwdbwd_ms') else None, 6, 1)} "
-              f"{f(r.get('flex_fwdbwd_ms'))}")
+              f"{f(r.get('flex_fwdbwd_ms'))} | {f(r.get('gsa_fwd_ms'))}")
     print(f"fla chunk_gsa: {result['fla_chunk_gsa']}")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(args.out)), suffix=".json")

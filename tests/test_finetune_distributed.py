@@ -48,15 +48,18 @@ stages:
 """
 
 
+def stages_for(processes: int) -> str:
+    """The same global batch of 2 rows: distill as 1 process x 2 accumulated micro-batches or 2 processes x 1;
+    finetune as 1 process x 2 rows or 2 processes x 1."""
+    return STAGES.replace("GA", str(2 // processes)).replace("BS", str(2 // processes))
+
+
 def _finetune(tmp: Path, name: str, *, processes: int, fsdp: bool = False, resume: bool = False) -> Path:
     base, data, recipe = tmp / "base", tmp / "data", tmp / f"{name}.yaml"
     if not base.exists():
         save_tiny_base(base, tie=True)
         write_corpus(data)
-    # The same global batch of 2 rows: distill as 1 process x 2 accumulated micro-batches or 2 processes x 1;
-    # finetune as 1 process x 2 rows or 2 processes x 1.
-    stages = STAGES.replace("GA", str(2 // processes)).replace("BS", str(2 // processes))
-    recipe.write_text(recipe_text(base, data, tmp / name, stages))
+    recipe.write_text(recipe_text(base, data, tmp / name, stages_for(processes)))
     env = {**os.environ, "NHA_BACKEND": "torch", "ACCELERATE_USE_CPU": "true", "NHA_TEST_FSDP": str(int(fsdp)),
            "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     launcher = [sys.executable] if processes == 1 else \
@@ -67,7 +70,7 @@ def _finetune(tmp: Path, name: str, *, processes: int, fsdp: bool = False, resum
     return tmp / name
 
 
-def _losses(run: Path) -> list[tuple[str, int, float]]:
+def losses(run: Path) -> list[tuple[str, int, float]]:
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     return [(r["stage"], r["step"], r["loss"]) for r in rows if "event" not in r and "loss" in r]
 
@@ -89,7 +92,7 @@ def runs(tmp_path_factory):
 def test_two_processes_follow_the_one_process_loss_curve(runs, mode):
     tmp, one = runs
     two = _finetune(tmp, mode, processes=2, fsdp=mode == "fsdp")
-    a, b = _losses(one), _losses(two)
+    a, b = losses(one), losses(two)
     assert [x[:2] for x in a] == [x[:2] for x in b] and len(a) == 10
     for (stage, step, la), (_, _, lb) in zip(a, b):
         assert abs(la - lb) <= 1e-5 * abs(la), (mode, stage, step, la, lb)

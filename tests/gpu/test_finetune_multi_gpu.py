@@ -21,45 +21,20 @@ import torch
 if torch.cuda.device_count() < 2:
     pytest.skip("needs 2 CUDA devices", allow_module_level=True)
 
+from tests.test_finetune_distributed import losses, stages_for  # noqa: E402
 from tests.test_finetune_helpers import recipe_text, save_tiny_base, write_corpus  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 ROOT = Path(__file__).resolve().parents[2]
 
-STAGES = """
-stages:
-  - kind: distill
-    trains: lora
-    lora: {r: 4}
-    steps: 6
-    batch_size: BS
-    seq_len: 48
-    lr: 5e-3
-    ce_weight: 0.3
-    warmup_steps: 1
-    eval_rows: 4
-  - kind: finetune
-    trains: attention
-    steps: 4
-    batch_size: BS
-    seq_len: 32
-    lr: 1e-3
-    eval_rows: 4
-"""
 
-
-def _losses(run: Path) -> list[tuple[str, int, float]]:
-    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    return [(r["stage"], r["step"], r["loss"]) for r in rows if "event" not in r and "loss" in r]
-
-
-def _run(tmp: Path, name: str, per_device_batch: int, launcher: list[str]) -> Path:
+def _run(tmp: Path, name: str, processes: int, launcher: list[str]) -> Path:
     base, data = tmp / "base", tmp / "data"
     if not base.exists():
         save_tiny_base(base, tie=True)
         write_corpus(data)
     recipe = tmp / f"{name}.yaml"
-    recipe.write_text(recipe_text(base, data, tmp / name, STAGES.replace("BS", str(per_device_batch))))
+    recipe.write_text(recipe_text(base, data, tmp / name, stages_for(processes)))
     # The torch op keeps the run free of kernel compilation: the kernels have their own GPU suite.
     env = {**os.environ, "NHA_BACKEND": "torch",
            "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'kernels'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
@@ -72,7 +47,7 @@ def _run(tmp: Path, name: str, per_device_batch: int, launcher: list[str]) -> Pa
 @pytest.fixture(scope="module")
 def one_gpu(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("multi")
-    return tmp, _run(tmp, "one", 2, [sys.executable])
+    return tmp, _run(tmp, "one", 1, [sys.executable])
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
@@ -80,8 +55,8 @@ def test_two_gpus_follow_the_one_gpu_loss_curve(one_gpu, mode):
     tmp, one = one_gpu
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2"]
     launch += ["--multi_gpu"] if mode == "ddp" else ["--config_file", str(ROOT / "recipes" / "accelerate-fsdp.yaml")]
-    two = _run(tmp, mode, 1, launch)
-    a, b = _losses(one), _losses(two)
+    two = _run(tmp, mode, 2, launch)
+    a, b = losses(one), losses(two)
     assert [x[:2] for x in a] == [x[:2] for x in b] and len(a) == 10
     for (stage, step, la), (_, _, lb) in zip(a, b):  # same rows, same order; only the reduction order differs
         assert abs(la - lb) <= 1e-3 * max(1.0, abs(la)), (mode, stage, step, la, lb)

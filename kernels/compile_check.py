@@ -135,7 +135,8 @@ def bwd_variants(g=4, d=128, m=64, rows=128, nw=8, mc=16):
     gp = 1 << (g - 1).bit_length()
     bm = rows // gp
     f32 = {n: "*fp32" for n in ("la", "lse", "delta", "dk_sink", "dv_sink", "st_k", "st_v", "xg", "dlb", "psb",
-                                  "loc_k", "loc_v", "loc_a", "rb_k", "rb_v", "dks", "dvs", "dss", "dkr", "dvb")}
+                                  "loc_k", "loc_v", "loc_a", "rb_k", "rb_v", "dks", "dvs", "dss", "dss_k", "dss_v",
+                                  "dkr", "dvb")}
     i32 = {n: "*i32" for n in ("tok", "sink_pos", "span_table")}
     pt = {**f32, **i32}
     band = dict(G=g, GP=gp, BM=bm, BN=64, D=d, DV=d, DP=d, DVP=d, VARLEN=False, PREC="tf32", SPLIT=True)
@@ -148,7 +149,10 @@ def bwd_variants(g=4, d=128, m=64, rows=128, nw=8, mc=16):
     pt_q = dict(pt, dq="*bf16")
     out.append(("bwd slot q", compile_generic(cb._bwd_slot_q_kernel, sq, pt_q, nw, 1)))
     out.append(("bwd slot rlocal", compile_generic(cb._bwd_slot_rlocal_kernel, slot, pt, nw, 1)))
-    out.append(("bwd slot kv", compile_generic(cb._bwd_slot_kv_kernel, sq, pt, nw, 1)))
+    out.append(("bwd slot kv joint", compile_generic(cb._bwd_slot_kv_kernel, sq, pt, nw, 1)))
+    for side in (-1, 0, 1):  # -1: one launch, grid axis 2 picks the side (the launcher's); 0 / 1: K / V alone
+        out.append((f"bwd slot kv split SIDE={side}",
+                     compile_generic(cb._bwd_slot_kv_split_kernel, {**sq, "SIDE": side}, pt, nw, 1)))
     return out
 
 

@@ -356,6 +356,110 @@ def _bwd_slot_rlocal_kernel(
 
 
 @triton.jit
+def _kv_chunk(xs, yu, xy, r, bx, s, a, aend, a_rows, jb, tt, causal, BM: tl.constexpr, SPLIT: tl.constexpr,
+              PREC: tl.constexpr, PREC_SLOT: tl.constexpr, FAST_LIMIT: tl.constexpr, P_SPLIT: tl.constexpr):
+    """One side of one slot chunk of the reverse sweep. K side: x = k_j (slot tokens), y = q rows, r = scale * dl;
+    V side: x = v_j, y = dO rows, r = p. xy = causal y @ x^T, bx = the adjoint B arriving from after this block.
+    Returns (this side's part of ds, its part of dx_j, the adjoint passed to the previous block)."""
+    ea_rows = tl.exp(a_rows)
+    re = r * ea_rows
+    e_end = tl.exp(aend[None, :] - a)
+    # From later blocks: exp(aend - a_j) B x_j and s_j exp(aend - a_j) B.
+    ds = e_end * _mm_state(xs, tl.trans(bx), SPLIT)
+    dx = tl.dot(s * e_end, bx, input_precision=PREC_SLOT)
+    if tl.min(aend, axis=0) > FAST_LIMIT:
+        ds += tl.exp(-a) * tl.dot(tl.trans(xy), re, input_precision=PREC_SLOT)
+        pw = tl.dot(re, tl.trans(s * tl.exp(-a)), input_precision=PREC_SLOT)
+    else:
+        for j in range(0, BM):
+            e = tl.exp(tl.where((tt >= j)[:, None], a_rows - pick_row(a, jb, j)[None, :], float("-inf")))
+            row = tl.sum(e * pick_col(xy, jb, j)[:, None] * r, axis=0)
+            ds = tl.where((jb == j)[:, None], ds + row[None, :], ds)
+        pw = _exact_cols(r, a, s, a_rows, jb, tt, BM)
+    pw = tl.where(causal, pw, 0.0)
+    if P_SPLIT:
+        dx += _dot_split(tl.trans(pw), yu, SPLIT, PREC)
+    else:
+        dx += tl.dot(tl.trans(pw).to(yu.dtype), yu, input_precision=PREC)
+    return ds, dx, tl.exp(aend)[:, None] * bx + _mm_state(tl.trans(re), yu, SPLIT)
+
+
+@triton.jit
+def _kv_side_sweep(
+    x, y, r, r_scale, rb, dxs, dss, la, tok, span_table,
+    T, W, S, L, SPANS_PER_ROW, H, NSPH,
+    GP: tl.constexpr, BM: tl.constexpr, G: tl.constexpr, DX: tl.constexpr, M: tl.constexpr, DXP: tl.constexpr,
+    MP: tl.constexpr, MC: tl.constexpr, SPLIT: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr,
+    PREC_SLOT: tl.constexpr, FAST_LIMIT: tl.constexpr, P_SPLIT: tl.constexpr,
+):
+    """The whole reverse sweep of one span for one side (see _kv_chunk): dx of its slot tokens, its part of ds."""
+    ROWS: tl.constexpr = GP * BM
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    b, n, seq_start, seq_end, span_start, span_end = _seq_of_span(span_table, pid, T, L, SPANS_PER_ROW, VARLEN)
+    bh = b.to(tl.int64) * H + h
+    tok_b = tok + b.to(tl.int64) * T
+    la_bh = la + bh * T * M
+    rr = tl.arange(0, ROWS)
+    tt = rr % BM
+    hq = bh * G + rr // BM
+    g_ok = rr // BM < G
+    dx = tl.arange(0, DXP)
+    jb = tl.arange(0, BM)
+    dx_ok = (dx < DX)[None, :]
+    causal = tt[:, None] >= jb[None, :]
+    rb0 = rb + (pid * H + h).to(tl.int64) * MP * DXP
+    run = NSPH * MP * DXP
+    n_blocks = tl.cdiv(span_end - span_start, BM)
+    for ib in range(0, n_blocks):
+        t0 = span_start + (n_blocks - 1 - ib) * BM
+        cur = tl.where(ib == 0, 0, 1).to(tl.int64)
+        t = t0 + tt
+        row_ok = g_ok & (t < seq_end)
+        tb = t0 + jb
+        js, jok, writes = _slot_writers(tok_b, tb, tb < seq_end, W, S, seq_start)
+        js64 = js.to(tl.int64)
+        xs = tl.load(x + (bh * T + js64)[:, None] * DX + dx[None, :], mask=jok[:, None] & dx_ok, other=0.0)
+        yu = tl.load(y + (hq * T + t)[:, None] * DX + dx[None, :], mask=row_ok[:, None] & dx_ok, other=0.0)
+        xy = tl.where(causal, tl.dot(yu, tl.trans(xs), input_precision=PREC), 0.0)
+        acc = tl.zeros((BM, DXP), tl.float32)
+        for c0 in range(0, MP, MC):
+            ic, s, a, aend = _slot_gates(la_bh, js64, writes, c0, M, MC)
+            off = ic[:, None] * DXP + dx[None, :]
+            rows_m = (hq * T + t)[:, None] * M + ic[None, :]
+            rr_ = tl.load(r + rows_m, mask=row_ok[:, None] & (ic < M)[None, :], other=0.0) * r_scale
+            ds, dxc, bnew = _kv_chunk(xs, yu, xy, rr_, tl.load(rb0 + cur * run + off), s, a, aend,
+                                      rows_of(a, GP, BM, MC), jb, tt, causal, BM, SPLIT, PREC, PREC_SLOT,
+                                      FAST_LIMIT, P_SPLIT)
+            acc += dxc
+            tl.store(dss + (bh * T + tb.to(tl.int64))[:, None] * M + ic[None, :], ds,
+                     mask=(tb < seq_end)[:, None] & (ic < M)[None, :])
+            tl.store(rb0 + run + off, bnew)
+        tl.debug_barrier()
+        tl.store(dxs + (bh * T + tb.to(tl.int64))[:, None] * DXP + dx[None, :], acc, mask=(tb < seq_end)[:, None])
+
+
+@triton.jit
+def _bwd_slot_kv_split_kernel(
+    q, k, v, la, do, tok, span_table, dlb, psb, rb_k, rb_v, dks, dvs, dss_k, dss_v,
+    T, W, S, L, SPANS_PER_ROW, H, NSPH, scale,
+    G: tl.constexpr, GP: tl.constexpr, BM: tl.constexpr,
+    D: tl.constexpr, DV: tl.constexpr, M: tl.constexpr, DP: tl.constexpr, DVP: tl.constexpr, MP: tl.constexpr,
+    MC: tl.constexpr, SPLIT: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr, PREC_SLOT: tl.constexpr,
+    FAST_LIMIT: tl.constexpr, SIDE: tl.constexpr,
+):
+    """_bwd_slot_kv_kernel with one side per program (SIDE 0: K, 1: V, -1: grid axis 2 picks), so the K-side and
+    V-side adjoint tiles are never live together. ds = dss_k + dss_v."""
+    side = tl.program_id(2) if SIDE < 0 else SIDE
+    if side == 0:
+        _kv_side_sweep(k, q, dlb, scale, rb_k, dks, dss_k, la, tok, span_table, T, W, S, L, SPANS_PER_ROW, H, NSPH,
+                       GP, BM, G, D, M, DP, MP, MC, SPLIT, VARLEN, PREC, PREC_SLOT, FAST_LIMIT, True)
+    else:
+        _kv_side_sweep(v, do, psb, 1.0, rb_v, dvs, dss_v, la, tok, span_table, T, W, S, L, SPANS_PER_ROW, H, NSPH,
+                       GP, BM, G, DV, M, DVP, MP, MC, SPLIT, VARLEN, PREC, PREC_SLOT, FAST_LIMIT, False)
+
+
+@triton.jit
 def _bwd_slot_kv_kernel(
     q, k, v, la, do, tok, span_table, dlb, psb, rb_k, rb_v, dks, dvs, dss,
     T, W, S, L, SPANS_PER_ROW, H, NSPH, scale,
@@ -364,7 +468,7 @@ def _bwd_slot_kv_kernel(
     MC: tl.constexpr, SPLIT: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr, PREC_SLOT: tl.constexpr,
     FAST_LIMIT: tl.constexpr,
 ):
-    """Reverse sweep over the blocks of a span: gradients of the slot tokens entering at each shifted position."""
+    """Reverse sweep over the blocks of a span, both sides in one program (NHA_BWD_KV=joint; spills on sm_90)."""
     ROWS: tl.constexpr = GP * BM
     pid = tl.program_id(0)
     h = tl.program_id(1)
@@ -405,46 +509,23 @@ def _bwd_slot_kv_kernel(
         dv_acc = tl.zeros((BM, DVP), tl.float32)
         for c0 in range(0, MP, MC):
             ic, s, a, aend = _slot_gates(la_bh, js64, writes, c0, M, MC)
-            wt = s * tl.exp(aend[None, :] - a)
-            decay = tl.exp(aend)[:, None]
             off_k = ic[:, None] * DP + dd[None, :]
             off_v = ic[:, None] * DVP + dv[None, :]
-            bk = tl.load(rb_k0 + cur * run_k + off_k)  # adjoint arriving from after this block
-            bvv = tl.load(rb_v0 + cur * run_v + off_v)
             rows_m = (hq * T + t)[:, None] * M + ic[None, :]
             mm = row_ok[:, None] & (ic < M)[None, :]
-            dlr = tl.load(dlb + rows_m, mask=mm, other=0.0) * scale
-            psr = tl.load(psb + rows_m, mask=mm, other=0.0)
             a_rows = rows_of(a, GP, BM, MC)
-            ea_rows = tl.exp(a_rows)
-            dle = dlr * ea_rows
-            pe = psr * ea_rows
-            # From later blocks: exp(aend - a_j) (B_k k_j + B_v v_j) and s_j exp(aend - a_j) B.
-            ds = tl.exp(aend[None, :] - a) * (_mm_state(ks, tl.trans(bk), SPLIT) + _mm_state(vs, tl.trans(bvv), SPLIT))
-            dk_acc += tl.dot(wt, bk, input_precision=PREC_SLOT)
-            dv_acc += tl.dot(wt, bvv, input_precision=PREC_SLOT)
-            fast = tl.min(aend, axis=0) > FAST_LIMIT
-            if fast:
-                shat = s * tl.exp(-a)
-                ds += tl.exp(-a) * (tl.dot(tl.trans(qk), dle, input_precision=PREC_SLOT)
-                                    + tl.dot(tl.trans(dvk), pe, input_precision=PREC_SLOT))
-                p3 = tl.dot(dle, tl.trans(shat), input_precision=PREC_SLOT)
-                p2 = tl.dot(pe, tl.trans(shat), input_precision=PREC_SLOT)
-            else:
-                for j in range(0, BM):
-                    e = tl.exp(tl.where((tt >= j)[:, None], a_rows - pick_row(a, jb, j)[None, :], float("-inf")))
-                    row = tl.sum(e * (pick_col(qk, jb, j)[:, None] * dlr + pick_col(dvk, jb, j)[:, None] * psr), axis=0)
-                    ds = tl.where((jb == j)[:, None], ds + row[None, :], ds)
-                p3 = _exact_cols(dlr, a, s, a_rows, jb, tt, BM)
-                p2 = _exact_cols(psr, a, s, a_rows, jb, tt, BM)
-            p3 = tl.where(causal, p3, 0.0)
-            p2 = tl.where(causal, p2, 0.0)
-            dk_acc += _dot_split(tl.trans(p3), qu, SPLIT, PREC)
-            dv_acc += tl.dot(tl.trans(p2).to(d_o.dtype), d_o, input_precision=PREC)
-            tl.store(dss + (bh * T + tb.to(tl.int64))[:, None] * M + ic[None, :], ds,
+            ds_k, dk_c, bk = _kv_chunk(ks, qu, qk, tl.load(dlb + rows_m, mask=mm, other=0.0) * scale,
+                                       tl.load(rb_k0 + cur * run_k + off_k), s, a, aend, a_rows, jb, tt, causal,
+                                       BM, SPLIT, PREC, PREC_SLOT, FAST_LIMIT, True)
+            ds_v, dv_c, bvv = _kv_chunk(vs, d_o, dvk, tl.load(psb + rows_m, mask=mm, other=0.0),
+                                        tl.load(rb_v0 + cur * run_v + off_v), s, a, aend, a_rows, jb, tt, causal,
+                                        BM, SPLIT, PREC, PREC_SLOT, FAST_LIMIT, False)
+            dk_acc += dk_c
+            dv_acc += dv_c
+            tl.store(dss + (bh * T + tb.to(tl.int64))[:, None] * M + ic[None, :], ds_k + ds_v,
                      mask=(tb < seq_end)[:, None] & (ic < M)[None, :])
-            tl.store(rb_k0 + run_k + off_k, decay * bk + _mm_state(tl.trans(dle), qu, SPLIT))
-            tl.store(rb_v0 + run_v + off_v, decay * bvv + _mm_state(tl.trans(pe), d_o, SPLIT))
+            tl.store(rb_k0 + run_k + off_k, bk)
+            tl.store(rb_v0 + run_v + off_v, bvv)
         tl.debug_barrier()
         tb64 = (bh * T + tb.to(tl.int64))
         tl.store(dks + tb64[:, None] * DP + dd[None, :], dk_acc, mask=(tb < seq_end)[:, None])

@@ -1,7 +1,9 @@
 """Chunk-parallel NHA forward main kernel: no state carried from block to block.
 
-The slot state at the start of every chunk of CK shifted positions comes from the state pass in chunk_fwd.py
-(`_span_local_kernel` with spans of CK tokens, then `span_scan`). Each program then owns one query block of BM
+The slot state at the start of every chunk of CK shifted positions comes from the state pass in chunk_fwd.py: by
+default `_chunk_walk_kernel` (below) walks each span of up to 1024 positions from its start state (the serial
+forward's span pass + scan); with NHA_FWD_STATE_SPAN=0, `_span_local_kernel` with spans of CK tokens and one
+`span_scan` over all chunks. Each program then owns one query block of BM
 positions of one chunk and one KV head (G query heads as rows g * BM + t), and computes, from the chunk-start state
 K0/V0 and the chunk's own tokens up to its block (the same chunk form as chunk_fwd.py, with A the cumulative log
 decay since the chunk start):

@@ -120,7 +120,7 @@ def compile_generic(fn, consts: dict, ptr_types: dict, num_warps=8, num_stages=1
         name = p.name
         if name in consts:
             sig[name] = "constexpr"
-        elif name == "scale":
+        elif name in ("scale", "one"):
             sig[name] = "fp32"
         elif name in ptr_types or name[0].islower() and name not in ("t",):
             sig[name] = ptr_types.get(name, default_ptr)

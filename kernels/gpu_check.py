@@ -8,6 +8,7 @@ Prints a short table last; writes gpu_check.json (and the pytest log) under --ou
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -56,7 +57,26 @@ def fwd_bytes(b, hq, h, t, d, m, elt=2):
     return b * t * (2 * hq * d * elt + 3 * h * d * elt + h * m * 4 + hq * d * elt)
 
 
-def check_against_reference(rows: list) -> dict:
+SERIAL = FwdConfig(rows=128, bn=64, span=1024, cs=64, num_warps=8, num_stages=1)
+PARALLEL = FwdConfig(rows=128, bn=64, span=64, cs=64, num_warps=8, num_stages=1, parallel=True)  # scan, no walk
+
+
+@contextlib.contextmanager
+def bwd_mode(mode: str | None):
+    """NHA_BWD_KV=mode (the slot K/V backward kernel: split | split2 | joint) inside the block; None: as set."""
+    old = os.environ.get("NHA_BWD_KV")
+    if mode is not None:
+        os.environ["NHA_BWD_KV"] = mode
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("NHA_BWD_KV", None)
+        else:
+            os.environ["NHA_BWD_KV"] = old
+
+
+def check_against_reference(rows: list, bwd_modes: list[str]) -> dict:
     """Both forward kernels against the fp32 reference: output and all six gradients (T = 4096, 32/8 heads, d = 128,
     m = 64, 4 sinks), and packed sequences (forward + final state per document)."""
     from nha_convert.ops import nha_chunk
@@ -69,11 +89,12 @@ def check_against_reference(rows: list) -> dict:
     for w in (64, 512):
         ref = nha_chunk(*ref_in, window=w, num_sinks=4, scale=d**-0.5)[0]
         gr = torch.autograd.grad(ref, ref_in, grad.float(), allow_unused=True)
-        for name in ("serial", "parallel"):
-            cfg = FwdConfig(rows=128, bn=64, span=64 if name == "parallel" else 1024, cs=64, num_warps=8, num_stages=1,
-                            parallel=name == "parallel")
-            o = nha_chunk_triton(*xs, window=w, num_sinks=4, scale=d**-0.5, config=cfg)[0]
-            gk = torch.autograd.grad(o, xs, grad, allow_unused=True)
+        forms = [("serial", SERIAL, None), ("parallel scan", PARALLEL, None), ("default", None, None)]
+        forms += [(f"default bwd={mode}", None, mode) for mode in bwd_modes[1:]]
+        for name, cfg, mode in forms:
+            with bwd_mode(mode):
+                o = nha_chunk_triton(*xs, window=w, num_sinks=4, scale=d**-0.5, config=cfg)[0]
+                gk = torch.autograd.grad(o, xs, grad, allow_unused=True)
             errs = [((a.float() - b_).norm() / b_.norm()).item() for a, b_ in zip([o, *gk], [ref, *gr])
                     if b_ is not None]
             out[f"{name} w={w}"] = max(errs)
@@ -101,6 +122,8 @@ def main() -> None:
     ap.add_argument("--tests-k", default=None, help="pytest -k expression for the GPU suite")
     ap.add_argument("--fla", action="store_true", help="time fla's chunk_gsa (needs fla on the path)")
     ap.add_argument("--no-decode", action="store_true")
+    ap.add_argument("--bwd-modes", default="split",
+                    help="comma list of NHA_BWD_KV modes to check and time fwd+bwd with (first = default)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
@@ -118,7 +141,8 @@ def main() -> None:
         print("\n".join(ln for ln in log.splitlines() if "rel error" in ln or "FAILED" in ln or "Error" in ln)[-6000:])
         add(rows, ("gpu tests", f"{last} ({time.time() - t0:.0f}s, rc={p.returncode})"))
 
-    res["checks"] = check_against_reference(rows)
+    bwd_modes = args.bwd_modes.split(",")
+    res["checks"] = check_against_reference(rows, bwd_modes)
     bw = copy_bandwidth()
     res["copy_bw_TBps"] = bw / 1e12
     add(rows, ("copy bandwidth", f"{bw / 1e12:.2f} TB/s"))
@@ -139,8 +163,7 @@ def main() -> None:
     add(rows, ("SDPA flash causal fwd T=32K", f"{sdpa:.3f} ms"))
     del kr, vr
 
-    ser = FwdConfig(rows=128, bn=64, span=1024, cs=64, num_warps=8, num_stages=1)
-    par = FwdConfig(rows=128, bn=64, span=64, cs=64, num_warps=8, num_stages=1, parallel=True)
+    ser, par = SERIAL, PARALLEL
     variants = [("serial", ser), ("par", par), ("par walk1024", replace(par, state_span=1024))]
     if not args.quick:
         variants += [
@@ -203,6 +226,21 @@ def main() -> None:
         res.setdefault("fwdbwd_breakdown", {})[name] = parts
         add(rows, (f"fwd+bwd breakdown {name}", ", ".join(f"{k[:22]}={v:.3f}ms" for k, v in
                                                              sorted(parts.items(), key=lambda kv: -kv[1])[:9])))
+    for mode in bwd_modes[1:] if len(bwd_modes) > 1 else []:
+        for w in (64, 512):
+            def nha_fb_mode(w=w):
+                for x in xg:
+                    x.grad = None
+                nha_chunk_triton(*xg, window=w, num_sinks=0, scale=d**-0.5)[0].backward(grad)
+            with bwd_mode(mode):
+                fb = bench(nha_fb_mode, rep=30)
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    nha_fb_mode()
+                    torch.cuda.synchronize()
+            res.setdefault("fwdbwd_modes", {})[f"{mode} w={w}"] = fb
+            parts = {e.key: e.device_time_total / 1e3 for e in prof.key_averages() if e.device_time_total > 0}
+            add(rows, (f"fwd+bwd T=32K w={w} default bwd={mode}", f"NHA {fb:.3f} ms; " + ", ".join(
+                f"{k[:22]}={v:.3f}ms" for k, v in sorted(parts.items(), key=lambda kv: -kv[1])[:5])))
     qg, kg, vg = (xs[1].detach().requires_grad_(True), xs[3].detach().repeat_interleave(4, 1).requires_grad_(True),
                   xs[4].detach().repeat_interleave(4, 1).requires_grad_(True))
 

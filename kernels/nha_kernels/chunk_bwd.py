@@ -12,7 +12,8 @@ Kernels (all GQA-native: the G query heads of a KV head are rows of one tile):
                          X = sum_heads(dl * l + p * dp) (= rowdot(dK~, K~) + rowdot(dV~, V~)); stores dl, p per row.
 - `_bwd_slot_rlocal_kernel` + reverse `span_scan`: the slot adjoints (dK~, dV~ pulled back through the
                          decays) arriving at each span end from later spans.
-- `_bwd_slot_kv_kernel`  reverse sweep per span: gradients of the slot tokens' k, v and write weights s.
+- `_bwd_slot_kv_split_kernel` reverse sweep per span and side (K or V, grid axis 2): gradients of the slot tokens'
+                         k, v and write weights s (ds = K part + V part); `_bwd_slot_kv_kernel`: both sides at once.
 Then, in torch: dlog_alpha = reverse-cumsum(X - s * ds) - alpha * ds (per sequence), undo the token shift.
 
 Math of the slot recurrence (one KV head, shifted positions, A = cumulative log decay, s = 1 - alpha):
@@ -23,6 +24,8 @@ Math of the slot recurrence (one KV head, shifted positions, A = cumulative log 
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -442,20 +445,21 @@ def _kv_side_sweep(
 @triton.jit
 def _bwd_slot_kv_split_kernel(
     q, k, v, la, do, tok, span_table, dlb, psb, rb_k, rb_v, dks, dvs, dss_k, dss_v,
-    T, W, S, L, SPANS_PER_ROW, H, NSPH, scale,
+    T, W, S, L, SPANS_PER_ROW, H, NSPH, scale, one,
     G: tl.constexpr, GP: tl.constexpr, BM: tl.constexpr,
     D: tl.constexpr, DV: tl.constexpr, M: tl.constexpr, DP: tl.constexpr, DVP: tl.constexpr, MP: tl.constexpr,
     MC: tl.constexpr, SPLIT: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr, PREC_SLOT: tl.constexpr,
     FAST_LIMIT: tl.constexpr, SIDE: tl.constexpr,
 ):
     """_bwd_slot_kv_kernel with one side per program (SIDE 0: K, 1: V, -1: grid axis 2 picks), so the K-side and
-    V-side adjoint tiles are never live together. ds = dss_k + dss_v."""
+    V-side adjoint tiles are never live together. ds = dss_k + dss_v. `one` = 1.0 passed at run time: with the
+    literal 1.0 folded in, ptxas spills ~10x more on the V side (kernels/compile_check.py)."""
     side = tl.program_id(2) if SIDE < 0 else SIDE
     if side == 0:
         _kv_side_sweep(k, q, dlb, scale, rb_k, dks, dss_k, la, tok, span_table, T, W, S, L, SPANS_PER_ROW, H, NSPH,
                        GP, BM, G, D, M, DP, MP, MC, SPLIT, VARLEN, PREC, PREC_SLOT, FAST_LIMIT, True)
     else:
-        _kv_side_sweep(v, do, psb, 1.0, rb_v, dvs, dss_v, la, tok, span_table, T, W, S, L, SPANS_PER_ROW, H, NSPH,
+        _kv_side_sweep(v, do, psb, one, rb_v, dvs, dss_v, la, tok, span_table, T, W, S, L, SPANS_PER_ROW, H, NSPH,
                        GP, BM, G, DV, M, DVP, MP, MC, SPLIT, VARLEN, PREC, PREC_SLOT, FAST_LIMIT, False)
 
 
@@ -592,6 +596,15 @@ def _delta(do: Tensor, fwd: FwdOut) -> Tensor:
     return delta
 
 
+def _bwd_kv_mode() -> str:
+    """NHA_BWD_KV picks the slot k/v backward: split (default; K and V sides in separate programs of one launch),
+    split2 (the two sides as two launches) or joint (both sides in one program, the former kernel)."""
+    mode = os.environ.get("NHA_BWD_KV", "split")
+    if mode not in ("split", "split2", "joint"):
+        raise ValueError(f"NHA_BWD_KV must be 'split', 'split2' or 'joint', got {mode!r}")
+    return mode
+
+
 def nha_bwd(fwd: FwdOut, do: Tensor, q, q_rot, k, k_rot, v, log_alpha, *, window, num_sinks, scale):
     """Gradients (dq, dq_rot, dk, dk_rot, dv, dlog_alpha) of the op whose forward produced `fwd`."""
     lay, cfg = fwd.layout, fwd.config
@@ -671,13 +684,20 @@ def nha_bwd(fwd: FwdOut, do: Tensor, q, q_rot, k, k_rot, v, log_alpha, *, window
             span_scan(loc, rb_a, seq_table, fin, lay, hkv, mp, xp, reverse=True)
         dks = torch.zeros(b, hkv, t_len, dp_, dtype=torch.float32, device=dev)
         dvs = torch.zeros(b, hkv, t_len, dvp, dtype=torch.float32, device=dev)
-        dss = torch.zeros(b, hkv, t_len, m, dtype=torch.float32, device=dev)
-        _bwd_slot_kv_kernel[grid](
-            q, k, v, la, do, lay.tok, span_table, dlb, psb, rb_k, rb_v, dks, dvs, dss,
-            *common, num_sinks, cfg.span, lay.spans_per_row, hkv, nsph, scale,
-            G=g, GP=gp, BM=bm, D=d, DV=dv, M=m, DP=dp_, DVP=dvp, MP=mp, MC=mc, SPLIT=split, VARLEN=lay.varlen,
-            PREC=prec, PREC_SLOT=prec_slot, FAST_LIMIT=FAST_LIMIT, num_warps=cfg.num_warps, num_stages=1,
-        )
+        kv_mode = _bwd_kv_mode()
+        dss = torch.zeros(1 if kv_mode == "joint" else 2, b, hkv, t_len, m, dtype=torch.float32, device=dev)
+        args = (q, k, v, la, do, lay.tok, span_table, dlb, psb, rb_k, rb_v, dks, dvs, *dss,
+                *common, num_sinks, cfg.span, lay.spans_per_row, hkv, nsph, scale)
+        consts = dict(G=g, GP=gp, BM=bm, D=d, DV=dv, M=m, DP=dp_, DVP=dvp, MP=mp, MC=mc, SPLIT=split,
+                      VARLEN=lay.varlen, PREC=prec, PREC_SLOT=prec_slot, FAST_LIMIT=FAST_LIMIT,
+                      num_warps=cfg.num_warps, num_stages=1)
+        if kv_mode == "joint":
+            _bwd_slot_kv_kernel[grid](*args, **consts)
+            dss = dss[0]
+        else:  # split: the K and V sides as the two values of grid axis 2; split2: as two launches
+            for side in (-1,) if kv_mode == "split" else (0, 1):
+                _bwd_slot_kv_split_kernel[grid + (2 if side < 0 else 1,)](*args, 1.0, SIDE=side, **consts)
+            dss = dss[0].add_(dss[1])
         # Gates: shifted log decays la' (0 where a token does not write), then dL/dla'.
         cv, real = lay.tok >> 1, (lay.tok & 1) == 1
         writes = real & (cv > num_sinks)

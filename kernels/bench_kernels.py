@@ -1,6 +1,6 @@
 """Benchmark the NHA kernels against SDPA causal (flash), flex_attention sliding window and fla's chunk_gsa.
 
-    python kernels/bench_kernels.py [--seq 2048 8192 32768 131072] [--windows 64 512 2048] [--tokens 32768]
+    python kernels/bench_kernels.py [--seq 2048 8192 32768 131072] [--windows 64 512 2048] [--tokens 32768] [--flex-seq T ...]
                                     [--no-flex] [--no-bwd] [--out docs/bench/kernels.json]
 
 Shapes follow the issue: 32 query / 8 KV heads, head dim 128, m = 64, bf16, random inputs; batch B = tokens // T
@@ -68,12 +68,14 @@ def main() -> None:
     ap.add_argument("--windows", type=int, nargs="+", default=[64, 512, 2048])
     ap.add_argument("--tokens", type=int, default=32768, help="B * T")
     ap.add_argument("--no-flex", action="store_true")
-    ap.add_argument("--flex-seq", type=int, nargs="*", default=[32768],
-                    help="T values for flex_attention (each T compiles it again: minutes of device time)")
+    ap.add_argument("--flex-seq", type=int, nargs="*", default=None,
+                    help="T values for flex_attention (default: every --seq; each T compiles it again)")
     ap.add_argument("--no-bwd", action="store_true")
-    ap.add_argument("--bwd-max-seq", type=int, default=32768, help="skip fwd+bwd timings above this T")
+    ap.add_argument("--bwd-max-seq", type=int, default=131072, help="skip fwd+bwd timings above this T")
     ap.add_argument("--out", default="docs/bench/kernels.json")
     args = ap.parse_args()
+    if args.flex_seq is None:
+        args.flex_seq = args.seq
     scale = D**-0.5
     bw = copy_bandwidth()
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
@@ -124,6 +126,16 @@ def main() -> None:
             with torch.no_grad():
                 sdpa_f = bench(sdpa, rep=50 if t >= 32768 else 100)
             sdpa_fb = bench(fwd_bwd(sdpa, [qr, kr, vr], grad), rep=50) if do_bwd else None
+        gsa = {}  # fla's chunk_gsa (slots only: no window, so once per T), layout (B, T, H, D), m = width of s and g
+        if chunk_gsa is not None:
+            gin = [x.detach().transpose(1, 2).contiguous().requires_grad_(do_bwd) for x in (xs[0], xs[2], xs[4])]
+            s_ = torch.randn(b, t, HKV, M, device="cuda", dtype=torch.bfloat16, requires_grad=do_bwd)
+            g_ = xs[5].detach().transpose(1, 2).contiguous().bfloat16().requires_grad_(do_bwd)
+            run_gsa = lambda: chunk_gsa(*gin, s_, g_, scale=scale)[0]  # noqa: E731
+            with torch.no_grad():
+                gsa["gsa_fwd_ms"] = bench(run_gsa)
+            if do_bwd:
+                gsa["gsa_fwdbwd_ms"] = bench(fwd_bwd(run_gsa, [*gin, s_, g_], grad.transpose(1, 2).contiguous()), rep=50)
         for w in args.windows:
             row = dict(T=t, B=b, window=w, sdpa_fwd_ms=sdpa_f, sdpa_fwdbwd_ms=sdpa_fb)
             kw = dict(window=w, num_sinks=0, scale=scale)
@@ -142,12 +154,7 @@ def main() -> None:
                     row["flex_fwd_ms"] = bench(fl)
                 if do_bwd:
                     row["flex_fwdbwd_ms"] = bench(fwd_bwd(fl, [qr, kr, vr], grad), rep=50)
-            if chunk_gsa is not None:  # fla layout: (B, T, H, D); the slot count is the width of s and g
-                qq, kk, vv = (x.detach().transpose(1, 2).contiguous() for x in (xs[0], xs[2], xs[4]))
-                s = torch.randn(b, t, HKV, M, device="cuda", dtype=torch.bfloat16)
-                gg = xs[5].detach().transpose(1, 2).contiguous().bfloat16()
-                with torch.no_grad():
-                    row["gsa_fwd_ms"] = bench(lambda: chunk_gsa(qq, kk, vv, s, gg)[0])
+            row.update(gsa)
             table.append(row)
             result["rows"].append(row)
             print(row, flush=True)
@@ -155,7 +162,7 @@ def main() -> None:
         torch.cuda.empty_cache()
 
     hdr = (f"{'T':>7} {'B':>3} {'w':>5} | {'NHA fwd':>8} {'SDPA':>8} {'x':>6} {'flex':>8} {'floor':>7} {'frac':>5} | "
-           f"{'NHA f+b':>8} {'SDPA f+b':>8} {'x':>6} {'flex f+b':>8} | {'gsa fwd':>8}")
+           f"{'NHA f+b':>8} {'SDPA f+b':>8} {'x':>6} {'flex f+b':>8} | {'gsa fwd':>8} {'gsa f+b':>8}")
     print(f"\n{result['device']}, copy {bw / 1e12:.2f} TB/s, 32/8 heads, d=128, m=64, bf16, times in ms (median)")
     print(hdr)
     print("-" * len(hdr))
@@ -168,7 +175,7 @@ def main() -> None:
               f"{f(r['sdpa_fwd_ms'] / r['nha_fwd_ms'], 6, 1)} {f(r.get('flex_fwd_ms'))} {f(r['floor_fwd_ms'], 7)} "
               f"{f(r['floor_fwd_ms'] / r['nha_fwd_ms'], 5, 2)} | {f(fb)} {f(r.get('sdpa_fwdbwd_ms'))} "
               f"{f(r['sdpa_fwdbwd_ms'] / fb if fb and r.get('sdpa_fwdbwd_ms') else None, 6, 1)} "
-              f"{f(r.get('flex_fwdbwd_ms'))} | {f(r.get('gsa_fwd_ms'))}")
+              f"{f(r.get('flex_fwdbwd_ms'))} | {f(r.get('gsa_fwd_ms'))} {f(r.get('gsa_fwdbwd_ms'))}")
     print(f"fla chunk_gsa: {result['fla_chunk_gsa']}")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(args.out)), suffix=".json")

@@ -1,7 +1,7 @@
 """Benchmark the NHA kernels against SDPA causal (flash), flex_attention sliding window and fla's chunk_gsa.
 
-    python kernels/bench_kernels.py [--seq 2048 8192 32768 131072] [--windows 64 512 2048] [--tokens 32768] [--flex-seq T ...]
-                                    [--no-flex] [--no-bwd] [--out docs/bench/kernels.json]
+    python kernels/bench_kernels.py [--seq 2048 8192 32768 131072] [--windows 64 512 2048] [--tokens 32768]
+                                    [--flex-seq T ...] [--no-flex] [--no-bwd] [--out docs/bench/kernels.json]
 
 Shapes follow the issue: 32 query / 8 KV heads, head dim 128, m = 64, bf16, random inputs; batch B = tokens // T
 (at least 1) so that B * T stays constant where it fits. Times are medians of repeated runs after warm-up

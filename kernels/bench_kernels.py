@@ -69,13 +69,14 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32768, help="B * T")
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--flex-seq", type=int, nargs="*", default=None,
-                    help="T values for flex_attention (default: every --seq; each T compiles it again)")
+                    help="T values for flex_attention (default: every --seq up to 32K; each T compiles it again, "
+                         "and create_block_mask builds a dense T x T mask first: 128 GiB at 128K)")
     ap.add_argument("--no-bwd", action="store_true")
     ap.add_argument("--bwd-max-seq", type=int, default=131072, help="skip fwd+bwd timings above this T")
     ap.add_argument("--out", default="docs/bench/kernels.json")
     args = ap.parse_args()
     if args.flex_seq is None:
-        args.flex_seq = args.seq
+        args.flex_seq = [t for t in args.seq if t <= 32768]
     scale = D**-0.5
     bw = copy_bandwidth()
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
@@ -160,6 +161,7 @@ def main() -> None:
             print(row, flush=True)
         del xs, kr, vr, qr, grad
         torch.cuda.empty_cache()
+        write_json(result, args.out)
 
     hdr = (f"{'T':>7} {'B':>3} {'w':>5} | {'NHA fwd':>8} {'SDPA':>8} {'x':>6} {'flex':>8} {'floor':>7} {'frac':>5} | "
            f"{'NHA f+b':>8} {'SDPA f+b':>8} {'x':>6} {'flex f+b':>8} | {'gsa fwd':>8} {'gsa f+b':>8}")
@@ -177,11 +179,16 @@ def main() -> None:
               f"{f(r['sdpa_fwdbwd_ms'] / fb if fb and r.get('sdpa_fwdbwd_ms') else None, 6, 1)} "
               f"{f(r.get('flex_fwdbwd_ms'))} | {f(r.get('gsa_fwd_ms'))} {f(r.get('gsa_fwdbwd_ms'))}")
     print(f"fla chunk_gsa: {result['fla_chunk_gsa']}")
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(args.out)), suffix=".json")
+    write_json(result, args.out)
+
+
+def write_json(result: dict, out: str) -> None:
+    """Atomically (after every T, so that a run cut short keeps what it measured)."""
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(out)), suffix=".json")
     with os.fdopen(fd, "w") as fh:
         json.dump(result, fh, indent=1)
-    os.replace(tmp, args.out)
+    os.replace(tmp, out)
 
 
 if __name__ == "__main__":

@@ -149,10 +149,9 @@ def bwd_variants(g=4, d=128, m=64, rows=128, nw=8, mc=16):
     pt_q = dict(pt, dq="*bf16")
     out.append(("bwd slot q", compile_generic(cb._bwd_slot_q_kernel, sq, pt_q, nw, 1)))
     out.append(("bwd slot rlocal", compile_generic(cb._bwd_slot_rlocal_kernel, slot, pt, nw, 1)))
-    out.append(("bwd slot kv joint", compile_generic(cb._bwd_slot_kv_kernel, sq, pt, nw, 1)))
-    for side in (-1, 0, 1):  # -1: one launch, grid axis 2 picks the side (the launcher's); 0 / 1: K / V alone
-        out.append((f"bwd slot kv split SIDE={side}",
-                     compile_generic(cb._bwd_slot_kv_split_kernel, {**sq, "SIDE": side}, pt, nw, 1)))
+    for side in (-1, 0, 1):  # -1: one launch, grid axis 2 picks the side (the default); 0 / 1: K / V alone
+        kv = compile_generic(cb._bwd_slot_kv_kernel, {**sq, "SIDE": side}, pt, nw, 1)
+        out.append((f"bwd slot kv SIDE={side}", kv))
     return out
 
 

@@ -63,7 +63,7 @@ PARALLEL = FwdConfig(rows=128, bn=64, span=64, cs=64, num_warps=8, num_stages=1,
 
 @contextlib.contextmanager
 def bwd_mode(mode: str | None):
-    """NHA_BWD_KV=mode (the slot K/V backward kernel: split | split2 | joint) inside the block; None: as set."""
+    """NHA_BWD_KV=mode (the slot K/V backward launches: split | split2) inside the block; None: as set."""
     old = os.environ.get("NHA_BWD_KV")
     if mode is not None:
         os.environ["NHA_BWD_KV"] = mode

@@ -305,10 +305,9 @@ def test_other_forwards_exact_path_packing_and_gradients(mode, state_span, monke
     test_gradients_match_reference(*GRAD_CASES[5])
 
 
-@pytest.mark.parametrize("mode", ["joint", "split2"])
-def test_other_slot_kv_backward_kernels_match_reference(mode, monkeypatch):
-    """The slot K/V gradients in one program per span (joint) or in two launches, one per side (split2); the default
-    (one launch, the side on a grid axis) is what every other gradient test runs."""
-    monkeypatch.setenv("NHA_BWD_KV", mode)
+def test_slot_kv_backward_as_two_launches_matches_reference(monkeypatch):
+    """The slot K/V gradients as two launches, one per side (NHA_BWD_KV=split2); the default (one launch, the side on
+    a grid axis) is what every other gradient test runs."""
+    monkeypatch.setenv("NHA_BWD_KV", "split2")
     test_gradients_match_reference(*GRAD_CASES[2])
     test_gradients_match_reference(*GRAD_CASES[5])

@@ -12,8 +12,8 @@ Kernels (all GQA-native: the G query heads of a KV head are rows of one tile):
                          X = sum_heads(dl * l + p * dp) (= rowdot(dK~, K~) + rowdot(dV~, V~)); stores dl, p per row.
 - `_bwd_slot_rlocal_kernel` + reverse `span_scan`: the slot adjoints (dK~, dV~ pulled back through the
                          decays) arriving at each span end from later spans.
-- `_bwd_slot_kv_split_kernel` reverse sweep per span and side (K or V, grid axis 2): gradients of the slot tokens'
-                         k, v and write weights s (ds = K part + V part); `_bwd_slot_kv_kernel`: both sides at once.
+- `_bwd_slot_kv_kernel`  reverse sweep per span and side (K or V, grid axis 2): gradients of the slot tokens'
+                         k, v and write weights s (ds = K part + V part).
 Then, in torch: dlog_alpha = reverse-cumsum(X - s * ds) - alpha * ds (per sequence), undo the token shift.
 
 Math of the slot recurrence (one KV head, shifted positions, A = cumulative log decay, s = 1 - alpha):
@@ -443,7 +443,7 @@ def _kv_side_sweep(
 
 
 @triton.jit
-def _bwd_slot_kv_split_kernel(
+def _bwd_slot_kv_kernel(
     q, k, v, la, do, tok, span_table, dlb, psb, rb_k, rb_v, dks, dvs, dss_k, dss_v,
     T, W, S, L, SPANS_PER_ROW, H, NSPH, scale, one,
     G: tl.constexpr, GP: tl.constexpr, BM: tl.constexpr,
@@ -451,9 +451,10 @@ def _bwd_slot_kv_split_kernel(
     MC: tl.constexpr, SPLIT: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr, PREC_SLOT: tl.constexpr,
     FAST_LIMIT: tl.constexpr, SIDE: tl.constexpr,
 ):
-    """_bwd_slot_kv_kernel with one side per program (SIDE 0: K, 1: V, -1: grid axis 2 picks), so the K-side and
-    V-side adjoint tiles are never live together. ds = dss_k + dss_v. `one` = 1.0 passed at run time: with the
-    literal 1.0 folded in, ptxas spills ~10x more on the V side (kernels/compile_check.py)."""
+    """Gradients of the slot tokens' k, v and write weights, one side per program (SIDE 0: K, 1: V, -1: grid axis 2
+    picks), so the K-side and V-side adjoint tiles are never live together (one program carrying both spilled 1.8 KB
+    per thread and took 10.2 ms at T = 32K against 3.6 ms split: docs/performance.md, bwd v4). ds = dss_k + dss_v.
+    `one` = 1.0 passed at run time: with the literal 1.0 folded in, ptxas spills ~10x more on the V side."""
     side = tl.program_id(2) if SIDE < 0 else SIDE
     if side == 0:
         _kv_side_sweep(k, q, dlb, scale, rb_k, dks, dss_k, la, tok, span_table, T, W, S, L, SPANS_PER_ROW, H, NSPH,
@@ -461,79 +462,6 @@ def _bwd_slot_kv_split_kernel(
     else:
         _kv_side_sweep(v, do, psb, one, rb_v, dvs, dss_v, la, tok, span_table, T, W, S, L, SPANS_PER_ROW, H, NSPH,
                        GP, BM, G, DV, M, DVP, MP, MC, SPLIT, VARLEN, PREC, PREC_SLOT, FAST_LIMIT, False)
-
-
-@triton.jit
-def _bwd_slot_kv_kernel(
-    q, k, v, la, do, tok, span_table, dlb, psb, rb_k, rb_v, dks, dvs, dss,
-    T, W, S, L, SPANS_PER_ROW, H, NSPH, scale,
-    G: tl.constexpr, GP: tl.constexpr, BM: tl.constexpr,
-    D: tl.constexpr, DV: tl.constexpr, M: tl.constexpr, DP: tl.constexpr, DVP: tl.constexpr, MP: tl.constexpr,
-    MC: tl.constexpr, SPLIT: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr, PREC_SLOT: tl.constexpr,
-    FAST_LIMIT: tl.constexpr,
-):
-    """Reverse sweep over the blocks of a span, both sides in one program (NHA_BWD_KV=joint; spills on sm_90)."""
-    ROWS: tl.constexpr = GP * BM
-    pid = tl.program_id(0)
-    h = tl.program_id(1)
-    b, n, seq_start, seq_end, span_start, span_end = _seq_of_span(span_table, pid, T, L, SPANS_PER_ROW, VARLEN)
-    b64 = b.to(tl.int64)
-    bh = b64 * H + h
-    tok_b = tok + b64 * T
-    la_bh = la + bh * T * M
-    rr = tl.arange(0, ROWS)
-    g = rr // BM
-    tt = rr % BM
-    hq = bh * G + g
-    g_ok = g < G
-    dd = tl.arange(0, DP)
-    dv = tl.arange(0, DVP)
-    jb = tl.arange(0, BM)
-    d_ok = (dd < D)[None, :]
-    dv_ok = (dv < DV)[None, :]
-    causal = tt[:, None] >= jb[None, :]
-    rb_k0 = rb_k + (pid * H + h).to(tl.int64) * MP * DP
-    rb_v0 = rb_v + (pid * H + h).to(tl.int64) * MP * DVP
-    run_k = NSPH * MP * DP
-    run_v = NSPH * MP * DVP
-    n_blocks = tl.cdiv(span_end - span_start, BM)
-    for ib in range(0, n_blocks):
-        t0 = span_start + (n_blocks - 1 - ib) * BM
-        cur = tl.where(ib == 0, 0, 1).to(tl.int64)
-        t = t0 + tt
-        row_ok = g_ok & (t < seq_end)
-        tb = t0 + jb
-        js, jok, writes = _slot_writers(tok_b, tb, tb < seq_end, W, S, seq_start)
-        js64, ks, vs = _slot_kv(k, v, bh, T, js, jok, dd, dv, d_ok, dv_ok, D, DV)
-        qu = tl.load(q + (hq * T + t)[:, None] * D + dd[None, :], mask=row_ok[:, None] & d_ok, other=0.0)
-        d_o = tl.load(do + (hq * T + t)[:, None] * DV + dv[None, :], mask=row_ok[:, None] & dv_ok, other=0.0)
-        qk = tl.where(causal, tl.dot(qu, tl.trans(ks), input_precision=PREC), 0.0)
-        dvk = tl.where(causal, tl.dot(d_o, tl.trans(vs), input_precision=PREC), 0.0)
-        dk_acc = tl.zeros((BM, DP), tl.float32)
-        dv_acc = tl.zeros((BM, DVP), tl.float32)
-        for c0 in range(0, MP, MC):
-            ic, s, a, aend = _slot_gates(la_bh, js64, writes, c0, M, MC)
-            off_k = ic[:, None] * DP + dd[None, :]
-            off_v = ic[:, None] * DVP + dv[None, :]
-            rows_m = (hq * T + t)[:, None] * M + ic[None, :]
-            mm = row_ok[:, None] & (ic < M)[None, :]
-            a_rows = rows_of(a, GP, BM, MC)
-            ds_k, dk_c, bk = _kv_chunk(ks, qu, qk, tl.load(dlb + rows_m, mask=mm, other=0.0) * scale,
-                                       tl.load(rb_k0 + cur * run_k + off_k), s, a, aend, a_rows, jb, tt, causal,
-                                       BM, SPLIT, PREC, PREC_SLOT, FAST_LIMIT, True)
-            ds_v, dv_c, bvv = _kv_chunk(vs, d_o, dvk, tl.load(psb + rows_m, mask=mm, other=0.0),
-                                        tl.load(rb_v0 + cur * run_v + off_v), s, a, aend, a_rows, jb, tt, causal,
-                                        BM, SPLIT, PREC, PREC_SLOT, FAST_LIMIT, False)
-            dk_acc += dk_c
-            dv_acc += dv_c
-            tl.store(dss + (bh * T + tb.to(tl.int64))[:, None] * M + ic[None, :], ds_k + ds_v,
-                     mask=(tb < seq_end)[:, None] & (ic < M)[None, :])
-            tl.store(rb_k0 + run_k + off_k, bk)
-            tl.store(rb_v0 + run_v + off_v, bvv)
-        tl.debug_barrier()
-        tb64 = (bh * T + tb.to(tl.int64))
-        tl.store(dks + tb64[:, None] * DP + dd[None, :], dk_acc, mask=(tb < seq_end)[:, None])
-        tl.store(dvs + tb64[:, None] * DVP + dv[None, :], dv_acc, mask=(tb < seq_end)[:, None])
 
 
 def _unshift(x: Tensor, w: int, lay, dim: int = 2) -> Tensor:
@@ -596,13 +524,13 @@ def _delta(do: Tensor, fwd: FwdOut) -> Tensor:
     return delta
 
 
-def _bwd_kv_mode() -> str:
-    """NHA_BWD_KV picks the slot k/v backward: split (default; K and V sides in separate programs of one launch),
-    split2 (the two sides as two launches) or joint (both sides in one program, the former kernel)."""
+def _bwd_kv_launches() -> tuple[int, ...]:
+    """NHA_BWD_KV=split (default: the K and V sides as the two values of grid axis 2, one launch) or split2 (two
+    launches, one per side: SIDE as a compile-time constant)."""
     mode = os.environ.get("NHA_BWD_KV", "split")
-    if mode not in ("split", "split2", "joint"):
-        raise ValueError(f"NHA_BWD_KV must be 'split', 'split2' or 'joint', got {mode!r}")
-    return mode
+    if mode not in ("split", "split2"):
+        raise ValueError(f"NHA_BWD_KV must be 'split' or 'split2', got {mode!r}")
+    return (-1,) if mode == "split" else (0, 1)
 
 
 def nha_bwd(fwd: FwdOut, do: Tensor, q, q_rot, k, k_rot, v, log_alpha, *, window, num_sinks, scale):
@@ -684,20 +612,15 @@ def nha_bwd(fwd: FwdOut, do: Tensor, q, q_rot, k, k_rot, v, log_alpha, *, window
             span_scan(loc, rb_a, seq_table, fin, lay, hkv, mp, xp, reverse=True)
         dks = torch.zeros(b, hkv, t_len, dp_, dtype=torch.float32, device=dev)
         dvs = torch.zeros(b, hkv, t_len, dvp, dtype=torch.float32, device=dev)
-        kv_mode = _bwd_kv_mode()
-        dss = torch.zeros(1 if kv_mode == "joint" else 2, b, hkv, t_len, m, dtype=torch.float32, device=dev)
+        dss = torch.zeros(2, b, hkv, t_len, m, dtype=torch.float32, device=dev)  # K part, V part of ds
         args = (q, k, v, la, do, lay.tok, span_table, dlb, psb, rb_k, rb_v, dks, dvs, *dss,
-                *common, num_sinks, cfg.span, lay.spans_per_row, hkv, nsph, scale)
-        consts = dict(G=g, GP=gp, BM=bm, D=d, DV=dv, M=m, DP=dp_, DVP=dvp, MP=mp, MC=mc, SPLIT=split,
-                      VARLEN=lay.varlen, PREC=prec, PREC_SLOT=prec_slot, FAST_LIMIT=FAST_LIMIT,
-                      num_warps=cfg.num_warps, num_stages=1)
-        if kv_mode == "joint":
-            _bwd_slot_kv_kernel[grid](*args, **consts)
-            dss = dss[0]
-        else:  # split: the K and V sides as the two values of grid axis 2; split2: as two launches
-            for side in (-1,) if kv_mode == "split" else (0, 1):
-                _bwd_slot_kv_split_kernel[grid + (2 if side < 0 else 1,)](*args, 1.0, SIDE=side, **consts)
-            dss = dss[0].add_(dss[1])
+                *common, num_sinks, cfg.span, lay.spans_per_row, hkv, nsph, scale, 1.0)
+        for side in _bwd_kv_launches():
+            _bwd_slot_kv_kernel[grid + (2 if side < 0 else 1,)](
+                *args, G=g, GP=gp, BM=bm, D=d, DV=dv, M=m, DP=dp_, DVP=dvp, MP=mp, MC=mc, SPLIT=split,
+                VARLEN=lay.varlen, PREC=prec, PREC_SLOT=prec_slot, FAST_LIMIT=FAST_LIMIT, SIDE=side,
+                num_warps=cfg.num_warps, num_stages=1)
+        dss = dss[0].add_(dss[1])
         # Gates: shifted log decays la' (0 where a token does not write), then dL/dla'.
         cv, real = lay.tok >> 1, (lay.tok & 1) == 1
         writes = real & (cv > num_sinks)

@@ -42,7 +42,7 @@ class GraphedDecodeStep:
         self.calls = 0
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: Tensor | None = None
-        self.length = _seq_length(cache)  # host-side count of cached tokens (capacity checks)
+        self.length = seq_length(cache)  # host-side count of cached tokens (capacity checks)
 
     @torch.no_grad()
     def _step(self) -> Tensor:
@@ -93,7 +93,8 @@ def _nha_states(cache: Any) -> list[Any]:
     return [layer.state for layer in getattr(cache, "nha_layers", []) if layer.state is not None]
 
 
-def _seq_length(cache: Any) -> int:
+def seq_length(cache: Any) -> int:
+    """Tokens in a transformers cache, as a host int."""
     n = cache.get_seq_length()
     return int(n.item()) if isinstance(n, Tensor) else int(n)  # StaticCache counts on the device: read once
 
@@ -101,9 +102,9 @@ def _seq_length(cache: Any) -> int:
 def _capacity(cache: Any) -> int | float:
     """Tokens the cache can hold without reallocating (full-attention buffers; a StaticCache's length)."""
     if isinstance(cache, NHACache):
-        caps = [s.capacity for s in _nha_states(cache) if s.capacity is not None]
-        return min(caps) if caps else float("inf")
-    caps = [getattr(layer, "max_cache_len", None) for layer in getattr(cache, "layers", [])]
+        caps = [s.capacity for s in _nha_states(cache)]
+    else:
+        caps = [getattr(layer, "max_cache_len", None) for layer in getattr(cache, "layers", [])]
     caps = [c for c in caps if c is not None]
     return min(caps) if caps else float("inf")
 

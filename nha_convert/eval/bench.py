@@ -146,14 +146,10 @@ def time_decode(model: Any, cache: Any, next_tok: torch.Tensor, steps: int, devi
 
     graph=True: steps go through GraphedDecodeStep (replayed from a CUDA graph on CUDA); the cache must hold
     context + warmup + steps tokens without growing (NHACache.reserve, or a StaticCache of that length)."""
-    from ..decode_graph import GraphedDecodeStep
+    from ..decode_graph import GraphedDecodeStep, seq_length
 
     tok = next_tok
-    step = None
-    if graph:
-        start = cache.get_seq_length()
-        start = int(start.item()) if isinstance(start, torch.Tensor) else int(start)
-        step = GraphedDecodeStep(model, cache, torch.full_like(tok, start))
+    step = GraphedDecodeStep(model, cache, torch.full_like(tok, seq_length(cache))) if graph else None
     for i in range(warmup + steps):
         if i == warmup:
             _sync(device)

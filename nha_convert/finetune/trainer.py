@@ -228,8 +228,8 @@ def _forget_optimizer_state(optimizer: Any) -> None:
 
     Under FSDP, saving the optimizer goes through torch.distributed.checkpoint, which fills an empty optimizer by
     running one step with zero gradients at lr 0. AdamW's step counter then starts at 1 and its bias correction
-    makes the first real update 0.74x as large (the FSDP2 loss curve left the 1-GPU one at step 2). The same state comes
-    back when resuming from a stage-start checkpoint, so both paths call this before the stage's first step.
+    makes the first real update 0.74x as large (the FSDP2 loss curve left the 1-GPU one at step 2). The same state
+    comes back when resuming from a stage-start checkpoint, so both paths call this before the stage's first step.
     """
     getattr(optimizer, "optimizer", optimizer).state.clear()
 

@@ -32,9 +32,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .chunk_fwd import FAST_LIMIT, FwdOut, _mm_state, _seq_of_span, _slot_kv, _slot_writers, precisions, span_scan
+from .chunk_fwd import (FAST_LIMIT, FwdOut, _band_block, _band_range, _mm_state, _seq_of_span, _slot_kv,
+                        _slot_writers, precisions, span_scan)
 from .prep import next_pow2
-from .triton_utils import expm1, pick_col, pick_row, rows_of, sum_heads
+from .triton_utils import expm1, group_rows, pick_col, pick_row, rows_of, sum_heads
 
 
 @triton.jit
@@ -86,11 +87,7 @@ def _bwd_band_q_kernel(
     b64 = b.to(tl.int64)
     bh = b64 * H + h
     tok_b = tok + b64 * T
-    rr = tl.arange(0, ROWS)
-    g = rr // BM
-    tt = rr % BM
-    hq = bh * G + g
-    g_ok = g < G
+    tt, hq, g_ok = group_rows(bh, G, BM, ROWS)
     dd = tl.arange(0, DP)
     dv = tl.arange(0, DVP)
     d_ok = (dd < D)[None, :]
@@ -125,18 +122,10 @@ def _bwd_band_q_kernel(
                           _dot_split(tl.trans(ds_s), q_rot, SPLIT, PREC) * scale)
             tl.atomic_add(dv_sink + sink_out[:, None] * DVP + dv[None, :],
                           tl.dot(tl.trans(p_s).to(d_o.dtype), d_o, input_precision=PREC))
-        lo = tl.maximum(seq_start, t0 - W + 1)
-        hi = tl.minimum(t0 + BM, seq_end)
-        hi = tl.where(W == 0, lo, hi)
+        lo, hi = _band_range(seq_start, seq_end, t0, W, BM)
         for kb in range(lo, hi, BN):
-            kj = kb + tl.arange(0, BN)
-            k_ok = kj < hi
-            code = tl.load(tok_b + kj, mask=k_ok, other=0)
-            kj64 = kj.to(tl.int64)
-            kt = tl.load(kr + (bh * T + kj64)[:, None] * D + dd[None, :], mask=k_ok[:, None] & d_ok, other=0.0)
-            vt = tl.load(v + (bh * T + kj64)[:, None] * DV + dv[None, :], mask=k_ok[:, None] & dv_ok, other=0.0)
+            kt, vt, vis = _band_block(tok_b, kr, v, bh, T, kb, hi, t, W, dd, dv, d_ok, dv_ok, D, DV, BN)
             sc = tl.dot(q_rot, tl.trans(kt), input_precision=PREC) * scale
-            vis = (((code & 1) == 1) & k_ok)[None, :] & (kj[None, :] <= t[:, None]) & (kj[None, :] > (t - W)[:, None])
             p = tl.where(vis, tl.exp(sc - lse_r[:, None]), 0.0)
             ds = p * (tl.dot(d_o, tl.trans(vt), input_precision=PREC) - dl_r[:, None])
             dq += _dot_split(ds, kt, SPLIT, PREC)
@@ -159,11 +148,7 @@ def _bwd_band_kv_kernel(
     b64 = b.to(tl.int64)
     bh = b64 * H + h
     tok_b = tok + b64 * T
-    rr = tl.arange(0, ROWS)
-    g = rr // BM
-    tt = rr % BM
-    hq = bh * G + g
-    g_ok = g < G
+    tt, hq, g_ok = group_rows(bh, G, BM, ROWS)
     dd = tl.arange(0, DP)
     dv = tl.arange(0, DVP)
     d_ok = (dd < D)[None, :]
@@ -225,11 +210,7 @@ def _bwd_slot_q_kernel(
     bh = b64 * H + h
     tok_b = tok + b64 * T
     la_bh = la + bh * T * M
-    rr = tl.arange(0, ROWS)
-    g = rr // BM
-    tt = rr % BM
-    hq = bh * G + g
-    g_ok = g < G
+    tt, hq, g_ok = group_rows(bh, G, BM, ROWS)
     dd = tl.arange(0, DP)
     dv = tl.arange(0, DVP)
     jb = tl.arange(0, BM)
@@ -322,11 +303,7 @@ def _bwd_slot_rlocal_kernel(
     bh = b64 * H + h
     tok_b = tok + b64 * T
     la_bh = la + bh * T * M
-    rr = tl.arange(0, ROWS)
-    g = rr // BM
-    tt = rr % BM
-    hq = bh * G + g
-    g_ok = g < G
+    tt, hq, g_ok = group_rows(bh, G, BM, ROWS)
     dd = tl.arange(0, DP)
     dv = tl.arange(0, DVP)
     ii = tl.arange(0, MP)
@@ -403,10 +380,7 @@ def _kv_side_sweep(
     bh = b.to(tl.int64) * H + h
     tok_b = tok + b.to(tl.int64) * T
     la_bh = la + bh * T * M
-    rr = tl.arange(0, ROWS)
-    tt = rr % BM
-    hq = bh * G + rr // BM
-    g_ok = rr // BM < G
+    tt, hq, g_ok = group_rows(bh, G, BM, ROWS)
     dx = tl.arange(0, DXP)
     jb = tl.arange(0, BM)
     dx_ok = (dx < DX)[None, :]

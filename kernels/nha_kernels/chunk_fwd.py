@@ -38,7 +38,7 @@ from torch import Tensor
 
 from ._compat import interpreting
 from .prep import Layout, make_layout, next_pow2
-from .triton_utils import expm1, pick_col, pick_row, rows_of
+from .triton_utils import expm1, group_rows, pick_col, pick_row, rows_of
 
 FAST_LIMIT = -80.0  # smallest block log decay for the factored (matrix) path
 LAST_COMPILED: dict = {}  # name -> the last compiled kernel launched (n_regs, n_spills for the notes)
@@ -133,6 +133,18 @@ def _span_local_kernel(
 
 
 @triton.jit
+def _spans_of_seq(seq_table, n, SPANS_PER_ROW, VARLEN: tl.constexpr):
+    """(first span, span count) of sequence n: from the table for packed sequences, else one row of spans."""
+    if VARLEN:
+        first = tl.load(seq_table + n * 4 + 0)
+        count = tl.load(seq_table + n * 4 + 1)
+    else:
+        first = n * SPANS_PER_ROW
+        count = SPANS_PER_ROW + n * 0
+    return first, count
+
+
+@triton.jit
 def _span_scan_kernel(
     loc, loc_a, seq_table, final, SPANS_PER_ROW, H,
     MP: tl.constexpr, XP: tl.constexpr, E: tl.constexpr, VARLEN: tl.constexpr, REVERSE: tl.constexpr = False,
@@ -146,12 +158,7 @@ def _span_scan_kernel(
     n = tl.program_id(0)
     h = tl.program_id(1)
     cb = tl.program_id(2)
-    if VARLEN:
-        first = tl.load(seq_table + n * 4 + 0)
-        count = tl.load(seq_table + n * 4 + 1)
-    else:
-        first = n * SPANS_PER_ROW
-        count = SPANS_PER_ROW + n * 0
+    first, count = _spans_of_seq(seq_table, n, SPANS_PER_ROW, VARLEN)
     ee = cb * E + tl.arange(0, E)
     row = ee // XP
     st = tl.zeros((E,), tl.float32)
@@ -186,12 +193,7 @@ def _span_scan_tree_kernel(
     n = tl.program_id(0)
     h = tl.program_id(1)
     cb = tl.program_id(2)
-    if VARLEN:
-        first = tl.load(seq_table + n * 4 + 0)
-        count = tl.load(seq_table + n * 4 + 1)
-    else:
-        first = n * SPANS_PER_ROW
-        count = SPANS_PER_ROW + n * 0
+    first, count = _spans_of_seq(seq_table, n, SPANS_PER_ROW, VARLEN)
     cc = tl.arange(0, NCP)  # position in the walk (reversed order for REVERSE)
     ee = cb * E + tl.arange(0, E)
     row = ee // XP
@@ -273,6 +275,29 @@ def _mm_state(a, b, SPLIT: tl.constexpr):
 
 
 @triton.jit
+def _band_range(seq_start, seq_end, t0, W, BM: tl.constexpr):
+    """Keys [lo, hi) that some query of the block t0 .. t0 + BM - 1 sees in its window (none when w = 0)."""
+    lo = tl.maximum(seq_start, t0 - W + 1)
+    hi = tl.minimum(t0 + BM, seq_end)
+    return lo, tl.where(W == 0, lo, hi)
+
+
+@triton.jit
+def _band_block(tok_b, kr, v, bh, T, kb, hi, t, W, dd, dv, d_ok, dv_ok, D: tl.constexpr, DV: tl.constexpr,
+                BN: tl.constexpr):
+    """Keys kb .. kb + BN - 1 of the band: RoPE'd keys, values, and which (query t, key) pairs are visible
+    (a real key inside the query's window (t - w, t])."""
+    kj = kb + tl.arange(0, BN)
+    k_ok = kj < hi
+    code = tl.load(tok_b + kj, mask=k_ok, other=0)
+    kj64 = kj.to(tl.int64)
+    kt = tl.load(kr + (bh * T + kj64)[:, None] * D + dd[None, :], mask=k_ok[:, None] & d_ok, other=0.0)
+    vt = tl.load(v + (bh * T + kj64)[:, None] * DV + dv[None, :], mask=k_ok[:, None] & dv_ok, other=0.0)
+    vis = (((code & 1) == 1) & k_ok)[None, :] & (kj[None, :] <= t[:, None]) & (kj[None, :] > (t - W)[:, None])
+    return kt, vt, vis
+
+
+@triton.jit
 def _sinks_band_store(m_i, l_i, acc, qr, qoff, kr, v, o, o_lo, lse, sink_pos, tok_b, n, bh, hq, T, t, t0, W,
                       seq_start, seq_end, scale, row_ok, d_ok, dv_ok, dd, dv,
                       D: tl.constexpr, DV: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, SP: tl.constexpr,
@@ -292,18 +317,10 @@ def _sinks_band_store(m_i, l_i, acc, qr, qoff, kr, v, o, o_lo, lse, sink_pos, to
         vis_s = s_ok[None, :] & (spos[None, :] <= (t - W)[:, None])
         m_i, l_i, acc = _online(m_i, l_i, acc, tl.where(vis_s, sc_s, float("-inf")), v_sink, PREC)
 
-    lo = tl.maximum(seq_start, t0 - W + 1)
-    hi = tl.minimum(t0 + BM, seq_end)
-    hi = tl.where(W == 0, lo, hi)  # w = 0: no band at all
+    lo, hi = _band_range(seq_start, seq_end, t0, W, BM)
     for kb in range(lo, hi, BN):
-        kj = kb + tl.arange(0, BN)
-        k_ok = kj < hi
-        code = tl.load(tok_b + kj, mask=k_ok, other=0)
-        kj64 = kj.to(tl.int64)
-        kt = tl.load(kr + (bh * T + kj64)[:, None] * D + dd[None, :], mask=k_ok[:, None] & d_ok, other=0.0)
-        vt = tl.load(v + (bh * T + kj64)[:, None] * DV + dv[None, :], mask=k_ok[:, None] & dv_ok, other=0.0)
+        kt, vt, vis = _band_block(tok_b, kr, v, bh, T, kb, hi, t, W, dd, dv, d_ok, dv_ok, D, DV, BN)
         sc = tl.dot(q_rot, tl.trans(kt), input_precision=PREC) * scale
-        vis = (((code & 1) == 1) & k_ok)[None, :] & (kj[None, :] <= t[:, None]) & (kj[None, :] > (t - W)[:, None])
         m_i, l_i, acc = _online(m_i, l_i, acc, tl.where(vis, sc, float("-inf")), vt, PREC)
 
     l_safe = tl.where(l_i > 0, l_i, 1.0)
@@ -334,11 +351,7 @@ def _nha_fwd_kernel(
     b64 = b.to(tl.int64)
     bh = b64 * H + h
     tok_b = tok + b64 * T
-    rr = tl.arange(0, ROWS)
-    g = rr // BM
-    tt = rr % BM
-    hq = (b64 * H + h) * G + g  # flat (batch, query head) index of each row
-    g_ok = g < G
+    tt, hq, g_ok = group_rows(b64 * H + h, G, BM, ROWS)
     dd = tl.arange(0, DP)
     dv = tl.arange(0, DVP)
     ii = tl.arange(0, MP)

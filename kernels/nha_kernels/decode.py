@@ -25,7 +25,7 @@ from torch import Tensor
 
 from nha_convert.ops.recurrent import NHAState
 
-from .chunk_fwd import precisions
+from .chunk_fwd import _online, precisions
 from .prep import next_pow2
 from .triton_utils import expm1
 
@@ -213,16 +213,9 @@ def _full_decode_kernel(q, k, v, valid, acc_out, m_out, l_out, C, SPLIT, H, NS, 
         vis = (tl.load(valid + b * C + idx, mask=ok, other=0) != 0) & ok
         kt = tl.load(k + (bh * C + idx)[:, None] * D + dd[None, :], mask=ok[:, None] & (dd < D)[None, :], other=0.0)
         sc = tl.dot(qt, tl.trans(kt), input_precision=PREC) * scale
-        sc = tl.where(vis[None, :], sc, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(sc, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m_i - m_safe)
-        p = tl.exp(sc - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
         vt = tl.load(v + (bh * C + idx)[:, None] * DV + dv[None, :], mask=ok[:, None] & (dv < DV)[None, :],
                      other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PREC)
-        m_i = m_new
+        m_i, l_i, acc = _online(m_i, l_i, acc, tl.where(vis[None, :], sc, float("-inf")), vt, PREC)
     row = (bh * NS + sp) * G + rr
     tl.store(acc_out + row[:, None] * DV + dv[None, :], acc, mask=r_ok[:, None] & (dv < DV)[None, :])
     tl.store(m_out + row, m_i, mask=r_ok)
@@ -231,11 +224,8 @@ def _full_decode_kernel(q, k, v, valid, acc_out, m_out, l_out, C, SPLIT, H, NS, 
 
 def full_decode_attention(state: NHAState, q_rot: Tensor, scale: float) -> Tensor:
     """A full layer's decode attention over its whole fixed-capacity buffer (unused entries masked by win_valid):
-    what `NHAState._full_attention` computes, reading keys and values once. q_rot (B, Hq, D) -> (B, Hq, Dv)."""
-    for name in ("win_k_rot", "win_v", "win_valid"):  # a prefill can leave strided views (no-op once reserved)
-        x = getattr(state, name)
-        if not x.is_contiguous():
-            setattr(state, name, x.contiguous())
+    what `NHAState._full_attention` computes, reading keys and values once. q_rot (B, Hq, D) -> (B, Hq, Dv).
+    The buffer must be contiguous (nha_decode_step makes the state so before stepping it)."""
     b, hq, d = q_rot.shape
     _, h, c, dv = state.win_v.shape
     g = hq // h
@@ -271,6 +261,10 @@ def nha_decode_step(
     valid: Tensor, *, scale: float,
 ) -> Tensor:
     """Same contract as `NHAState.step`: q (B,Hq,D); k, k_rot (B,H,D); v (B,H,Dv); log_alpha (B,H,M); valid (B,)."""
+    for f in fields(state):  # the kernels index flat memory (a no-op after the first step: done before any capture)
+        x = getattr(state, f.name)
+        if isinstance(x, Tensor) and not x.is_contiguous():
+            setattr(state, f.name, x.contiguous())
     if state.window is None:
         return state.step(q, q_rot, k, k_rot, v, log_alpha, valid, scale=scale, full_attention=full_decode_attention)
     b, hq, d = q.shape
@@ -278,10 +272,6 @@ def nha_decode_step(
     g = hq // h
     gp = next_pow2(g)
     w, s = state.window, state.num_sinks
-    for f in fields(state):  # the kernels index flat memory (a no-op after the first step: done before any capture)
-        x = getattr(state, f.name)
-        if isinstance(x, Tensor) and not x.is_contiguous():
-            setattr(state, f.name, x.contiguous())
     q, q_rot, k, k_rot, v = (x.contiguous() for x in (q, q_rot, k, k_rot, v))
     la = log_alpha.float().contiguous()
     valid_i = valid.to(torch.int32).contiguous()

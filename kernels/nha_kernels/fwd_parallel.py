@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from .chunk_fwd import _mm_state, _online, _seq_of_span, _sinks_band_store, _slot_kv, _slot_writers
-from .triton_utils import expm1, pick_col, pick_row, rows_of
+from .triton_utils import expm1, group_rows, pick_col, pick_row, rows_of
 
 
 @triton.jit
@@ -44,11 +44,7 @@ def _nha_fwd_par_kernel(
         b64 = b.to(tl.int64)
         bh = b64 * H + h
         tok_b = tok + b64 * T
-        rr = tl.arange(0, ROWS)
-        g = rr // BM
-        tt = rr % BM
-        hq = bh * G + g
-        g_ok = g < G
+        tt, hq, g_ok = group_rows(bh, G, BM, ROWS)
         dd = tl.arange(0, DP)
         dv = tl.arange(0, DVP)
         ii = tl.arange(0, MP)

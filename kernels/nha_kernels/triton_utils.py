@@ -39,3 +39,12 @@ def pick_row(x, idx, j):
 def pick_col(x, idx, j):
     """Column j of a 2D register tile x (idx = arange over its second dim)."""
     return tl.sum(tl.where((idx == j)[None, :], x, 0.0), axis=1)
+
+
+@triton.jit
+def group_rows(bh, G: tl.constexpr, BM: tl.constexpr, ROWS: tl.constexpr):
+    """The rows g * BM + t of a tile stacking the G query heads of KV head `bh` (= batch * H + h): each row's token
+    offset t, its flat query head bh * G + g, and whether g is a real head (the tile pads G up to a power of two)."""
+    rr = tl.arange(0, ROWS)
+    g = rr // BM
+    return rr % BM, bh * G + g, g < G

@@ -111,3 +111,64 @@ def test_empty_slots_are_masked_not_zero():
     out_swa, _ = nha_chunk(*xs[:5], xs[5][..., :0], window=10, num_sinks=0, scale=0.35)
     assert (out_nha[:, :, :10] - out_swa[:, :, :10]).abs().max() <= 1e-6
     assert (out_nha[:, :, 10:] - out_swa[:, :, 10:]).abs().max() > 1e-3  # the slots matter once filled
+
+
+def make_bias(hq: int, seed: int = 1) -> torch.Tensor:
+    """A slot-logit bias b_h per query head, mixed signs and sizes (NHA.md, "Slot-logit bias")."""
+    return torch.randn(hq, generator=torch.Generator().manual_seed(seed)) * 2
+
+
+@pytest.mark.parametrize("window,m,sinks,pad,hq", CASES)
+def test_slot_bias_chunk_and_recurrent_equal_naive(window, m, sinks, pad, hq):
+    xs, valid = make_inputs(m=m, pad=pad, hq=hq)
+    kw = dict(window=window, num_sinks=sinks, scale=0.35, valid=valid, slot_bias=make_bias(hq))
+    ref = nha_naive(*xs, **kw)
+    par, _ = nha_chunk(*xs, **kw, chunk_size=8)
+    rec, _ = nha_recurrent(*xs, **kw)
+    keep = valid[:, None, :, None]
+    assert ((par - ref) * keep).abs().max() <= 1e-5
+    assert ((rec - ref) * keep).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("window", [4, 16])
+def test_slot_bias_changes_only_rows_with_filled_slots(window):
+    """The empty-slot mask wins over the bias: before a token leaves the window the bias changes nothing."""
+    xs, _ = make_inputs(m=16)
+    out, _ = nha_chunk(*xs, window=window, num_sinks=0, scale=0.35)
+    biased, _ = nha_chunk(*xs, window=window, num_sinks=0, scale=0.35, slot_bias=make_bias(4))
+    assert torch.equal(out[:, :, :window], biased[:, :, :window])  # token 0 leaves at step w
+    assert (out[:, :, window:] - biased[:, :, window:]).abs().max() > 1e-3
+
+
+def test_zero_slot_bias_is_no_bias_exactly():
+    xs, valid = make_inputs(m=16, pad=True)
+    kw = dict(window=5, num_sinks=2, scale=0.35, valid=valid)
+    zero = dict(kw, slot_bias=torch.zeros(4))
+    assert torch.equal(nha_naive(*xs, **kw), nha_naive(*xs, **zero))
+    assert torch.equal(nha_chunk(*xs, **kw, chunk_size=8)[0], nha_chunk(*xs, **zero, chunk_size=8)[0])
+    assert torch.equal(nha_recurrent(*xs, **kw)[0], nha_recurrent(*xs, **zero)[0])
+
+
+@pytest.mark.parametrize("sinks,pad", [(0, False), (4, True)])
+def test_very_negative_slot_bias_is_sliding_window_attention(sinks, pad):
+    """b = -1e4: the slots take no softmax mass, so the layer is sliding-window attention (m = 0) with its sinks."""
+    xs, valid = make_inputs(m=16, pad=pad)
+    kw = dict(window=6, num_sinks=sinks, scale=0.35, valid=valid)
+    swa, _ = nha_chunk(*xs[:5], xs[5][..., :0], **kw)
+    keep = valid[:, None, :, None]
+    bias = torch.full((4,), -1e4)
+    for out in (nha_naive(*xs, **kw, slot_bias=bias), nha_chunk(*xs, **kw, slot_bias=bias)[0],
+                nha_recurrent(*xs, **kw, slot_bias=bias)[0]):
+        assert ((out - swa) * keep).abs().max() <= 1e-6
+
+
+def test_slot_bias_gradients_of_chunk_equal_naive():
+    xs, valid = make_inputs(m=16, pad=True, requires_grad=True)
+    bias = make_bias(4).requires_grad_(True)
+    kw = dict(window=5, num_sinks=2, scale=0.35, valid=valid, slot_bias=bias)
+    w = torch.randn(2, 4, T, 8) * valid[:, None, :, None]
+    g_ref = torch.autograd.grad((nha_naive(*xs, **kw) * w).sum(), [*xs, bias])
+    g_par = torch.autograd.grad((nha_chunk(*xs, **kw, chunk_size=8)[0] * w).sum(), [*xs, bias])
+    assert g_ref[-1].abs().min() > 1e-3  # every head's bias gets a gradient
+    for a, b in zip(g_ref, g_par):
+        assert (a - b).abs().max() <= 1e-4 * max(1.0, a.abs().max().item())

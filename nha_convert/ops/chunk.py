@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .common import NEG_INF, group_queries, joint_softmax, sink_mask, slot_writes, ungroup
+from .common import NEG_INF, add_slot_bias, group_queries, joint_softmax, sink_mask, slot_writes, ungroup
 
 
 @dataclass
@@ -67,8 +67,10 @@ def nha_chunk(
     valid: Tensor | None = None,
     chunk_size: int = 64,
     return_state: bool = False,
+    slot_bias: Tensor | None = None,
 ) -> tuple[Tensor, SlotState | None]:
-    """NHA output (B, Hq, T, Dv), and optionally the slot state after the whole sequence (for the decode cache)."""
+    """NHA output (B, Hq, T, Dv), and optionally the slot state after the whole sequence (for the decode cache).
+    `slot_bias` (Hq,): the optional slot-logit bias b_h (see common.add_slot_bias)."""
     b, hkv, t_len, d = k.shape
     dv, m = v.shape[-1], log_alpha.shape[-1]
     dtype, dev = q.dtype, q.device
@@ -112,7 +114,8 @@ def nha_chunk(
             slot_logits = torch.einsum("bhgtj,bhtji->bhgti", qk, e)
             slot_logits = slot_logits + a_exp[:, :, None] * torch.einsum("bhgtd,bhid->bhgti", qg[:, :, :, c0:c1], state.k)
             count = state.count[:, None] + writes_s[:, c0:c1].cumsum(-1)  # (B,C) slot tokens so far
-            slot_logits = (scale * slot_logits).masked_fill(~(count > 0)[:, None, None, :, None], NEG_INF)
+            slot_logits = add_slot_bias(scale * slot_logits, slot_bias)
+            slot_logits = slot_logits.masked_fill(~(count > 0)[:, None, None, :, None], NEG_INF)
             logits.append(slot_logits)
         else:
             logits.append(q.new_full((b, hkv, g, c1 - c0, 0), NEG_INF))

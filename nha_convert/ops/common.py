@@ -48,6 +48,17 @@ def joint_softmax(*logits: Tensor) -> list[Tensor]:
     return list(p.split([x.shape[-1] for x in logits], dim=-1))
 
 
+def add_slot_bias(slot_logits: Tensor, slot_bias: Tensor | None) -> Tensor:
+    """Slot logits (B, Hkv, G, T, M) plus the optional per-query-head bias b_h (Hq,) (NHA.md, "Slot-logit bias").
+
+    None returns the logits untouched (the paper's layer, bit for bit). Apply before the empty-slot mask, so masked
+    slots stay -inf."""
+    if slot_bias is None:
+        return slot_logits
+    _, hkv, g = slot_logits.shape[:3]
+    return slot_logits + slot_bias.float().view(hkv, g)[None, :, :, None, None]
+
+
 def group_queries(q: Tensor, num_kv_heads: int) -> Tensor:
     """(B, Hq, T, D) -> (B, Hkv, G, T, D) view: query heads of one KV group side by side."""
     b, hq, t, d = q.shape

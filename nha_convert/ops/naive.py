@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .common import NEG_INF, group_queries, joint_softmax, sink_mask, slot_writes, ungroup
+from .common import NEG_INF, add_slot_bias, group_queries, joint_softmax, sink_mask, slot_writes, ungroup
 
 
 def nha_naive(
@@ -20,11 +20,13 @@ def nha_naive(
     num_sinks: int = 0,
     scale: float,
     valid: Tensor | None = None,
+    slot_bias: Tensor | None = None,
 ) -> Tensor:
     """NHA output (B, Hq, T, Dv) straight from the definition in NHA.md.
 
     Query t sees: slots holding every real non-sink token j <= t - w (decayed by the gates of later slot tokens),
-    window keys j in (t - w, t], and sink keys j <= t; all through one softmax.
+    window keys j in (t - w, t], and sink keys j <= t; all through one softmax. `slot_bias` (Hq,): b_h added to
+    every slot logit of query head h (None: no bias).
     """
     b, hkv, t_len, _ = k.shape
     dtype = q.dtype
@@ -48,7 +50,7 @@ def nha_naive(
 
     qg, qg_rot = group_queries(q, hkv), group_queries(q_rot, hkv)
     qk = torch.einsum("bhgtd,bhjd->bhgtj", qg, k)
-    slot_logits = scale * torch.einsum("bhgtj,bhtji->bhgti", qk, decay)
+    slot_logits = add_slot_bias(scale * torch.einsum("bhgtj,bhtji->bhgti", qk, decay), slot_bias)
     slot_nonempty = in_slots.any(-1)  # (B, T): the empty-slot mask
     slot_logits = slot_logits.masked_fill(~slot_nonempty[:, None, None, :, None], NEG_INF)
 

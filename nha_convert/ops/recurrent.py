@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from .chunk import SlotState, gather_sinks
-from .common import NEG_INF, group_queries, joint_softmax, sink_mask, slot_writes, ungroup
+from .common import NEG_INF, add_slot_bias, group_queries, joint_softmax, sink_mask, slot_writes, ungroup
 
 FULL_GROW = 256  # a full layer's buffer grows by whole blocks of this many tokens when a step would overflow it
 
@@ -148,11 +148,13 @@ class NHAState:
     def step(
         self, q: Tensor, q_rot: Tensor, k: Tensor, k_rot: Tensor, v: Tensor, log_alpha: Tensor, valid: Tensor,
         *, scale: float, full_attention: Callable[["NHAState", Tensor, float], Tensor] | None = None,
+        slot_bias: Tensor | None = None,
     ) -> Tensor:
         """Consume one token per row and return its output. q: (B,Hq,D); k,k_rot: (B,H,D); log_alpha: (B,H,M).
 
         In place and free of host syncs: positions come from the device counter `pos` (see the module docstring).
-        `full_attention(state, q_rot, scale)` replaces the torch attention of a full layer (the Triton kernel)."""
+        `full_attention(state, q_rot, scale)` replaces the torch attention of a full layer (the Triton kernel).
+        `slot_bias` (Hq,): the optional slot-logit bias (a parameter of the layer, not state)."""
         w, t = self.window, self.pos
         if w is None and self.seen >= self.capacity:  # host ints only: grow by whole blocks, never under a graph
             self.reserve(-(-(self.seen + 1) // FULL_GROW) * FULL_GROW)
@@ -193,16 +195,16 @@ class NHAState:
         if w is None:
             out = full_attention(self, q_rot, scale) if full_attention else self._full_attention(q_rot, scale)
         else:
-            out = self._window_attention(q, q_rot, scale)
+            out = self._window_attention(q, q_rot, scale, slot_bias)
         self.pos.add_(1)
         return out
 
-    def _window_attention(self, q: Tensor, q_rot: Tensor, scale: float) -> Tensor:
+    def _window_attention(self, q: Tensor, q_rot: Tensor, scale: float, slot_bias: Tensor | None = None) -> Tensor:
         """Joint softmax over slots, ring buffer and the sinks that have left the window (state already updated)."""
         w, t = self.window, self.pos
         h = self.slot_k.shape[1]
         qg, qg_rot = group_queries(q.float()[:, :, None], h), group_queries(q_rot.float()[:, :, None], h)  # (B,H,G,1,D)
-        slot_logits = scale * torch.einsum("bhgtd,bhid->bhgti", qg, self.slot_k)
+        slot_logits = add_slot_bias(scale * torch.einsum("bhgtd,bhid->bhgti", qg, self.slot_k), slot_bias)
         slot_logits = slot_logits.masked_fill(~(self.slot_count > 0)[:, None, None, None, None], NEG_INF)
         win_logits = scale * torch.einsum("bhgtd,bhjd->bhgtj", qg_rot, self.win_k_rot.float())
         win_logits = win_logits.masked_fill(~self.win_valid[:, None, None, None, :], NEG_INF)
@@ -239,7 +241,7 @@ class NHAState:
 def nha_recurrent(
     q: Tensor, q_rot: Tensor, k: Tensor, k_rot: Tensor, v: Tensor, log_alpha: Tensor,
     *, window: int | None, num_sinks: int = 0, scale: float, valid: Tensor | None = None,
-    state: NHAState | None = None,
+    state: NHAState | None = None, slot_bias: Tensor | None = None,
 ) -> tuple[Tensor, NHAState]:
     """Run `step` over all T tokens (from `state`, or from empty). Same contract as nha_chunk."""
     b, h, t_len, _ = k.shape
@@ -249,7 +251,7 @@ def nha_recurrent(
         state = NHAState.empty(k, v, log_alpha.shape[-1], window=window, num_sinks=num_sinks)
     outs = [
         state.step(q[:, :, i], q_rot[:, :, i], k[:, :, i], k_rot[:, :, i], v[:, :, i], log_alpha[:, :, i],
-                   valid[:, i], scale=scale)
+                   valid[:, i], scale=scale, slot_bias=slot_bias)
         for i in range(t_len)
     ]
     return torch.stack(outs, dim=2), state

@@ -6,12 +6,14 @@ checkpoint describes itself completely and never depends on how the schedule was
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .errors import NHAError
 
 GATE_INITS = ("pooled-k", "constant")
+AUTO = "auto"  # full_layers "auto:K"
 
 
 @dataclass
@@ -21,21 +23,27 @@ class NHASettings:
     window: sliding-window size w of the NHA layers (0 = pure gated-slot RNN).
     slots: number of long-term memory slots m per KV head (0 = plain sliding-window attention).
     sinks: first tokens of a sequence that stay visible forever and never enter the slots.
-    full_layers / full_every: layers that keep full attention (window = None = unbounded).
+    full_layers / full_every: layers that keep full attention (window = None = unbounded); full_layers may be
+        "auto:K": K layers chosen from data at conversion (nha_convert/layer_selection.py).
     gate_temperature: tau in log(alpha) = logsigmoid(W_g x) / tau.
     gate_init: "pooled-k" (W_g pooled from W_k) or "constant" (W_g = 0, bias giving `gate_decay`).
     chunk_size: query block of the chunked parallel form (memory vs speed; never changes results).
+    slot_bias: initial slot-logit bias b_h of every query head (NHA.md); None = no bias (the paper's layer). Very
+        negative (e.g. -10) starts the model as sliding-window attention; training opens the slots.
+    slot_bias_trainable: whether b_h trains (a parameter) or stays fixed (a saved buffer).
     """
 
     window: int = 64
     slots: int = 64
     sinks: int = 0
-    full_layers: list[int] = field(default_factory=list)
+    full_layers: list[int] | str = field(default_factory=list)  # or "auto:K" (layer_selection.py)
     full_every: int | None = None
     gate_temperature: float = 8.0
     gate_init: str = "pooled-k"
     gate_decay: float = 0.99
     chunk_size: int = 16
+    slot_bias: float | None = None
+    slot_bias_trainable: bool = True
 
     def validate(self, num_layers: int, max_positions: int | None = None) -> None:
         if self.window < 0:
@@ -53,7 +61,14 @@ class NHASettings:
             )
         if self.full_every is not None and self.full_every <= 0:
             raise NHAError(f"full_every must be a positive layer stride, got {self.full_every}")
-        bad = [i for i in self.full_layers if not 0 <= i < num_layers]
+        k = self.auto_full_layers()
+        if k is not None:
+            if k > num_layers:
+                raise NHAError(f"full_layers auto:{k} asks for more full layers than the model's {num_layers}; "
+                               f"use auto:1 to auto:{num_layers}")
+            if self.full_every is not None:
+                raise NHAError("full_layers auto:K chooses the full layers itself; drop full_every (--full-every)")
+        bad = [i for i in self.fixed_full_layers() if not 0 <= i < num_layers]
         if bad:
             raise NHAError(f"full layer index {bad[0]} is out of range: the model has layers 0..{num_layers - 1}")
         if not self.gate_temperature > 0:
@@ -64,10 +79,12 @@ class NHASettings:
             raise NHAError(f"gate_decay must be in (0, 1), got {self.gate_decay}")
         if self.chunk_size <= 0:
             raise NHAError(f"chunk_size must be positive, got {self.chunk_size}")
+        if self.slot_bias is not None and not math.isfinite(self.slot_bias):
+            raise NHAError(f"slot_bias must be a finite number, got {self.slot_bias}; try --slot-bias -10")
 
     def windows(self, num_layers: int) -> list[int | None]:
         """Per-layer window: None marks a full-attention layer (`--full-every k` keeps layers 0, k, 2k, ...)."""
-        full = set(self.full_layers)
+        full = set(self.fixed_full_layers())
         if self.full_every:
             full |= set(range(0, num_layers, self.full_every))
         return [None if i in full else self.window for i in range(num_layers)]
@@ -76,7 +93,25 @@ class NHASettings:
         """The resolved dict stored as `config.nha` in a converted checkpoint."""
         d = asdict(self)
         d["windows"] = self.windows(num_layers)
+        k = self.auto_full_layers()
+        if k is not None:  # every layer NHA until layer_selection.apply_selection writes the choice
+            d["full_layers"], d["full_layers_auto"] = [], k
         return d
+
+    def auto_full_layers(self) -> int | None:
+        """K of full_layers "auto:K" (None for an explicit list); a malformed value is an NHAError."""
+        if not isinstance(self.full_layers, str):
+            return None
+        text = self.full_layers.strip()
+        head, _, tail = text.partition(":")
+        if head != AUTO or not tail.strip().isdigit() or int(tail) < 1:
+            raise NHAError(f"full_layers takes layer indices (0,15,31) or auto:K with a whole number K >= 1 of "
+                           f"full layers, e.g. auto:2; got {text!r}")
+        return int(tail)
+
+    def fixed_full_layers(self) -> list[int]:
+        """The explicitly listed full layers ([] for auto:K, whose layers are chosen at conversion)."""
+        return [] if self.auto_full_layers() is not None else list(self.full_layers)
 
 
 def layer_settings(nha: dict[str, Any], layer_idx: int) -> tuple[int | None, dict[str, Any]]:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import struct
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +19,119 @@ from .errors import NHAError
 
 def check_output_dir(out_dir: str | os.PathLike, overwrite: bool) -> Path:
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise NHAError(f"output path {out} exists and is not a folder; choose another output folder")
     if out.exists() and not overwrite:
         raise NHAError(f"output folder {out} already exists; pass --overwrite to replace it")
-    if out.exists() and not out.is_dir():
-        raise NHAError(f"output path {out} exists and is not a folder")
+    check_writable(out.parent if out.exists() else out)  # save() writes beside `out`, then renames
     return out
+
+
+def check_writable(target: str | os.PathLike, what: str = "output") -> Path:
+    """Fail now, before any work, if `target` (a folder to create or fill) cannot be written.
+
+    Probes by creating and removing a file in `target` or, when it does not exist yet, in its nearest existing
+    parent (os.access is no answer for root or read-only mounts). Creates nothing that stays.
+    """
+    out = Path(target).expanduser()
+    probe_dir = out
+    while not probe_dir.exists():
+        if probe_dir.parent == probe_dir:
+            break
+        probe_dir = probe_dir.parent
+    if not probe_dir.is_dir():
+        raise NHAError(f"{what} {out} cannot be created: {probe_dir} is a file; choose another path")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".nha-write-probe.", dir=probe_dir)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise NHAError(f"{what} {out} is not writable ({e.strerror or e} in {probe_dir}); "
+                       "choose another path or fix its permissions") from None
+    return out
+
+
+def umask() -> int:
+    """The process umask (read by setting and restoring it: there is no getter)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def default_permissions(path: str | os.PathLike) -> Path:
+    """Give a file or folder made by tempfile (0600 / 0700) the permissions open() / mkdir() would give:
+    others sharing a cache or results folder can then read it, as the umask intends."""
+    p = Path(path)
+    os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask())
+    return p
+
+
+# --- weights --------------------------------------------------------------------------------------------
+
+
+def safetensors_problem(path: str | os.PathLike) -> str | None:
+    """Why a .safetensors file is damaged (missing, truncated, bad header), or None when its header and length
+    agree. Reads the header only: cheap for a 16 GB file."""
+    p = Path(path)
+    try:
+        size = p.stat().st_size
+        with p.open("rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                return f"{p.name} is truncated ({size} bytes)"
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8:
+                return f"{p.name} is truncated (header of {n} bytes, file of {size})"
+            header = json.loads(fh.read(n))
+    except FileNotFoundError:
+        return f"{p.name} is missing"
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        return f"{p.name} has an unreadable header ({type(e).__name__})"
+    if not isinstance(header, dict):
+        return f"{p.name} has an unreadable header"
+    ends = [t["data_offsets"][1] for k, t in header.items()
+            if k != "__metadata__" and isinstance(t, dict) and len(t.get("data_offsets") or ()) == 2]
+    expected = 8 + n + max(ends, default=0)
+    if size != expected:
+        return f"{p.name} is {size:,} bytes, its header says {expected:,} (truncated or overwritten)"
+    return None
+
+
+def torch_file_problem(path: str | os.PathLike) -> str | None:
+    """Why a torch.save file (zip format: .bin, .pt) is damaged, or None. A truncated zip loses its directory."""
+    p = Path(path)
+    if not p.is_file():
+        return f"{p.name} is missing"
+    return None if zipfile.is_zipfile(p) else f"{p.name} is truncated or not a torch.save file"
+
+
+def weights_problem(folder: str | os.PathLike) -> str | None:
+    """Why a local Hugging Face model folder's weights are unusable (none, a shard missing, truncated), or None."""
+    f = Path(folder)
+    index = next((f / n for n in ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+                  if (f / n).is_file()), None)
+    if index is not None:
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return f"{index.name} is not a valid weight index"
+        files = [f / s for s in shards]
+    else:
+        files = [f / n for n in ("model.safetensors", "pytorch_model.bin") if (f / n).is_file()][:1]
+        if not files:
+            return "it holds no weights (model.safetensors or pytorch_model.bin)"
+    for file in files:
+        problem = safetensors_problem(file) if file.suffix == ".safetensors" else torch_file_problem(file)
+        if problem:
+            return problem
+    return None
+
+
+def check_weights(folder: str | os.PathLike) -> None:
+    """NHAError naming the damaged file of a local model folder, before anything is loaded from it."""
+    problem = weights_problem(folder)
+    if problem:
+        raise NHAError(f"model folder {folder}: {problem}; re-save or re-download the model")
 
 
 def save(model: PreTrainedModel, tokenizer: Any, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -31,7 +142,7 @@ def save(model: PreTrainedModel, tokenizer: Any, out_dir: str | os.PathLike, ove
     """
     out = check_output_dir(out_dir, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    tmp = default_permissions(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:

@@ -17,12 +17,11 @@ import contextlib
 import json
 import logging
 import math
-import os
 import shutil
 import signal
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
 
@@ -31,6 +30,8 @@ from rich.console import Console
 from torch import Tensor, nn
 
 from ..errors import NHAError
+from .checkpoints import (STATE_FILE, Position, checkpoint_dirs, load_checkpoint, newest_intact,  # noqa: F401
+                          read_position, save_checkpoint)
 from .data import Corpus, Rows, build_corpus, step_rows
 from .losses import attention_mse, chunked_lm_loss, next_token_targets
 from .progress import MetricsLog, StageProgress
@@ -42,7 +43,6 @@ log = logging.getLogger("nha_convert.finetune")
 logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
-STATE_FILE = "trainer_state.json"
 DTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -52,15 +52,6 @@ class Interrupted(Exception):
     def __init__(self, checkpoint: Path | None, global_step: int):
         super().__init__(str(checkpoint))
         self.checkpoint, self.global_step = checkpoint, global_step
-
-
-@dataclass
-class Position:
-    stage: int = 0
-    step: int = 0  # optimizer steps completed in `stage`
-    global_step: int = 0
-    tokens: int = 0
-    total: int | None = None  # the stage's step count (fixed after timing when the stage has a time budget)
 
 
 def _peak_memory(device: torch.device) -> dict[str, float]:
@@ -234,23 +225,6 @@ def _forget_optimizer_state(optimizer: Any) -> None:
     getattr(optimizer, "optimizer", optimizer).state.clear()
 
 
-# --- checkpoints -----------------------------------------------------------------------------------
-
-
-def checkpoint_dirs(run_dir: Path) -> list[Path]:
-    root = run_dir / "checkpoints"
-    if not root.is_dir():
-        return []
-    done = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and (p / STATE_FILE).is_file()]
-    return sorted(done, key=lambda p: (json.loads((p / STATE_FILE).read_text())["global_step"],
-                                       json.loads((p / STATE_FILE).read_text())["stage"]))
-
-
-def read_position(ckpt: Path) -> Position:
-    d = json.loads((ckpt / STATE_FILE).read_text())
-    return Position(**{k: d.get(k) for k in ("stage", "step", "global_step", "tokens", "total")})
-
-
 # --- the trainer -----------------------------------------------------------------------------------
 
 
@@ -287,7 +261,15 @@ class Trainer:
                 raise NHAError(f"{self.run_dir} holds a finished run (model/); nothing to resume")
             if not ckpts:
                 raise NHAError(f"no checkpoint to resume from in {self.run_dir / 'checkpoints'}; run without --resume")
-            return ckpts[-1]
+            ckpt, damaged = newest_intact(self.run_dir)
+            if ckpt is None:
+                raise NHAError(f"no intact checkpoint in {self.run_dir / 'checkpoints'} ({damaged[0][0].name}: "
+                               f"{damaged[0][1]}); start over with --overwrite")
+            if damaged and self.main:
+                self.console.print(f"[yellow]skipping damaged checkpoint(s) "
+                                   f"{', '.join(f'{p.name} ({why})' for p, why in damaged)}: resuming from the "
+                                   f"previous intact one, {ckpt.name}; delete the damaged folder(s)", highlight=False)
+            return ckpt
         if self.run_dir.exists() and any(self.run_dir.iterdir()):
             if not self.overwrite:
                 raise NHAError(f"run folder {self.run_dir} is not empty; pass --resume to continue it or "
@@ -304,31 +286,12 @@ class Trainer:
     # -- checkpoints --
 
     def _save(self, pos: Position, scheduler: Any) -> Path:
-        acc = self.accelerator
-        root = self.run_dir / "checkpoints"
-        name = f"step-{pos.global_step:08d}-stage{pos.stage}"
-        tmp, final = root / f".{name}.partial", root / name
-        if self.main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        acc.wait_for_everyone()
-        acc.save_state(str(tmp), safe_serialization=True)
-        acc.wait_for_everyone()  # every process has written its part (shards, RNG state) before the rename
-        if self.main:
-            torch.save({"scheduler": scheduler.state_dict()}, tmp / "scheduler_state.pt")
-            (tmp / STATE_FILE).write_text(json.dumps({**asdict(pos), "recipe": self.recipe.source,
-                                                      "budget": self.recipe.budget}, indent=1))
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-            for old in checkpoint_dirs(self.run_dir)[: -self.recipe.output.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
-        acc.wait_for_everyone()
-        return final
+        return save_checkpoint(self.accelerator, self.run_dir, pos, scheduler,
+                               {"recipe": self.recipe.source, "budget": self.recipe.budget},
+                               self.recipe.output.keep_checkpoints)
 
     def _load(self, ckpt: Path, scheduler: Any) -> Position:
-        self.accelerator.load_state(str(ckpt))
-        scheduler.load_state_dict(torch.load(ckpt / "scheduler_state.pt", weights_only=False)["scheduler"])
-        return read_position(ckpt)
+        return load_checkpoint(self.accelerator, ckpt, scheduler)
 
     # -- Ctrl-C --
 

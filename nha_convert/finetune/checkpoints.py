@@ -1,0 +1,142 @@
+"""Training checkpoints on disk: where they are, writing one atomically, checking one is intact, loading one.
+
+A checkpoint (run_dir/checkpoints/step-XXXXXXXX-stageS) holds accelerate's save_state (weights of the model being
+trained, optimizer, the RNG of every process), the scheduler and the position (stage, step). trainer_state.json is
+written last and lists every other file with its size, so a later loss (a file deleted, a copy cut short, a full
+disk) is found before loading: `--resume` then continues from the newest intact checkpoint and says so.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import NHAError
+from ..io import safetensors_problem, torch_file_problem
+
+STATE_FILE = "trainer_state.json"
+SCHEDULER_FILE = "scheduler_state.pt"
+_NAME = re.compile(r"^step-(\d+)-stage(\d+)$")
+
+
+@dataclass
+class Position:
+    stage: int = 0
+    step: int = 0  # optimizer steps completed in `stage`
+    global_step: int = 0
+    tokens: int = 0
+    total: int | None = None  # the stage's step count (fixed after timing when the stage has a time budget)
+
+
+def checkpoint_name(pos: Position) -> str:
+    return f"step-{pos.global_step:08d}-stage{pos.stage}"
+
+
+def checkpoint_dirs(run_dir: Path) -> list[Path]:
+    """Every checkpoint folder of a run (intact or not; partial ones are hidden), oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [(m, p) for p in root.iterdir() if p.is_dir() and (m := _NAME.match(p.name))]
+    return [p for m, p in sorted(found, key=lambda mp: (int(mp[0][1]), int(mp[0][2])))]
+
+
+def read_position(ckpt: Path) -> Position:
+    d = json.loads((ckpt / STATE_FILE).read_text())
+    return Position(**{k: d.get(k) for k in ("stage", "step", "global_step", "tokens", "total")})
+
+
+def _files(folder: Path) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != STATE_FILE}
+
+
+def problem(ckpt: Path) -> str | None:
+    """Why a checkpoint cannot be resumed from (a file missing, truncated or damaged), or None when intact."""
+    try:
+        state = json.loads((ckpt / STATE_FILE).read_text())
+        read_position(ckpt)
+    except FileNotFoundError:
+        return f"{STATE_FILE} is missing"
+    except (OSError, ValueError, TypeError, AttributeError):
+        return f"{STATE_FILE} is unreadable"
+    listed = state.get("files")
+    if isinstance(listed, dict):
+        for rel, size in listed.items():
+            f = ckpt / rel
+            if not f.is_file():
+                return f"{rel} is missing"
+            if f.stat().st_size != size:
+                return f"{rel} is {f.stat().st_size:,} bytes, {size:,} when saved"
+    else:  # written before checkpoints listed their files: the files one process's save always has
+        for want in (SCHEDULER_FILE, "optimizer", "model"):
+            if not any(p.name.startswith(want) for p in ckpt.iterdir()):
+                return f"no {want}* file"
+    for f in sorted(ckpt.rglob("*")):
+        if f.suffix == ".safetensors":
+            bad = safetensors_problem(f)
+        elif f.suffix in (".bin", ".pt") and f.is_file():
+            bad = torch_file_problem(f)
+        else:
+            continue
+        if bad:
+            return bad
+    return None
+
+
+def newest_intact(run_dir: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """(the newest intact checkpoint or None, [(newer damaged checkpoint, why)], newest first)."""
+    damaged = []
+    for ckpt in reversed(checkpoint_dirs(run_dir)):
+        why = problem(ckpt)
+        if why is None:
+            return ckpt, damaged
+        damaged.append((ckpt, why))
+    return None, damaged
+
+
+def save_checkpoint(accelerator: Any, run_dir: Path, pos: Position, scheduler: Any, extra: dict[str, Any],
+                    keep: int) -> Path:
+    """Write a checkpoint into a hidden temporary folder and rename it into place (all processes call this);
+    then drop all but the newest `keep`."""
+    acc, main = accelerator, accelerator.is_main_process
+    root = Path(run_dir) / "checkpoints"
+    name = checkpoint_name(pos)
+    tmp, final = root / f".{name}.partial", root / name
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    acc.wait_for_everyone()
+    acc.save_state(str(tmp), safe_serialization=True)
+    acc.wait_for_everyone()  # every process has written its part (shards, RNG state) before the rename
+    if main:
+        torch.save({"scheduler": scheduler.state_dict()}, tmp / SCHEDULER_FILE)
+        state = {**asdict(pos), **extra, "files": _files(tmp)}
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in checkpoint_dirs(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    acc.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(accelerator: Any, ckpt: Path, scheduler: Any) -> Position:
+    """Restore model, optimizer, RNG and scheduler state; a checkpoint that still fails to load is an NHAError
+    naming the folder to delete."""
+    try:
+        accelerator.load_state(str(ckpt))
+        scheduler.load_state_dict(torch.load(ckpt / SCHEDULER_FILE, weights_only=False)["scheduler"])
+    except (RuntimeError, KeyError, ValueError, OSError, EOFError, pickle.UnpicklingError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise NHAError(f"checkpoint {ckpt} does not load ({type(e).__name__}: {first}); it was written by "
+                       "another recipe or is damaged: delete it to resume from an earlier one") from None
+    return read_position(ckpt)

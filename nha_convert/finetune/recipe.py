@@ -24,6 +24,7 @@ from ..settings import NHASettings
 AMOUNTS = ("steps", "tokens", "minutes")
 STAGE_KINDS = ("attention_transfer", "distill", "finetune")
 TRAINABLES = ("gates", "lora", "attention", "all_but_mlp")
+PROBE_KINDS = ("passkey", "mqar", "retrieval")
 
 
 # --- YAML with line numbers ------------------------------------------------------------------------
@@ -123,10 +124,12 @@ class SourceSpec:
     - jsonl: `path` = a JSON-lines file, one document per line in `field`;
     - hub: `name` (+ `config`, `split`) through `datasets.load_dataset`, online only, documents in `field`;
     - teacher: `samples` texts sampled from the teacher (`max_new_tokens`, `temperature`, `top_p`),
-      started from `prompts` (default: the beginning-of-text token).
+      started from `prompts` (default: the beginning-of-text token);
+    - retrieval: `samples` generated retrieval documents (finetune/retrieval_data.py): `min_tokens`-`max_tokens`
+      long, every question more than `min_distance` tokens after its fact, in `formats` (default all).
     max_docs caps the documents taken from this source."""
 
-    kind: Literal["shakespeare", "boolq", "text", "jsonl", "hub", "teacher"]
+    kind: Literal["shakespeare", "boolq", "text", "jsonl", "hub", "teacher", "retrieval"]
     path: str | None = None
     name: str | None = None
     config: str | None = None
@@ -138,6 +141,21 @@ class SourceSpec:
     temperature: float = 1.0
     top_p: float = 0.95
     prompts: list[str] | None = None
+    min_tokens: int = 1024
+    max_tokens: int = 2048
+    min_distance: int = 256
+    formats: list[str] | None = None
+
+
+@dataclass
+class ProbeSpec:
+    """The recall probe at the end of every stage (finetune/probe.py), logged to metrics.jsonl as event "recall":
+    passkey and MQAR (eval/recall.py) at each of `lengths`, and the held-out split of the retrieval documents,
+    `items` items each."""
+
+    lengths: list[int] = field(default_factory=lambda: [1024, 2048])
+    items: int = 8
+    probes: list[str] = field(default_factory=lambda: list(PROBE_KINDS))
 
 
 @dataclass
@@ -212,6 +230,7 @@ class Recipe:
     data: DataSpec = field(default_factory=DataSpec)
     stages: list[StageSpec] = field(default_factory=list)
     output: OutputSpec = field(default_factory=OutputSpec)
+    probe: ProbeSpec | None = None
     seed: int = 0
     budgets: dict = field(default_factory=dict)
     source: str = field(default="<recipe>", metadata={"internal": True})
@@ -551,12 +570,35 @@ def validate(recipe: Recipe, tree: Any = None) -> None:
             raise NHAError(f"{w}: data.sources[{i}]: a hub source needs `name` (a data set id)")
         if src.kind == "teacher" and recipe.teacher.model is None:
             raise NHAError(f"{w}: data.sources[{i}]: teacher-sampled text needs a teacher (teacher.model)")
+        if src.kind == "retrieval":
+            _validate_retrieval(src, recipe, f"{w}: data.sources[{i}]")
     if not recipe.data.sources:
         raise NHAError(f"{_where(tree, 'data', 'sources')}: data.sources is empty")
+    if recipe.probe is not None:
+        pr, w = recipe.probe, _where(tree, "probe")
+        bad = [x for x in pr.probes if x not in PROBE_KINDS]
+        if bad:
+            raise NHAError(f"{w}: probe.probes: unknown probe {bad[0]!r}; choose from {', '.join(PROBE_KINDS)}")
+        if pr.items <= 0 or not pr.lengths or min(pr.lengths) <= 0:
+            raise NHAError(f"{w}: probe: items and every length must be positive (lengths e.g. [1024, 2048])")
     if not 0 < recipe.data.held_out < 1:
         raise NHAError(f"{_where(tree, 'data', 'held_out')}: data.held_out must be a fraction in (0, 1)")
     if recipe.output.checkpoint_every < 0 or recipe.output.keep_checkpoints < 1:
         raise NHAError(f"{_where(tree, 'output')}: output.checkpoint_every must be >= 0, keep_checkpoints >= 1")
+
+
+def _validate_retrieval(src: SourceSpec, recipe: Recipe, label: str) -> None:
+    from .retrieval_data import FORMATS
+
+    if not 0 < src.min_distance < src.min_tokens <= src.max_tokens:
+        raise NHAError(f"{label}: a retrieval source needs 0 < min_distance < min_tokens <= max_tokens")
+    bad = [f for f in src.formats or [] if f not in FORMATS]
+    if bad:
+        raise NHAError(f"{label}: unknown retrieval format {bad[0]!r}; choose from {', '.join(FORMATS)}")
+    longest = max((s.seq_len for s in recipe.stages), default=0)
+    if src.max_tokens > longest:
+        raise NHAError(f"{label}: retrieval documents of up to {src.max_tokens} tokens are longer than every "
+                       f"stage's seq_len ({longest}), so rows would cut questions from their facts; lower max_tokens")
 
 
 def stage_name(stage: StageSpec) -> str:

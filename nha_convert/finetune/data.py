@@ -146,6 +146,10 @@ def load_documents(spec: DataSpec, *, teacher: Any = None, tokenizer: Any = None
             part = shakespeare_documents()
         elif src.kind == "boolq":
             part = boolq_documents()
+        elif src.kind == "retrieval":
+            from .retrieval_data import source_documents
+
+            part = source_documents(src, tokenizer, seed + 7919 * i)
         elif src.kind == "text":
             part = text_documents(src.path)
         elif src.kind == "jsonl":

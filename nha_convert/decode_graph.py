@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from .cache import NHACache
+from .compat import CACHE_KWARG
 from .errors import NHAError
 
 
@@ -46,7 +47,7 @@ class GraphedDecodeStep:
 
     @torch.no_grad()
     def _step(self) -> Tensor:
-        out = self.model(input_ids=self.ids, position_ids=self.position_ids, past_key_values=self.cache,
+        out = self.model(input_ids=self.ids, position_ids=self.position_ids, **{CACHE_KWARG: self.cache},
                          use_cache=True, logits_to_keep=1)
         self.position_ids.add_(1)
         return out.logits
@@ -135,7 +136,7 @@ def generate_fast(
     position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
     cache = NHACache(model.config, capacity=t + max_new_tokens)
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                past_key_values=cache, use_cache=True, logits_to_keep=1)
+                **{CACHE_KWARG: cache}, use_cache=True, logits_to_keep=1)
     tok = out.logits[:, -1].argmax(-1, keepdim=True)
     step = GraphedDecodeStep(model, cache, position_ids[:, -1:] + 1, graph=graph)
     new = [tok]

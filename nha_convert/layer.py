@@ -14,9 +14,12 @@ from types import ModuleType
 from typing import Any
 
 import torch
+import transformers
 from torch import Tensor, nn
+from transformers.cache_utils import Cache
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from .compat import pop_cache
 from .errors import NHAError
 from .ops import NHAState, gate_log_alpha, nha_chunk
 
@@ -53,6 +56,35 @@ class NHAAttention(nn.Module):
         w = "full" if self.window is None else self.window
         return f"window={w}, slots={self.num_slots}, sinks={self.num_sinks}, tau={self.gate_temperature}"
 
+    def _layer_cache(self, cache: Any, use_cache: bool | None, kwargs: dict[str, Any]) -> Any:
+        """This layer's NHALayerCache, or None when decoding state is not wanted; never silently lost.
+
+        transformers has renamed the cache argument before (compat.py): a cache handed over under a name this
+        package does not know, or `use_cache` on with no cache at all, would mean decoding without context.
+        """
+        stray = [name for name, value in kwargs.items() if isinstance(value, Cache)]
+        if stray:
+            raise NHAError(
+                f"NHA layer {self.layer_idx} was handed its cache as `{stray[0]}=`, a name this nha-convert does not "
+                f"know (transformers {transformers.__version__}); install a transformers version in the range that "
+                "pyproject.toml declares, or add the name to nha_convert/compat.py"
+            )
+        if cache is None:
+            if use_cache:
+                raise NHAError(
+                    f"use_cache=True but no cache reached NHA layer {self.layer_idx}: the decode state would be "
+                    "lost; call the model through its CausalLM class, which creates an NHACache"
+                )
+            return None
+        layers = getattr(cache, "nha_layers", None)
+        if layers is None:
+            raise NHAError(
+                f"NHA layers need an NHACache, got {type(cache).__name__}; "
+                "pass cache=NHACache(model.config) (past_key_values= before transformers 5.24) or let the model "
+                "create one"
+            )
+        return layers[self.layer_idx]
+
     def project(self, hidden_states: Tensor, position_embeddings: tuple[Tensor, Tensor]):
         """q, k (unrotated, after q_norm/k_norm), their RoPE'd copies, v and log-decays, head-first."""
         b, t, _ = hidden_states.shape
@@ -73,21 +105,13 @@ class NHAAttention(nn.Module):
         hidden_states: Tensor,
         position_embeddings: tuple[Tensor, Tensor] | None = None,
         attention_mask: Tensor | None = None,
-        past_key_values: Any = None,
+        use_cache: bool | None = None,
         **kwargs: Any,
     ) -> tuple[Tensor, None]:
         b, t, _ = hidden_states.shape
+        cache = self._layer_cache(pop_cache(kwargs), use_cache, kwargs)
         q, q_rot, k, k_rot, v, log_alpha = self.project(hidden_states, position_embeddings)
         valid = padding_mask(attention_mask, b, t, hidden_states.device)
-        cache = None
-        if past_key_values is not None:
-            layers = getattr(past_key_values, "nha_layers", None)
-            if layers is None:
-                raise NHAError(
-                    f"NHA layers need an NHACache, got {type(past_key_values).__name__}; "
-                    "pass past_key_values=NHACache(model.config) or let the model create one"
-                )
-            cache = layers[self.layer_idx]
         common = dict(window=self.window, num_sinks=self.num_sinks, scale=self.scaling)
 
         if cache is not None and cache.state is not None:

@@ -29,6 +29,8 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .cache import NHACache
+from .compat import CACHE_KWARG, pop_cache
+from .errors import NHAError
 from .layer import NHAAttention
 
 ATTN_IMPLEMENTATION = "nha"
@@ -64,19 +66,70 @@ class NHAModelMixin:
         return ATTN_IMPLEMENTATION
 
     def _prepare_cache_for_generation(self, generation_config: Any, model_kwargs: dict, *args: Any, **kwargs: Any):
-        if model_kwargs.get("past_key_values") is None and generation_config.use_cache is not False:
+        cache = pop_cache(model_kwargs)  # a user's cache under either name goes on under this version's name
+        if cache is None and generation_config.use_cache is not False:
             # Full-attention buffers sized once for prompt + new tokens (max_length is set by then).
-            model_kwargs["past_key_values"] = NHACache(self.config, capacity=generation_config.max_length or 0)
+            cache = NHACache(self.config, capacity=generation_config.max_length or 0)
+        if cache is not None:
+            model_kwargs[CACHE_KWARG] = cache
         return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
 
-    def forward(self, *args: Any, past_key_values: Any = None, use_cache: bool | None = None, **kwargs: Any):
+    def forward(self, *args: Any, use_cache: bool | None = None, **kwargs: Any):
+        cache = pop_cache(kwargs)  # either name from the caller; passed on under this version's name
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        if use_cache and past_key_values is None:
+        if use_cache and cache is None:
             if self.training:
                 use_cache = False  # training never decodes; skip building the decode state
             else:
-                past_key_values = NHACache(self.config)
-        return super().forward(*args, past_key_values=past_key_values, use_cache=use_cache, **kwargs)
+                cache = NHACache(self.config)
+        out = super().forward(*args, use_cache=use_cache, **{CACHE_KWARG: cache}, **kwargs)
+        if cache is not None and any(layer.state is None for layer in cache.nha_layers):
+            # A layer that never filled its state ran without the cache: its output has no past context.
+            raise NHAError("an NHA layer computed without its cache (the cache argument was lost on the way); "
+                           "install a transformers version in the range that pyproject.toml declares")
+        return out
+
+
+# One config + model class per architecture, each under an importable module-level name (pickle, DataLoader
+# workers and deepcopy find classes by name). `strict` keeps the dataclass semantics of HF configs.
+@strict
+class NHALlamaConfig(LlamaConfig):
+    model_type = "nha_llama"
+    nha: dict | None = None
+
+
+@strict
+class NHAQwen2Config(Qwen2Config):
+    model_type = "nha_qwen2"
+    nha: dict | None = None
+
+
+@strict
+class NHAQwen3Config(Qwen3Config):
+    model_type = "nha_qwen3"
+    nha: dict | None = None
+
+
+@strict
+class NHAMistralConfig(MistralConfig):
+    model_type = "nha_mistral"
+    nha: dict | None = None
+
+
+class NHALlamaForCausalLM(NHAModelMixin, LlamaForCausalLM):
+    config_class = NHALlamaConfig
+
+
+class NHAQwen2ForCausalLM(NHAModelMixin, Qwen2ForCausalLM):
+    config_class = NHAQwen2Config
+
+
+class NHAQwen3ForCausalLM(NHAModelMixin, Qwen3ForCausalLM):
+    config_class = NHAQwen3Config
+
+
+class NHAMistralForCausalLM(NHAModelMixin, MistralForCausalLM):
+    config_class = NHAMistralConfig
 
 
 @dataclass(frozen=True)
@@ -86,28 +139,12 @@ class Architecture:
     model_class: type
 
 
-def _make(base_type: str, base_config: type, base_model: type, name: str) -> Architecture:
-    # One small config + model class per architecture; `strict` keeps the dataclass semantics of HF configs.
-    cfg = strict(type(f"NHA{name}Config", (base_config,), {
-        "model_type": f"nha_{base_type}",
-        "__annotations__": {"nha": dict | None},
-        "nha": None,
-    }))
-    model = type(f"NHA{name}ForCausalLM", (NHAModelMixin, base_model), {"config_class": cfg})
-    AutoConfig.register(cfg.model_type, cfg)
-    AutoModelForCausalLM.register(cfg, model)
-    return Architecture(base_type, cfg, model)
-
-
 ARCHITECTURES: dict[str, Architecture] = {
-    a.base_model_type: a
-    for a in (
-        _make("llama", LlamaConfig, LlamaForCausalLM, "Llama"),
-        _make("qwen2", Qwen2Config, Qwen2ForCausalLM, "Qwen2"),
-        _make("qwen3", Qwen3Config, Qwen3ForCausalLM, "Qwen3"),
-        _make("mistral", MistralConfig, MistralForCausalLM, "Mistral"),
-    )
+    "llama": Architecture("llama", NHALlamaConfig, NHALlamaForCausalLM),
+    "qwen2": Architecture("qwen2", NHAQwen2Config, NHAQwen2ForCausalLM),
+    "qwen3": Architecture("qwen3", NHAQwen3Config, NHAQwen3ForCausalLM),
+    "mistral": Architecture("mistral", NHAMistralConfig, NHAMistralForCausalLM),
 }
-
-NHALlamaConfig = ARCHITECTURES["llama"].config_class
-NHALlamaForCausalLM = ARCHITECTURES["llama"].model_class
+for _arch in ARCHITECTURES.values():
+    AutoConfig.register(_arch.config_class.model_type, _arch.config_class)
+    AutoModelForCausalLM.register(_arch.config_class, _arch.model_class)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from nha_convert import NHACache, NHAError, NHASettings, convert, generate_fast
+from nha_convert.compat import output_cache
 from nha_convert.decode_graph import GraphedDecodeStep
 from nha_convert.ops.recurrent import FULL_GROW
 from tests.test_model import batch, max_diff, tiny
@@ -112,4 +113,4 @@ def test_generate_sizes_full_layer_buffers_for_the_whole_generation():
     with torch.no_grad():
         out = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0,
                              return_dict_in_generate=True)
-    assert out.past_key_values.layers[0].state.capacity == 17  # prompt + new tokens: no growth while decoding
+    assert output_cache(out).layers[0].state.capacity == 17  # prompt + new tokens: no growth while decoding

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 import nha_convert
+from nha_convert.compat import CACHE_KWARG, output_cache
 from nha_convert.eval import bench as B
 
 
@@ -34,11 +35,11 @@ def test_cache_expansion_matches_a_real_batch():
     nha_convert.convert(model, nha_convert.NHASettings(window=8, slots=4, full_layers=[0]))
     ids = torch.randint(0, 256, (1, 40))
     with torch.no_grad():
-        one = model(input_ids=ids, use_cache=True).past_key_values
+        one = output_cache(model(input_ids=ids, use_cache=True))
         one.batch_repeat_interleave(3)
         nxt = torch.tensor([[5], [6], [7]])
         a = model(input_ids=nxt, past_key_values=one, use_cache=True).logits
-        three = model(input_ids=ids.repeat(3, 1), use_cache=True).past_key_values
+        three = output_cache(model(input_ids=ids.repeat(3, 1), use_cache=True))
         b = model(input_ids=nxt, past_key_values=three, use_cache=True).logits
     assert torch.allclose(a, b, atol=1e-5)
     assert B.cache_nbytes(one) == B.cache_nbytes(three)
@@ -59,13 +60,13 @@ def test_static_base_cache_decodes_like_the_dynamic_one():
     model = B.random_model("tiny-random", torch.float32, "cpu", seed=2)
     ids = torch.randint(0, 256, (1, 20))
     with torch.no_grad():
-        dyn = model(input_ids=ids, use_cache=True).past_key_values
+        dyn = output_cache(model(input_ids=ids, use_cache=True))
         static = B.static_cache_from(model, dyn, 3, 30)
         nxt = torch.tensor([[5], [6], [7]])
         pos = torch.full((3, 1), 20)
-        a = model(input_ids=nxt, position_ids=pos, past_key_values=static, use_cache=True).logits
+        a = model(input_ids=nxt, position_ids=pos, **{CACHE_KWARG: static}, use_cache=True).logits
         dyn.batch_repeat_interleave(3)
-        b = model(input_ids=nxt, past_key_values=dyn, use_cache=True).logits
+        b = model(input_ids=nxt, **{CACHE_KWARG: dyn}, use_cache=True).logits
     assert torch.allclose(a, b, atol=1e-5)
 
 

@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
+from ..compat import CACHE_KWARG, output_cache
 from ..errors import NHAError
 
 GIB = 1024**3
@@ -107,7 +108,7 @@ def _free_memory(device: torch.device) -> None:
 
 @torch.no_grad()
 def _forward(model: Any, ids: torch.Tensor, cache: Any = None, use_cache: bool = False) -> Any:
-    return model(input_ids=ids, past_key_values=cache, use_cache=use_cache, logits_to_keep=1)
+    return model(input_ids=ids, **{CACHE_KWARG: cache}, use_cache=use_cache, logits_to_keep=1)
 
 
 @torch.no_grad()
@@ -133,7 +134,7 @@ def prefill_cache(model: Any, context: int, vocab: int, device: torch.device) ->
     t0 = time.perf_counter()
     out = _forward(model, ids, use_cache=True)
     _sync(device)
-    return out.past_key_values, out.logits[:, -1:].argmax(-1), time.perf_counter() - t0
+    return output_cache(out), out.logits[:, -1:].argmax(-1), time.perf_counter() - t0
 
 
 DECODE_WARMUP = 3  # untimed steps: two eager ones, then (graph mode) the capture and its first replay
@@ -158,7 +159,7 @@ def time_decode(model: Any, cache: Any, next_tok: torch.Tensor, steps: int, devi
             logits = step(tok)
         else:
             out = _forward(model, tok, cache=cache, use_cache=True)
-            cache, logits = out.past_key_values, out.logits
+            cache, logits = output_cache(out), out.logits
         tok = logits[:, -1:].argmax(-1)
     _sync(device)
     return (time.perf_counter() - t0) / max(steps, 1)

@@ -14,6 +14,7 @@ if not torch.cuda.is_available():
     pytest.skip("needs CUDA", allow_module_level=True)
 
 from nha_convert import NHACache, NHASettings, convert, generate_fast  # noqa: E402
+from nha_convert.compat import output_cache  # noqa: E402
 from nha_convert.decode_graph import GraphedDecodeStep  # noqa: E402
 from nha_convert.eval import bench as B  # noqa: E402
 from tests.test_model import batch, tiny  # noqa: E402
@@ -73,7 +74,7 @@ def test_static_base_graph_equals_dynamic_eager():
     with torch.no_grad():
         out = model(input_ids=ids, use_cache=True)
     tok = out.logits[:, -1:].argmax(-1).repeat(3, 1)
-    dyn = out.past_key_values
+    dyn = output_cache(out)
     static = B.static_cache_from(model, dyn, 3, 40 + 20)
     dyn.batch_repeat_interleave(3)
     t_graph, _ = _steps(model, static, tok, 40, 16, graph=True)

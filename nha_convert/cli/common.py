@@ -1,12 +1,20 @@
-"""What the three CLIs share: one-line errors, dtype parsing, the rich console."""
+"""What the three CLIs share: the runner (exit codes, one-line errors), --version, dtype parsing, progress output,
+the rich console, and the filter of library warnings the user can do nothing about.
+
+Exit codes: 0 success, 1 an error in the user's input or environment (`error: ...`), 2 a usage error (bad option,
+missing argument), 130 interrupted (Ctrl-C). Never a traceback for any of these.
+"""
 
 from __future__ import annotations
 
+import importlib
+import logging
 import sys
-from collections.abc import Callable
-from typing import Any
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Annotated, Any
 
-import torch
 import typer
 from rich.console import Console
 
@@ -14,35 +22,220 @@ from ..errors import NHAError
 
 console = Console(stderr=True)
 
-DTYPES = {"auto": "auto", "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+DTYPE_NAMES = {"auto": "auto", "float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+               "float16": "float16", "fp16": "float16"}
 
 
 def parse_dtype(name: str) -> Any:
     try:
-        return DTYPES[name]
+        canonical = DTYPE_NAMES[name]
     except KeyError:
-        raise NHAError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}") from None
+        raise NHAError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPE_NAMES)}") from None
+    if canonical == "auto":
+        return "auto"
+    import torch
+
+    return getattr(torch, canonical)
 
 
-def run_app(app: typer.Typer) -> Callable[[], None]:
-    """Console-script entry: NHAError becomes `error: <message>` and exit code 1, never a traceback."""
+# --- version --------------------------------------------------------------------------------------------
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("nha-convert")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        import re
+        from pathlib import Path
+
+        text = (Path(__file__).resolve().parents[2] / "pyproject.toml").read_text()
+        return re.search(r'^version = "([^"]+)"', text, re.M).group(1)
+
+
+def _show_version(ctx: typer.Context, value: bool) -> None:
+    if value:
+        typer.echo(f"{ctx.find_root().info_name} {version()}")  # the prog_name run() passes
+        raise typer.Exit(0)
+
+
+# `version: VersionOption = False` in a command's signature: prints `<prog> <version>`, exits 0 before anything runs.
+VersionOption = Annotated[bool, typer.Option("--version", callback=_show_version, is_eager=True,
+                                             help="Print the version and exit.")]
+
+
+# --- progress -------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def progress_bars() -> Iterator[Callable[[str, int | None], Callable[[int], None]]]:
+    """`with progress_bars() as bar: tick = bar("passkey @ 1024 tokens", 20); tick(1)`.
+
+    A rich bar on a terminal; in a log (not a terminal) one plain line per task start and per tenth done, so
+    CI logs and `2> log` show the run is alive. total None: an unknown amount (a spinner, lines per step).
+    """
+    if console.is_terminal:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=console, transient=True) as prog:
+            def bar(desc: str, total: int | None) -> Callable[[int], None]:
+                tid = prog.add_task(desc, total=total)
+                return lambda n: prog.advance(tid, n)
+
+            yield bar
+        return
+
+    def lines(desc: str, total: int | None) -> Callable[[int], None]:
+        done = [0]
+        every = max(1, (total or 10) // 10)
+        console.print(f"{desc}: 0/{total if total is not None else '?'}", highlight=False)
+
+        def tick(n: int) -> None:
+            before, done[0] = done[0], done[0] + n
+            if done[0] // every != before // every or done[0] == total:
+                console.print(f"{desc}: {done[0]}/{total if total is not None else '?'}", highlight=False)
+        return tick
+
+    yield lines
+
+
+class Steps:
+    """The phases of a command (`steps.start("loading base model")`): a spinner on a terminal, a line in a log."""
+
+    def __init__(self) -> None:
+        self._progress: Any = None
+        self._task: Any = None
+
+    def __enter__(self) -> "Steps":
+        if console.is_terminal:
+            from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+            self._progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                                      console=console, transient=True)
+            self._progress.start()
+        return self
+
+    def start(self, description: str) -> None:
+        if self._progress is None:
+            console.print(f"{description} ...", highlight=False)
+        elif self._task is None:
+            self._task = self._progress.add_task(description)
+        else:
+            self._progress.update(self._task, description=description)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+
+# --- library noise --------------------------------------------------------------------------------------
+
+# (message regex, category): warnings that say nothing the user can act on.
+HARMLESS_WARNINGS: tuple[tuple[str, type[Warning]], ...] = (
+    (r"Initializing zero-element tensors is a no-op", UserWarning),  # gates of m = 0 layers
+    (r"`past_key_values` is deprecated", FutureWarning),  # transformers >= 5.24 renamed it `cache`
+    (r".*is_gradient_checkpointing.*", FutureWarning),
+)
+# logger name -> message prefixes it logs that are expected here.
+HARMLESS_LOGS: dict[str, tuple[str, ...]] = {
+    # nha-eval hands lm-eval a loaded model on purpose (one model in memory, NHA classes registered)
+    "lm_eval.models.huggingface": ("`pretrained` model kwarg is not of type `str`",),
+}
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, prefixes: tuple[str, ...]):
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).startswith(self.prefixes)
+
+
+def quiet_libraries() -> None:
+    """Filter the known-harmless warnings and log lines of torch, transformers and lm-eval (idempotent)."""
+    for message, category in HARMLESS_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
+    for name, prefixes in HARMLESS_LOGS.items():
+        log = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessages) for f in log.filters):
+            log.addFilter(_DropMessages(prefixes))
+
+
+def quiet_lm_eval() -> None:
+    """lm-eval records the git commit of the working folder by running `git describe`, whose stderr ("fatal: not
+    a git repository") reaches the user outside a repository; ask git the same with its stderr silenced."""
+    import os
+    import subprocess
+
+    import lm_eval.evaluator as evaluator
+    from lm_eval.loggers.utils import get_commit_from_path
+
+    def git_commit_hash() -> str | None:
+        try:
+            return subprocess.check_output(["git", "describe", "--always"],  # noqa: S607
+                                           stderr=subprocess.DEVNULL).strip().decode()
+        except (subprocess.CalledProcessError, OSError):
+            return get_commit_from_path(os.getcwd())
+
+    evaluator.get_git_commit_hash = git_commit_hash
+
+
+# --- the runner -----------------------------------------------------------------------------------------
+
+
+def _exception_classes(name: str) -> tuple[type[BaseException], ...]:
+    """typer >= 0.20 raises the click copy it bundles (typer._click); older typer raises click's own."""
+    found = []
+    for module in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            found.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(found)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def run(app: typer.Typer, prog: str, args: list[str] | None = None) -> int:
+    """Run a typer app and return its exit code; every failure the user can cause is one line on stderr."""
+    quiet_libraries()
+    click_exception = _exception_classes("ClickException")
+    no_args = _exception_classes("NoArgsIsHelpError")
+    exits = (typer.Exit, *_exception_classes("Exit"))
+    aborts = (typer.Abort, *_exception_classes("Abort"))
+    try:
+        code = app(args=args, prog_name=prog, standalone_mode=False)
+    except NHAError as e:
+        console.print(f"[bold red]error:[/] {_one_line(str(e))}", highlight=False, soft_wrap=True)
+        return 1
+    except no_args as e:  # the command run bare: its help is the answer
+        e.show()
+        return 2
+    except click_exception as e:  # a usage error (bad value, unknown option, missing argument): exit 2
+        console.print(f"[bold red]error:[/] {_one_line(e.format_message())} (see {prog} --help)",
+                      highlight=False, soft_wrap=True)
+        return int(getattr(e, "exit_code", 2))
+    except exits as e:  # raised outside the command body (older typer) or by a callback
+        code = int(getattr(e, "exit_code", getattr(e, "code", 0)) or 0)
+    except (KeyboardInterrupt, *aborts):  # typer turns Ctrl-C into Exit(130) only inside the command
+        code = 130
+    except BrokenPipeError:  # `nha-eval ... | head`
+        return 1
+    if code == 130:
+        console.print("interrupted", highlight=False)
+    return code if isinstance(code, int) else 0
+
+
+def run_app(app: typer.Typer, prog: str) -> Callable[[], None]:
+    """Console-script entry point of a typer app: `sys.exit(run(app, prog))`."""
 
     def main() -> None:
-        try:
-            app(standalone_mode=False)
-        except NHAError as e:
-            console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
-            sys.exit(1)
-        except typer.Abort:
-            console.print("aborted")
-            sys.exit(130)
-        except Exception as e:  # click usage errors keep their own formatting and exit code
-            import click
-
-            if isinstance(e, click.exceptions.ClickException):
-                e.show()
-                sys.exit(e.exit_code)
-            raise
+        sys.exit(run(app, prog))
 
     return main

@@ -7,16 +7,15 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from .. import hub
 from ..convert import convert, nha_config_for
 from ..errors import NHAError
-from ..io import check_output_dir, save
+from ..io import check_output_dir, check_weights, save
 from ..memory import kv_cache_bytes, nha_state_bytes
 from ..settings import NHASettings
-from .common import console, parse_dtype, run_app
+from .common import Steps, VersionOption, console, parse_dtype, run_app
 
 app = typer.Typer(add_completion=False, rich_markup_mode="rich")
 
@@ -38,7 +37,7 @@ def convert_command(
         help="Hub id (meta-llama/Meta-Llama-3-8B), local HF folder, or alias: llama-3-8b, llama-3.1-8b, "
              "qwen2.5-7b, qwen3-8b, mistral-7b, smollm2-135m. Omit it to convert the embedded SmolLM2-135M.",
         show_default=False)] = None,
-    window: Annotated[int, typer.Option(help="Sliding-window size w of the NHA layers (0 = slots only).")] = 64,
+    window: Annotated[int, typer.Option(help="Sliding-window size w of the NHA layers, in tokens (0 = slots only).")] = 64,
     slots: Annotated[int, typer.Option(help="Long-term memory slots m per KV head (0 = sliding window only).")] = 64,
     sinks: Annotated[int, typer.Option(help="First tokens that always stay visible (attention sinks).")] = 0,
     full_layers: Annotated[str, typer.Option(help="Layers that keep full attention, e.g. 0,15,31.")] = "",
@@ -48,6 +47,7 @@ def convert_command(
     gate_temperature: Annotated[float, typer.Option(help="tau in log(alpha) = logsigmoid(W_g x) / tau.")] = 8.0,
     dtype: Annotated[str, typer.Option(help="auto (the checkpoint's), bfloat16, float16 or float32.")] = "auto",
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+    version: VersionOption = False,
 ) -> None:
     """Convert a pretrained Llama / Qwen2 / Qwen3 / Mistral model to Native Hybrid Attention.
 
@@ -66,18 +66,20 @@ def convert_command(
                            full_every=full_every, gate_init=gate_init, gate_decay=gate_decay,
                            gate_temperature=gate_temperature)
     torch_dtype = parse_dtype(dtype)
-    check_output_dir(output, overwrite)
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
-                  transient=True) as progress:
-        task = progress.add_task("reading config")
+    check_output_dir(output, overwrite)  # exists, is a file, or cannot be written: said before any loading
+    with Steps() as steps:
+        steps.start("reading config")
         base_config = hub.load_config(model)
         nha_config_for(base_config, settings)  # validates settings against the model before loading weights
-        progress.update(task, description="loading base model")
+        source = hub.resolve_source(model)
+        if isinstance(source, Path):
+            check_weights(source)  # a truncated or missing weight file: one line, not a loader traceback
+        steps.start("loading base model")
         base, tokenizer = hub.load_base_model(model, dtype=torch_dtype)
         base_params = sum(p.numel() for p in base.parameters())
-        progress.update(task, description="converting attention layers")
+        steps.start("converting attention layers")
         nha = convert(base, settings)
-        progress.update(task, description=f"saving to {output}")
+        steps.start(f"saving to {output}")
         save(nha, tokenizer, output, overwrite=overwrite)
     elapsed = time.perf_counter() - started
     console.print(summary(nha, base_params, model or "smollm2-135m (embedded)", output, elapsed))
@@ -97,6 +99,15 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:,.1f} MiB"
 
 
+def _ratio(state: int, kv: int) -> str:
+    """"4.0x smaller" / "1.2x larger" / "same size": an all-full conversion keeps the KV cache plus the gates."""
+    if state < kv / 1.005:
+        return f"{kv / state:,.1f}x smaller"
+    if state > kv * 1.005:
+        return f"{state / kv:,.2f}x larger"
+    return "same size"
+
+
 def summary(model, base_params: int, name: str, output: Path, elapsed: float) -> Table:
     cfg, nha = model.config, model.config.nha
     new = sum(layer.self_attn.g_proj.weight.numel() + layer.self_attn.g_proj.bias.numel()
@@ -110,12 +121,12 @@ def summary(model, base_params: int, name: str, output: Path, elapsed: float) ->
     table.add_row("new parameters", f"{new:,} ({100 * new / base_params:.2f}% of {base_params:,})")
     for ctx in CONTEXTS:
         kv, st = kv_cache_bytes(cfg, ctx), nha_state_bytes(cfg, ctx)
-        table.add_row(f"decode state @ {ctx // 1024}K", f"{_mib(st)} vs base KV cache {_mib(kv)} "
-                                                        f"({kv / st:,.1f}x smaller, bf16, per sequence)")
+        table.add_row(f"decode state @ {ctx // 1024}K tokens", f"{_mib(st)} vs base KV cache {_mib(kv)} "
+                                                               f"({_ratio(st, kv)}, bf16, per sequence)")
     return table
 
 
-main = run_app(app)
+main = run_app(app, "nha-convert")
 
 if __name__ == "__main__":
     main()

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from ..errors import NHAError
-from .common import console, parse_dtype, run_app
+from .common import VersionOption, console, parse_dtype, progress_bars, quiet_lm_eval, run_app
 
 app = typer.Typer(add_completion=False, rich_markup_mode="rich", no_args_is_help=True)
 
@@ -78,11 +78,46 @@ def _free(*objs: Any) -> None:
         torch.cuda.empty_cache()
 
 
-def _progress():
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+DEFAULT_RECALL_LENGTHS = (1024, 2048, 4096, 8192, 16384, 32768)
+DEFAULT_PPL_LEN = 2048
 
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=console, transient=True)
+
+def _load_expected(path: Path) -> dict[str, Any]:
+    """expected.json for --check, read and type-checked before any evaluation (a bad file must not cost a run)."""
+    from ..eval import gate
+
+    exp = gate.load_expected(path)
+    for key, spec in exp["metrics"].items():
+        value, tol = (spec.get("value"), spec.get("tolerance", 0.0)) if isinstance(spec, dict) else (spec, 0.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                isinstance(tol, bool) or not isinstance(tol, (int, float)):
+            raise NHAError(f"{path}: metric {key!r} must be a number or {{\"value\": x, \"tolerance\": t}}; "
+                           f"got {spec!r}")
+    tol = exp.get("tolerance", 0.01)
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)):
+        raise NHAError(f"{path}: 'tolerance' must be a number; got {tol!r}")
+    return exp
+
+
+def _check_output_file(path: Path, option: str) -> None:
+    from ..io import check_writable
+
+    if path.is_dir():
+        raise NHAError(f"{option} {path} is a folder; give a file name such as expected.json")
+    check_writable(path.parent, option)
+
+
+def _context_of(spec: str | None) -> int | None:
+    """max_position_embeddings of a model named on the command line, from its config alone."""
+    from ..eval import models as M
+    from ..eval.recall import context_length
+
+    cfg = M.folder_config(spec) if spec is not None else {}
+    if cfg:
+        return context_length(cfg)
+    from .. import hub
+
+    return context_length(hub.load_config(spec))
 
 
 @app.command(epilog=EXAMPLES)
@@ -116,12 +151,16 @@ def nha_eval(
     mmlu_split: Annotated[str, typer.Option(help="MMLU split: validation (1531 questions) or test (14042).")]
     = "validation",
     recall: Annotated[bool, typer.Option("--recall", help="Run the passkey and MQAR recall probes.")] = False,
-    recall_lengths: Annotated[str, typer.Option(help="Probe lengths in tokens.")] = "1024,2048,4096,8192,16384,32768",
+    recall_lengths: Annotated[Optional[str], typer.Option(
+        help="Probe lengths in tokens. Default: 1024,2048,...,32768 up to the models' context length.",
+        show_default=False)] = None,
     recall_n: Annotated[int, typer.Option(help="Items per probe and length.")] = 20,
     recall_probes: Annotated[str, typer.Option(help="passkey, mqar or both.")] = "passkey,mqar",
     recall_pairs: Annotated[int, typer.Option(help="Word-number pairs per MQAR item (chance = 1/pairs).")] = 16,
     ppl: Annotated[bool, typer.Option("--ppl", help="Perplexity by position on held-out Shakespeare.")] = False,
-    ppl_len: Annotated[int, typer.Option(help="Sequence length for --ppl.")] = 2048,
+    ppl_len: Annotated[Optional[int], typer.Option(help="Sequence length for --ppl, in tokens. Default: 2048, or "
+                                                        "the models' context length if shorter.",
+                                                   show_default=False)] = None,
     ppl_seqs: Annotated[int, typer.Option(help="Sequences for --ppl.")] = 8,
     bench: Annotated[bool, typer.Option("--bench", help="Speed and memory: base vs NHA (converted with "
                                         "--window/--slots/--full-*), by context length and batch.")] = False,
@@ -146,11 +185,22 @@ def nha_eval(
     write_expected: Annotated[Optional[Path], typer.Option(help="Write the run's primary metrics as an "
                                                                 "expected.json for --check.")] = None,
     seed: Annotated[int, typer.Option(help="Seed for lm-eval sampling and the probes.")] = 1234,
+    version: VersionOption = False,
 ) -> None:
     """Evaluate base, NHA and baseline models [b]side by side[/b]: lm-eval tasks (offline copies by default),
     recall probes, perplexity by position, speed and memory; write JSON, Markdown and PNG; gate regressions."""
     from ..eval import gate, report
+    from ..io import check_writable
 
+    # Everything that can be checked without a model, checked before any model loads.
+    if limit is not None and limit <= 0:
+        raise NHAError(f"--limit must be > 0 (documents per task, or a fraction of them below 1); got {limit:g}")
+    expected = _load_expected(check) if check is not None else None
+    if out.exists() and not out.is_dir():
+        raise NHAError(f"--out {out} is a file; give a folder for results.json, report.md and the charts")
+    check_writable(out, "--out")
+    if write_expected is not None:
+        _check_output_file(write_expected, "--write-expected")
     if results_file is not None:
         results = report.load_results(results_file)
         if models or compare:
@@ -161,7 +211,8 @@ def nha_eval(
         results = evaluate(models or [], tasks=tasks if tasks is not None else ("none" if bench else "commonsense"), compare=compare or [], baseline=baseline, window=window,
                            limit=limit, num_fewshot=num_fewshot, batch_size=_batch_size(batch_size),
                            device=device, dtype=dtype, data=data, mmlu_split=mmlu_split, recall=recall,
-                           recall_lengths=_ints(recall_lengths, "--recall-lengths"), recall_n=recall_n,
+                           recall_lengths=None if recall_lengths is None else _ints(recall_lengths, "--recall-lengths"),
+                           recall_n=recall_n,
                            recall_probes=[p.strip() for p in recall_probes.split(",") if p.strip()],
                            recall_pairs=recall_pairs,
                            ppl=ppl, ppl_len=ppl_len, ppl_seqs=ppl_seqs, seed=seed)
@@ -184,7 +235,7 @@ def nha_eval(
         report.atomic_write(write_expected, lambda p: p.write_text(json.dumps(exp, indent=2) + "\n"))
         console.print(f"wrote {write_expected} ({len(exp['metrics'])} metrics of {exp['model']})", highlight=False)
     if check is not None:
-        failures = gate.check(results, gate.load_expected(check), tolerance)
+        failures = gate.check(results, expected, tolerance)
         if failures:
             for f in failures:
                 console.print(f"[bold red]FAIL[/] {f}", highlight=False)
@@ -195,8 +246,9 @@ def nha_eval(
 
 def evaluate(specs: list[str], *, tasks: str, compare: list[str], baseline: str | None, window: int | None,
              limit: float | None, num_fewshot: int | None, batch_size: int | str, device: str, dtype: str,
-             data: str, mmlu_split: str, recall: bool, recall_lengths: list[int], recall_n: int,
-             recall_probes: list[str], recall_pairs: int, ppl: bool, ppl_len: int, ppl_seqs: int, seed: int) -> dict[str, Any]:
+             data: str, mmlu_split: str, recall: bool, recall_lengths: list[int] | None, recall_n: int,
+             recall_probes: list[str], recall_pairs: int, ppl: bool, ppl_len: int | None, ppl_seqs: int,
+             seed: int) -> dict[str, Any]:
     """Evaluate each model in turn (one in memory at a time) and gather one results dict."""
     from ..eval import lm_eval_runner, models as M, report
     from ..eval import tasks as T
@@ -242,11 +294,37 @@ def evaluate(specs: list[str], *, tasks: str, compare: list[str], baseline: str 
             base_spec = next((s for s in specs if not M.is_nha_folder(s)), None)
             if base_spec is None:
                 raise NHAError(f"--baseline {baseline} is built from the base model; give it with --compare BASE")
+    # Local weights intact, and probe / perplexity lengths within every model's context length.
+    from ..eval.perplexity import check_seq_len
+    from ..eval.recall import check_lengths
+    from ..io import check_weights
+
+    loaded_specs = list(dict.fromkeys([s for what, s in to_load if what != "baseline"] + ([base_spec] if baseline else [])))
+    for s in loaded_specs:
+        if s is not None and M.folder_config(s):
+            check_weights(Path(s).expanduser())
+    if recall or ppl:
+        contexts = {s: _context_of(s) for s in loaded_specs}
+        known = {s: c for s, c in contexts.items() if c is not None}
+        shortest = min(known, key=known.get) if known else None
+        limit_ctx, who = (known[shortest], M.default_label(shortest)) if shortest is not None else (None, "")
+        if recall:
+            if recall_lengths is None:
+                recall_lengths = [L for L in DEFAULT_RECALL_LENGTHS if limit_ctx is None or L <= limit_ctx] \
+                    or [limit_ctx]
+                if len(recall_lengths) < len(DEFAULT_RECALL_LENGTHS):
+                    console.print(f"recall lengths up to {recall_lengths[-1]} tokens: the context length of {who} "
+                                  f"is {limit_ctx}", highlight=False)
+            check_lengths(recall_lengths, limit_ctx, who)
+        if ppl:
+            ppl_len = ppl_len if ppl_len is not None else min(DEFAULT_PPL_LEN, limit_ctx or DEFAULT_PPL_LEN)
+            check_seq_len(ppl_len, limit_ctx, who)
     manager = None
     if task_list:  # one task index for all models, and unknown names fail before any model loads
         data = lm_eval_runner.choose_data_mode(data)
         manager = lm_eval_runner.task_manager(task_list, data, mmlu_split)
         lm_eval_runner.check_tasks(manager, task_list)
+        quiet_lm_eval()
     used: set[str] = set()
 
     for what, spec in to_load:
@@ -274,22 +352,17 @@ def evaluate(specs: list[str], *, tasks: str, compare: list[str], baseline: str 
         if recall:
             from ..eval.recall import run_recall
 
-            with _progress() as prog:
-                def bar(desc: str, total: int):
-                    tid = prog.add_task(f"{label} {desc}", total=total)
-                    return lambda n: prog.advance(tid, n)
-
-                results["recall"][label] = run_recall(loaded.model, loaded.tokenizer, recall_lengths,
-                                                      recall_probes, n=recall_n, seed=seed, n_pairs=recall_pairs,
-                                                      progress=bar)
+            with progress_bars() as bars:
+                results["recall"][label] = run_recall(
+                    loaded.model, loaded.tokenizer, recall_lengths, recall_probes, n=recall_n, seed=seed,
+                    n_pairs=recall_pairs, progress=lambda desc, total: bars(f"{label} {desc}", total))
         if ppl:
             from ..eval.perplexity import perplexity_by_position
 
-            with _progress() as prog:
-                tid = prog.add_task(f"{label} perplexity", total=ppl_seqs)
+            with progress_bars() as bars:
+                tick = bars(f"{label} perplexity ({ppl_len} tokens per sequence)", ppl_seqs)
                 results["perplexity"][label] = perplexity_by_position(
-                    loaded.model, loaded.tokenizer, seq_len=ppl_len, max_sequences=ppl_seqs,
-                    on_batch=lambda n: prog.advance(tid, n))
+                    loaded.model, loaded.tokenizer, seq_len=ppl_len, max_sequences=ppl_seqs, on_batch=tick)
         results["seconds"][label] = time.perf_counter() - t0
         _free(loaded.model)
         loaded.model = None
@@ -366,7 +439,7 @@ def run_bench(results: dict[str, Any], spec: str | None, *, device: str, dtype: 
     _free(loaded.model)
 
 
-main = run_app(app)
+main = run_app(app, "nha-eval")
 
 
 if __name__ == "__main__":

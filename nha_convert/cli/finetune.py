@@ -8,20 +8,83 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
+from contextlib import nullcontext
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
+from ..errors import NHAError
+from .common import VersionOption, run_app
 from .common import console as err
-from .common import run_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
                   help=__doc__.split("\n\n")[0])
 
+EXAMPLES = """
+[b]Examples[/b]
 
-@app.command(help=__doc__)
+  nha-finetune recipes/smollm2-135m.yaml --budget cpu        [dim]# a few steps on 2 CPU cores[/]
+  nha-finetune recipes/smollm2-135m.yaml --budget gpu -o runs/a
+  nha-finetune recipes/smollm2-135m.yaml --resume -o runs/a   [dim]# after Ctrl-C or a crash[/]
+  nha-finetune recipes/smollm2-135m.yaml --check --set stages.distill.steps=20
+  accelerate launch --num_processes 2 -m nha_convert.cli.finetune recipes/smollm2-135m.yaml --budget gpu
+"""
+
+
+def _model_config(name: str | None, field: str) -> Any:
+    """A recipe model's config (no weights), its local weight files checked first."""
+    from .. import hub
+    from ..io import check_weights
+
+    source = hub.resolve_source(name)
+    if isinstance(source, Path):
+        check_weights(source)
+    try:
+        return hub.load_config(name)
+    except (OSError, ValueError) as e:
+        raise NHAError(f"{field}: cannot read the config of {name} ({str(e).splitlines()[0][:200]})") from None
+
+
+def preflight(r: Any) -> None:
+    """Every check that needs no model weights, before any are loaded: run folder writable, data files present,
+    model folders intact, each stage's seq_len within the model's context length."""
+    from ..io import check_writable
+
+    check_writable(r.output.dir, "run folder")
+    for i, src in enumerate(r.data.sources):
+        if src.kind in ("text", "jsonl"):
+            p = Path(src.path).expanduser()
+            if not p.exists() or (src.kind == "jsonl" and not p.is_file()):
+                raise NHAError(f"{r.source}: data.sources[{i}]: data file {p} not found")
+            if p.is_dir() and next(p.rglob("*.txt"), None) is None:
+                raise NHAError(f"{r.source}: data.sources[{i}]: data folder {p} holds no .txt files")
+    m = r.model
+    models = [("model.converted", m.converted) if m.converted is not None else ("model.base", m.base)]
+    if r.teacher.model not in (None, "base"):
+        models.append(("teacher.model", r.teacher.model))
+    for field, name in models:
+        cfg = _model_config(name, field)
+        limit = getattr(cfg, "max_position_embeddings", None)
+        for s in r.stages:
+            if limit is not None and s.seq_len > limit:
+                from ..finetune.recipe import stage_name
+
+                raise NHAError(f"{r.source}: stage {stage_name(s)}: seq_len {s.seq_len} tokens exceeds the context "
+                               f"length of {field} {name or 'smollm2-135m'} ({limit} tokens); lower seq_len")
+
+
+def _remove_unused_run_dir(run_dir: Path) -> None:
+    """After a failed or interrupted start: a run folder with no checkpoint and no model is only clutter."""
+    from ..finetune.checkpoints import checkpoint_dirs
+
+    if run_dir.is_dir() and not checkpoint_dirs(run_dir) and not (run_dir / "model").exists():
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+@app.command(help=__doc__, epilog=EXAMPLES)
 def finetune(
     recipe: Path = typer.Argument(..., help="Recipe YAML (see recipes/ and docs/recipes.md)."),
     budget: str = typer.Option("auto", "--budget", "-b",
@@ -35,6 +98,7 @@ def finetune(
     overwrite: bool = typer.Option(False, "--overwrite", help="Delete a non-empty run folder and start over."),
     check: bool = typer.Option(False, "--check", help="Validate the recipe, print the resolved stages, and exit."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log data loading and backend choices."),
+    version: VersionOption = False,
 ) -> None:
     from ..finetune.recipe import read_recipe, stage_name
 
@@ -52,19 +116,32 @@ def finetune(
                       f"accum {s.grad_accum}, seq_len {s.seq_len}, lr {s.lr:g} {s.schedule}"
                       f"{', bf16' if s.bf16 else ''}", highlight=False)
         return
-    from ..finetune.trainer import Interrupted, Trainer
+    preflight(r)
+    from ..runlock import RunLock
 
-    try:
-        final = Trainer(r, resume=resume, overwrite=overwrite, console=err).run()
-    except Interrupted as stop:
-        err.print(f"interrupted after step {stop.global_step}; checkpoint {stop.checkpoint}; "
-                  f"continue with: nha-finetune {recipe} --resume" + (f" -o {output}" if output else ""))
-        sys.exit(130)
+    run_dir = Path(r.output.dir)
+    main_process = os.environ.get("RANK", "0") == "0"  # one lock per run, taken by the main process
+    with RunLock(run_dir) if main_process else nullcontext():
+        fresh = not resume and (overwrite or not run_dir.exists())
+        err.print(f"run folder {run_dir}: loading models", highlight=False)
+        from ..finetune.trainer import Interrupted, Trainer
+
+        try:
+            final = Trainer(r, resume=resume, overwrite=overwrite, console=err).run()
+        except Interrupted as stop:
+            err.print(f"interrupted after step {stop.global_step}; checkpoint {stop.checkpoint}; "
+                      f"continue with: nha-finetune {recipe} --resume" + (f" -o {output}" if output else ""),
+                      highlight=False, soft_wrap=True)
+            sys.exit(130)
+        except BaseException:
+            if fresh and main_process:
+                _remove_unused_run_dir(run_dir)
+            raise
     if os.environ.get("RANK", "0") == "0":  # once, not once per process under accelerate launch
         typer.echo(str(final))
 
 
-main = run_app(app)
+main = run_app(app, "nha-finetune")
 
 if __name__ == "__main__":
     main()

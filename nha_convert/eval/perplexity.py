@@ -25,6 +25,15 @@ def heldout_path() -> Path:
     return texts[-1]
 
 
+def check_seq_len(seq_len: int, limit: int | None, model: str = "the model") -> None:
+    """--ppl-len must be >= 2 tokens and within the model's context length (max_position_embeddings)."""
+    if seq_len < 2:
+        raise NHAError(f"--ppl-len must be at least 2 tokens; got {seq_len}")
+    if limit is not None and seq_len > limit:
+        raise NHAError(f"--ppl-len {seq_len} exceeds the context length of {model} ({limit} tokens); "
+                       f"use --ppl-len {limit} or less")
+
+
 def position_buckets(seq_len: int, first: int = 64) -> list[tuple[int, int]]:
     """[1, 64), [64, 128), [128, 256), ... up to seq_len: equal resolution on a log scale of position."""
     edges = [1]
@@ -55,7 +64,11 @@ def perplexity_by_position(model: Any, tokenizer: Any, text: str | None = None, 
     """Cut the text into consecutive sequences of `seq_len` tokens; report perplexity per position bucket.
 
     A bucket [a, b) averages the loss of predicting tokens a..b-1 of each sequence from everything before them.
+    on_batch(n) is called after each batch of n sequences (a progress bar).
     """
+    from .recall import context_length
+
+    check_seq_len(seq_len, context_length(model), type(model).__name__)
     if text is None:
         text = heldout_path().read_text(encoding="utf-8", errors="replace")
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt", verbose=False)["input_ids"][0]

@@ -61,6 +61,25 @@ class ProbeItem:
     queries: list[str] = field(default_factory=list)  # the question text of each answer
 
 
+def context_length(model_or_config: Any) -> int | None:
+    """The longest input the model was trained for (max_position_embeddings), or None when it does not say."""
+    cfg = getattr(model_or_config, "config", model_or_config)
+    value = cfg.get("max_position_embeddings") if isinstance(cfg, dict) else getattr(cfg, "max_position_embeddings", None)
+    return int(value) if isinstance(value, int) and value > 0 else None
+
+
+def check_lengths(lengths: Sequence[int], limit: int | None, model: str = "the model") -> None:
+    """Probe lengths must be positive and within the model's context length: beyond it the scores measure
+    positions the model never saw (nonsense, silently)."""
+    bad = [L for L in lengths if L < 1]
+    if bad or not lengths:
+        raise NHAError(f"--recall-lengths must be positive token counts like 1024,4096; got {list(lengths)}")
+    over = [L for L in lengths if limit is not None and L > limit]
+    if over:
+        raise NHAError(f"recall length(s) {', '.join(map(str, over))} exceed the context length of {model} "
+                       f"({limit} tokens); use --recall-lengths up to {limit}")
+
+
 def chance(probe: str, n_pairs: int = 16) -> float:
     """Accuracy of a guesser: a random five-digit key, or a random one of the item's values."""
     if probe == "passkey":
@@ -275,7 +294,11 @@ def _tail_logits(model: Any, ids: torch.Tensor, keep: int) -> torch.Tensor:
 def run_recall(model: Any, tokenizer: Any, lengths: Sequence[int], probes: Sequence[str] = PROBES,
                n: int = 20, seed: int = 0, batch_size: int = 1, n_pairs: int = 16,
                progress: Callable[[str, int], Callable[[int], None]] | None = None) -> dict[str, Any]:
-    """Accuracy by probe and length: {"passkey": {"1024": 1.0, ...}, "mqar": {...}, "chance": {...}}."""
+    """Accuracy by probe and length: {"passkey": {"1024": 1.0, ...}, "mqar": {...}, "chance": {...}}.
+
+    progress(description, items) gives the callback advanced once per scored item (a bar per probe and length).
+    """
+    check_lengths(lengths, context_length(model), type(model).__name__)
     res: dict[str, Any] = {p: {} for p in probes}
     res["chance"] = {}
     for probe in probes:
@@ -283,6 +306,6 @@ def run_recall(model: Any, tokenizer: Any, lengths: Sequence[int], probes: Seque
         res["chance"][probe] = chance(probe, n_pairs)
         for L in lengths:
             items = make_items(probe, tokenizer, L, n, seed, **kw)
-            cb = progress(f"{probe} @ {L}", len(items)) if progress else None
+            cb = progress(f"{probe} @ {L} tokens", len(items)) if progress else None
             res[probe][str(L)] = score(items, model_predictions(model, tokenizer, items, batch_size, cb))
     return res

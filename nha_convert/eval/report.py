@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import NHAError
+from ..io import default_permissions
 from .tasks import LOWER_IS_BETTER, primary_metric
 
 RESULTS_VERSION = 1
@@ -33,6 +34,7 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
     os.close(fd)
     try:
         write(Path(tmp))
+        default_permissions(tmp)  # mkstemp made it 0600; others may read a results folder, as the umask says
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

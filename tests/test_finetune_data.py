@@ -1,4 +1,4 @@
-"""Data: rows never cross documents, the held-out split is disjoint, batches are a pure function of the step."""
+"""Data: the held-out split is disjoint, batches are a pure function of the step (rows: test_finetune_packing.py)."""
 
 from __future__ import annotations
 
@@ -9,30 +9,11 @@ import torch
 
 from nha_convert.errors import NHAError
 from nha_convert.finetune.data import (
-    build_corpus, jsonl_documents, load_documents, make_rows, shakespeare_documents, split_documents, step_rows,
+    build_corpus, jsonl_documents, load_documents, shakespeare_documents, split_documents, step_rows,
     teacher_documents, tokenize_documents,
 )
 from nha_convert.finetune.recipe import DataSpec, SourceSpec
 from test_finetune_helpers import byte_tokenizer, documents, tiny_llama
-
-
-def test_rows_hold_one_document_piece_each():
-    docs = [list(range(100, 100 + n)) for n in (5, 23, 8, 40)]  # distinct token ranges per document
-    docs = [[d * 1000 + t for t in doc] for d, doc in enumerate(docs)]
-    rows = make_rows(docs, seq_len=10, pad_id=-1, min_chunk=4)
-    seen = []
-    for ids, mask in zip(rows.input_ids.tolist(), rows.attention_mask.tolist()):
-        n = sum(mask)
-        assert mask == [1] * n + [0] * (10 - n)  # right padding only
-        assert ids[n:] == [-1] * (10 - n)
-        piece = ids[:n]
-        assert len({t // 1000 for t in piece}) == 1  # never two documents in one row
-        assert piece == list(range(piece[0], piece[0] + n))  # a contiguous slice of that document
-        seen += piece
-    # every token is kept except the pieces shorter than min_chunk (23 -> 10, 10, 3: the 3 is dropped)
-    dropped = {1120, 1121, 1122}
-    assert sorted(seen) == sorted(t for d in docs for t in d if t not in dropped)
-    assert rows.tokens == len(seen)
 
 
 def test_split_whole_documents_or_tails():

@@ -1,9 +1,12 @@
-"""Training data: documents from the recipe's sources, tokenised, split into train / held-out, cut into rows.
+"""Training data: documents from the recipe's sources, tokenised, split into train / held-out, packed into rows.
 
-Rows never cross a document boundary: each row is one piece (at most seq_len tokens) of ONE document, right-padded
-with attention_mask 0. NHA layers carry state along a row (window and slots), so packing several documents into
-one row would leak one document's state into the next; padding costs little here because the default corpus is
-made of long documents. Pieces shorter than `min_chunk` tokens are dropped.
+Each document is cut into pieces of at most seq_len tokens (pieces shorter than `min_chunk` are dropped), and the
+pieces are packed into rows of exactly seq_len positions, several per row (best-fit decreasing), so almost no
+position is padding. Every piece is its own sequence: its position ids restart at 0, and the model keeps pieces
+apart by those position ids alone (transformers builds a block-diagonal mask for full attention, NHA layers reset
+their window, slots and sinks; ops/packed.py). Rows are fed with attention_mask None; the mask here says which
+positions are real, for the losses and the token counts. The few padding positions left (the last rows) continue
+the positions of the row's last piece, after all its real tokens, so causality keeps them out of every real output.
 
 Data order is a pure function of (seed, stage, step): the rows of global step i are positions
 [i*G, (i+1)*G) of an endless stream of seeded permutations, so a resumed run reads exactly the same batches.
@@ -11,6 +14,7 @@ Data order is a pure function of (seed, stage, step): the rows of global step i 
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
 import math
@@ -207,10 +211,12 @@ def split_documents(docs: list[list[int]], held_out: float, seed: int) -> tuple[
 
 @dataclass
 class Rows:
-    """Fixed-length rows: input_ids (N, L) right-padded, attention_mask (N, L)."""
+    """Packed rows of seq_len positions: input_ids (N, L); attention_mask (N, L), 1 at real tokens (for losses
+    and counts, never handed to the model); position_ids (N, L), restarting at 0 at every piece."""
 
     input_ids: Tensor
     attention_mask: Tensor
+    position_ids: Tensor
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -219,19 +225,53 @@ class Rows:
     def tokens(self) -> int:
         return int(self.attention_mask.sum())
 
+    @property
+    def padding_frac(self) -> float:
+        return 1.0 - self.tokens / max(1, self.attention_mask.numel())
+
+
+def pack_pieces(lengths: list[int], seq_len: int) -> list[list[int]]:
+    """Piece indices per row: best-fit decreasing (each piece, longest first, goes to the row it fills most
+    tightly; ties keep the earlier row), so the result is a pure function of the lengths."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    rows: list[list[int]] = []
+    open_rows: list[tuple[int, int]] = []  # (free positions, row index), sorted; full rows leave the list
+    for i in order:
+        n = lengths[i]
+        at = bisect.bisect_left(open_rows, (n, -1))
+        if at == len(open_rows):
+            rows.append([])
+            free, r = seq_len, len(rows) - 1
+        else:
+            free, r = open_rows.pop(at)
+        rows[r].append(i)
+        if free - n > 0:
+            bisect.insort(open_rows, (free - n, r))
+    return rows
+
 
 def make_rows(docs: list[list[int]], seq_len: int, pad_id: int, min_chunk: int) -> Rows:
-    """Cut each document into pieces of seq_len tokens (one piece per row, never two documents in a row)."""
+    """Cut each document into pieces of seq_len tokens and pack the pieces into rows (see the module docstring)."""
     pieces = [d[i:i + seq_len] for d in docs for i in range(0, len(d), seq_len)]
     pieces = [p for p in pieces if len(p) >= min(min_chunk, seq_len)]
     if not pieces:
         raise NHAError(f"no document piece is at least {min_chunk} tokens long; lower data.min_chunk")
-    ids = torch.full((len(pieces), seq_len), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(pieces), seq_len), dtype=torch.long)
-    for i, p in enumerate(pieces):
-        ids[i, : len(p)] = torch.tensor(p, dtype=torch.long)
-        mask[i, : len(p)] = 1
-    return Rows(ids, mask)
+    packed = pack_pieces([len(p) for p in pieces], seq_len)
+    ids = torch.full((len(packed), seq_len), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(packed), seq_len), dtype=torch.long)
+    pos = torch.zeros((len(packed), seq_len), dtype=torch.long)
+    for r, members in enumerate(packed):
+        at = 0
+        for i in members:
+            p = pieces[i]
+            ids[r, at:at + len(p)] = torch.tensor(p, dtype=torch.long)
+            mask[r, at:at + len(p)] = 1
+            pos[r, at:at + len(p)] = torch.arange(len(p))
+            at += len(p)
+        if at < seq_len:  # padding continues the last piece's positions: after its real tokens, never seen by them
+            start = int(pos[r, at - 1]) + 1
+            pos[r, at:] = torch.arange(start, start + seq_len - at)
+    return Rows(ids, mask, pos)
 
 
 def step_rows(num_rows: int, global_batch: int, step: int, seed: int) -> list[int]:

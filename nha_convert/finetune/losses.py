@@ -3,11 +3,16 @@ whole global batch, so the loss (and gradient) does not depend on how the batch 
 
 The language-model losses never hold full-vocabulary logits for the whole batch: the valid positions' hidden
 states go through the LM head `chunk` rows at a time, and each chunk is recomputed in backward
-(torch.utils.checkpoint), so only one chunk's logits exist at any moment, forward or backward.
+(torch.utils.checkpoint), so only one chunk's logits exist at any moment, forward or backward. That torch form
+(`chunked_lm_loss`) runs on CPU and is the reference; on CUDA, `lm_objective` hands the same sums to liger-kernel's
+fused linear losses when installed (`NHA_LOSS=auto|torch|liger`): they compute each chunk's gradient in the
+forward (no recomputation) with compiled / Triton elementwise work.
 """
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -15,14 +20,20 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from ..errors import NHAError
+from ..ops.packed import sequence_starts
+
 Head = Callable[[Tensor], Tensor]
 
 
-def next_token_targets(input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-    """(B, T) targets: the next token where both it and the current one are real, else -100."""
+def next_token_targets(input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor | None = None) -> Tensor:
+    """(B, T) targets: the next token where both it and the current one are real and, in packed rows (position_ids
+    given), the next one belongs to the same sequence; else -100."""
     targets = torch.full_like(input_ids, -100)
     real = attention_mask.bool()
     keep = real[:, :-1] & real[:, 1:]
+    if position_ids is not None:
+        keep = keep & ~sequence_starts(position_ids.expand_as(input_ids))[:, 1:]
     targets[:, :-1] = torch.where(keep, input_ids[:, 1:], targets[:, :-1])
     return targets
 
@@ -65,6 +76,85 @@ def chunked_lm_loss(hidden: Tensor, targets: Tensor, head: Head, *, teacher_hidd
         else:
             total = total + _kl_ce_chunk(*args)
     return total[0], total[1], int(pos.numel())
+
+
+def liger_losses(x: Tensor) -> "LigerLosses | None":
+    """liger-kernel's fused losses when they should run on `x` (CUDA, installed), else None.
+    NHA_LOSS=torch forces the chunked torch form; NHA_LOSS=liger fails loudly where liger cannot run."""
+    choice = os.environ.get("NHA_LOSS", "auto")
+    if choice not in ("auto", "torch", "liger"):
+        raise NHAError(f"NHA_LOSS={choice!r}: use auto, torch or liger")
+    if choice == "torch" or (choice == "auto" and not x.is_cuda):
+        return None
+    lib = import_liger()
+    if choice == "liger" and lib is None:
+        raise NHAError("NHA_LOSS=liger but liger-kernel is not importable; pip install liger-kernel "
+                       "(offline: pip install --no-deps .whl-loss/liger_kernel-*.whl)")
+    if choice == "liger" and not x.is_cuda:
+        raise NHAError("NHA_LOSS=liger needs CUDA tensors; use NHA_LOSS=auto or torch on CPU")
+    return lib
+
+
+def import_liger() -> "LigerLosses | None":
+    try:
+        import liger_kernel.chunked_loss.functional as chunked
+        import liger_kernel.transformers.functional as functional
+    except ImportError:
+        return None
+    return LigerLosses(chunked.liger_fused_linear_jsd, functional.liger_fused_linear_cross_entropy)
+
+
+@dataclass(frozen=True)
+class LigerLosses:
+    jsd: Callable  # chunked_loss: fused linear (generalised) JSD + hard CE, beta = 0 is the forward KL
+    cross_entropy: Callable  # Triton fused linear cross-entropy
+
+
+def _weight_of(head: Head | None) -> Tensor | None:
+    """The weight of a bias-free linear LM head (what the fused losses take), else None."""
+    if not isinstance(head, torch.nn.Linear) or head.bias is not None:
+        return None
+    return head.weight
+
+
+def lm_objective(hidden: Tensor, targets: Tensor, head: Head, *, teacher_hidden: Tensor | None = None,
+                 teacher_head: Head | None = None, temperature: float = 1.0, ce_weight: float = 1.0,
+                 want_kl: bool = False, chunk: int = 1024) -> tuple[Tensor, Tensor, Tensor, int]:
+    """(loss sum, KL sum, CE sum, positions): loss = (1 - ce_weight) * KL + ce_weight * CE with KL as in
+    `chunked_lm_loss`; without want_kl the loss is the CE sum. KL and CE come back detached (statistics).
+    The fused form runs only where it pays: CUDA, a gradient wanted, bias-free linear heads."""
+    lib = liger_losses(hidden) if torch.is_grad_enabled() and hidden.requires_grad else None
+    w, tw = _weight_of(head), _weight_of(teacher_head) if want_kl else None
+    if lib is not None and w is not None and (tw is not None or not want_kl):
+        return fused_lm_objective(lib, hidden, targets, w, teacher_hidden=teacher_hidden, teacher_weight=tw,
+                                  temperature=temperature, ce_weight=ce_weight, want_kl=want_kl, chunk=chunk)
+    kl, ce, n = chunked_lm_loss(hidden, targets, head, teacher_hidden=teacher_hidden, teacher_head=teacher_head,
+                                temperature=temperature, want_kl=want_kl, want_ce=True, chunk=chunk)
+    loss = (1 - ce_weight) * kl + ce_weight * ce if want_kl else ce
+    return loss, kl.detach(), ce.detach(), n
+
+
+def fused_lm_objective(lib: LigerLosses, hidden: Tensor, targets: Tensor, weight: Tensor, *,
+                       teacher_hidden: Tensor | None, teacher_weight: Tensor | None, temperature: float,
+                       ce_weight: float, want_kl: bool, chunk: int, compiled: bool = True
+                       ) -> tuple[Tensor, Tensor, Tensor, int]:
+    """`lm_objective` through liger-kernel (`compiled=False` runs its chunked form eagerly, e.g. on CPU)."""
+    pos = (targets != -100).flatten().nonzero().squeeze(1)
+    n = int(pos.numel())
+    zero = hidden.new_zeros((), dtype=torch.float32)
+    if n == 0:
+        return hidden.sum() * 0, zero, zero, 0
+    h = hidden.flatten(0, 1).index_select(0, pos)
+    tgt = targets.flatten().index_select(0, pos)
+    if not want_kl:
+        ce = lib.cross_entropy(h, weight, tgt, reduction="sum")
+        return ce, zero, ce.detach().float(), n
+    th = teacher_hidden.flatten(0, 1).index_select(0, pos)
+    # liger returns means over the n positions: (w_hard * CE + w_soft * KL) / n, then KL / n and CE / n unweighted.
+    # beta = 0 is the forward KL(teacher || student); the T^2 factor goes into the soft weight.
+    mean, kl_mean, ce_mean = lib.jsd(h, weight, th, teacher_weight.detach(), tgt, None, None, ce_weight,
+                                     (1 - ce_weight) * temperature**2, 0.0, -100, temperature, compiled, chunk, True)
+    return mean * n, (kl_mean * n * temperature**2).detach().float(), (ce_mean * n).detach().float(), n
 
 
 def direct_kl(student_logits: Tensor, teacher_logits: Tensor, targets: Tensor, temperature: float = 1.0) -> Tensor:

@@ -33,7 +33,7 @@ from ..errors import NHAError
 from .checkpoints import (STATE_FILE, Position, checkpoint_dirs, load_checkpoint, newest_intact,  # noqa: F401
                           read_position, save_checkpoint)
 from .data import Corpus, Rows, build_corpus, step_rows
-from .losses import attention_mse, chunked_lm_loss, next_token_targets
+from .losses import attention_mse, lm_objective, next_token_targets
 from .progress import MetricsLog, StageProgress
 from .recipe import Recipe, StageSpec, stage_name
 from .trainables import causal_lm, count_parameters, merge_lora, select_trainables
@@ -147,39 +147,41 @@ class StageLoss(nn.Module):
         # FSDP's auto-wrap policy shards per decoder layer, read from here.
         self._no_split_modules = list(getattr(causal_lm(student), "_no_split_modules", None) or [])
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, teacher_inputs: list[Tensor] | None = None,
-                teacher_outputs: list[Tensor] | None = None, teacher_hidden: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor,
+                teacher_inputs: list[Tensor] | None = None, teacher_outputs: list[Tensor] | None = None,
+                teacher_hidden: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Packed rows (data.py): the model sees the position ids only (they keep the pieces apart); the
+        attention mask marks real tokens for the loss."""
         lm = causal_lm(self.student)
         s = self.stage
         if s.kind == "attention_transfer":
             with substitute_attention_inputs(attention_modules(self.student), teacher_inputs) as outs:
-                lm.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+                lm.model(input_ids=input_ids, position_ids=position_ids, use_cache=False)
             per_layer = attention_mse(outs, teacher_outputs, attention_mask)
             return per_layer.sum(), per_layer.detach()
-        hidden = lm.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-        targets = next_token_targets(input_ids, attention_mask)
-        teacher = self._teacher[0]
-        want_kl = s.kind == "distill"
-        want_ce = True  # also reported for distill (held-out perplexity); it shares the chunk's logits
-        kl, ce, n = chunked_lm_loss(hidden, targets, lm.get_output_embeddings(),
-                                    teacher_hidden=teacher_hidden,
-                                    teacher_head=teacher.get_output_embeddings() if want_kl else None,
-                                    temperature=s.temperature, want_kl=want_kl, want_ce=want_ce, chunk=s.loss_chunk)
-        loss = (1 - s.ce_weight) * kl + s.ce_weight * ce if want_kl else ce
-        return loss, torch.stack([kl.detach(), ce.detach(), kl.new_tensor(float(n))])
+        hidden = lm.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+        targets = next_token_targets(input_ids, attention_mask, position_ids)
+        want_kl = s.kind == "distill"  # CE is reported for distill too (held-out perplexity)
+        loss, kl, ce, n = lm_objective(hidden, targets, lm.get_output_embeddings(), teacher_hidden=teacher_hidden,
+                                       teacher_head=self._teacher[0].get_output_embeddings() if want_kl else None,
+                                       temperature=s.temperature, ce_weight=s.ce_weight if want_kl else 1.0,
+                                       want_kl=want_kl, chunk=s.loss_chunk)
+        return loss, torch.stack([kl, ce, kl.new_tensor(float(n))])
 
 
 @torch.no_grad()
-def teacher_pass(teacher: nn.Module, stage: StageSpec, input_ids: Tensor, attention_mask: Tensor,
+def teacher_pass(teacher: nn.Module, stage: StageSpec, input_ids: Tensor, position_ids: Tensor,
                  autocast: Callable) -> dict[str, Any]:
+    """The teacher on the same packed rows: with no attention mask, transformers derives the block-diagonal causal
+    mask of its full-attention layers from the position ids (masking_utils.find_packed_sequence_indices)."""
     if stage.kind == "finetune":
         return {}
     with autocast():
         if stage.kind == "attention_transfer":
             with capture_attention(attention_modules(teacher)) as (ins, outs):
-                teacher.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+                teacher.model(input_ids=input_ids, position_ids=position_ids, use_cache=False)
             return {"teacher_inputs": ins, "teacher_outputs": outs}
-        hidden = teacher.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        hidden = teacher.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
         return {"teacher_hidden": hidden}
 
 
@@ -415,13 +417,14 @@ class Trainer:
         if resume_from is None:
             self.metrics.write(event="stage_start", stage=name, global_step=pos.global_step, steps=pos.total,
                                minutes=stage.minutes, global_batch=G, seq_len=stage.seq_len, trainable=trainable,
-                               devices=self.world)
+                               devices=self.world, padding_frac=round(train.padding_frac, 4))
             self._evaluate(module, stage, teacher, held, pos, name)
 
         seed = recipe.seed * 1009 + idx
         autocast = self._autocast(stage)
         t_start = time.perf_counter()
         t_timed, first = None, 0
+        logged = [0, 0]  # real tokens, positions since the last log line (its padding_frac)
         module.train()
         with StageProgress(self.console, f"{idx}:{name}", pos.total or 0, pos.step, self.main,
                            recipe.output.log_every) as bar:
@@ -432,6 +435,8 @@ class Trainer:
                 pos.step += 1
                 pos.global_step += 1
                 pos.tokens += step_tokens
+                logged[0] += step_tokens
+                logged[1] += len(rows) * stage.seq_len
                 loss = stage_loss_value(stage, stats, denom)
                 if pos.total is None:  # a time budget: time 4 steps after the first, then fix the step count
                     if t_timed is None:
@@ -447,7 +452,9 @@ class Trainer:
                     self.metrics.write(stage=name, step=pos.step, global_step=pos.global_step, loss=loss,
                                        lr=scheduler.get_last_lr()[0], tokens=pos.tokens,
                                        tokens_per_s=round(bar.tokens_per_s(), 1),
+                                       padding_frac=round(1 - logged[0] / max(1, logged[1]), 4),
                                        time_s=round(time.perf_counter() - t_start, 3), **_peak_memory(self.device))
+                    logged = [0, 0]
                 if stage.eval_every and pos.step % stage.eval_every == 0 and pos.step < total[0]:
                     self._evaluate(module, stage, teacher, held, pos, name)
                     module.train()
@@ -527,22 +534,22 @@ class Trainer:
     def _train_step(self, module: nn.Module, optimizer: Any, stage: StageSpec, teacher: nn.Module | None,
                     data: Rows, rows: list[int], autocast: Callable) -> tuple[Tensor, int, float]:
         acc = self.accelerator
-        ids_all, mask_all = data.input_ids[rows], data.attention_mask[rows]
+        ids_all, mask_all, pos_all = data.input_ids[rows], data.attention_mask[rows], data.position_ids[rows]
         step_tokens = int(mask_all.sum())
         if stage.kind == "attention_transfer":
             denom = float(step_tokens * len(attention_modules(acc.unwrap_model(module).student)))
         else:
-            denom = float((next_token_targets(ids_all, mask_all) != -100).sum())
+            denom = float((next_token_targets(ids_all, mask_all, pos_all) != -100).sum())
         denom = max(denom, 1.0)
         micro = self._micro_batches(rows, stage)
         stats = None
         for m, sel in enumerate(micro):
-            ids, mask = data.input_ids[sel].to(self.device), data.attention_mask[sel].to(self.device)
-            extra = teacher_pass(teacher, stage, ids, mask, autocast) if teacher is not None else {}
+            ids, mask, pos = (x[sel].to(self.device) for x in (data.input_ids, data.attention_mask, data.position_ids))
+            extra = teacher_pass(teacher, stage, ids, pos, autocast) if teacher is not None else {}
             sync = contextlib.nullcontext() if m == len(micro) - 1 else acc.no_sync(module)
             with sync:
                 with autocast():
-                    loss, st = module(ids, mask, **extra)
+                    loss, st = module(ids, mask, pos, **extra)
                 # DDP averages gradients over processes: scale by world so the result is the global-batch mean.
                 acc.backward(loss * (self.world / denom))
             stats = st if stats is None else stats + st
@@ -564,16 +571,17 @@ class Trainer:
         rows = [(self.accelerator.process_index * per_rank + i) % len(held) for i in range(per_rank)]
         autocast = self._autocast(stage)
         module.eval()
-        stats, denom_t = None, 0.0
+        stats, denom_t, real = None, 0.0, 0
         for b in range(0, len(rows), stage.batch_size):
             sel = rows[b:b + stage.batch_size]
-            ids, mask = held.input_ids[sel].to(self.device), held.attention_mask[sel].to(self.device)
-            extra = teacher_pass(teacher, stage, ids, mask, autocast) if teacher is not None else {}
+            ids, mask, pids = (x[sel].to(self.device) for x in (held.input_ids, held.attention_mask, held.position_ids))
+            extra = teacher_pass(teacher, stage, ids, pids, autocast) if teacher is not None else {}
             with autocast():
-                _, st = module(ids, mask, **extra)
+                _, st = module(ids, mask, pids, **extra)
             stats = st if stats is None else stats + st
+            real += int(mask.sum())
             denom_t += float(mask.sum()) if stage.kind == "attention_transfer" else \
-                float((next_token_targets(ids, mask) != -100).sum())
+                float((next_token_targets(ids, mask, pids) != -100).sum())
         payload = torch.cat([stats.float(), torch.tensor([denom_t], device=stats.device)])
         if self.world > 1:
             payload = acc.reduce(payload, "sum")
@@ -587,7 +595,8 @@ class Trainer:
                       "val_ppl": math.exp(min(ce, 50.0))}
             if stage.kind == "distill":
                 record["val_kl"] = float(stats[0] / denom_t)
-        self.metrics.write(event="eval", stage=name, step=pos.step, global_step=pos.global_step, **record)
+        self.metrics.write(event="eval", stage=name, step=pos.step, global_step=pos.global_step, **record,
+                           padding_frac=round(1 - real / max(1, len(rows) * stage.seq_len), 4))
         if self.main:
             shown = {k: round(v, 5) for k, v in record.items() if isinstance(v, float)}
             self.console.print(f"  held-out after step {pos.step} of {name}: {shown}", highlight=False)

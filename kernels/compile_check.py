@@ -8,6 +8,7 @@ Catches compile errors before any device time is spent, and gives registers / sp
 
 from __future__ import annotations
 
+import inspect
 import sys
 import time
 
@@ -36,17 +37,21 @@ def compile_one(fn, sig: dict, consts: dict, num_warps=4, num_stages=2, maxnreg=
     return k, time.time() - t0
 
 
-def fwd_variant(dtype="bf16", g=4, rows=64, bn=64, d=128, m=64, slots=True, sinks=True, nw=4, ns=2, mc=16, par=0, exact=True, maxnreg=None):
+def fwd_variant(dtype="bf16", g=4, rows=64, bn=64, d=128, m=64, slots=True, sinks=True, nw=4, ns=2, mc=16, par=0, exact=True, maxnreg=None,
+                slot_bias=False):
     """par = CK > 0: the chunk-parallel kernel (fwd_parallel.py) with state chunks of CK positions."""
     gp = 1 << (g - 1).bit_length()
-    names = ["q", "qr", "k", "kr", "v", "la", "tok", "sink_pos", "span_table", "st_k", "st_v", "o", "o_lo", "lse"]
-    types = [f"*{dtype}"] * 5 + ["*fp32", "*i32", "*i32", "*i32", "*fp32", "*fp32", f"*{dtype}", f"*{dtype}", "*fp32"]
+    names = ["q", "qr", "k", "kr", "v", "la", "tok", "sink_pos", "span_table", "st_k", "st_v", "o", "o_lo", "lse",
+             "slot_bias"]
+    types = [f"*{dtype}"] * 5 + ["*fp32", "*i32", "*i32", "*i32", "*fp32", "*fp32", f"*{dtype}", f"*{dtype}", "*fp32",
+                                 "*fp32"]
     sig = dict(zip(names, types))
     sig.update(T="i32", W="i32", S="i32", L="i32", SPANS_PER_ROW="i32", H="i32", NSPH="i32", scale="fp32")
     prec = "tf32x3" if dtype == "fp32" else "tf32"
     consts = dict(G=g, GP=gp, BM=rows // gp, BN=bn, D=d, DV=d, M=m, DP=d, DVP=d, MP=m, MC=mc, SP=16, HAS_SLOTS=slots,
                   SPLIT=dtype != "fp32", STORE_LO=False,
-                  HAS_SINKS=sinks, VARLEN=False, PREC=prec, PREC_SLOT=prec, FAST_LIMIT=chunk_fwd.FAST_LIMIT)
+                  HAS_SINKS=sinks, VARLEN=False, PREC=prec, PREC_SLOT=prec, FAST_LIMIT=chunk_fwd.FAST_LIMIT,
+                  HAS_SLOT_BIAS=slot_bias)
     fn = chunk_fwd._nha_fwd_kernel
     if par:
         from nha_kernels import fwd_parallel
@@ -106,7 +111,7 @@ def main() -> None:
 def decode_variant(dtype="bf16", g=4, d=128, m=64, nw=8):
     """The windowed decode kernel as nha_decode_step launches it (DECODE_TILES)."""
     gp = 1 << (g - 1).bit_length()
-    ptrs = dict(la="*fp32", valid="*i32", n_real="*i64", slot_count="*i64", slot_k="*fp32", slot_v="*fp32",
+    ptrs = dict(la="*fp32", slot_bias="*fp32", valid="*i32", n_real="*i64", slot_count="*i64", slot_k="*fp32", slot_v="*fp32",
                 win_la="*fp32", win_valid="*u8", win_sink="*u8", sink_pos="*i64", sink_present="*u8", pos="*i64")
     consts = dict(G=g, GP=gp, D=d, DV=d, M=m, DP=d, DVP=d, MP=m, SP=16, NB=max(2, decode.DECODE_TILES["slots"] // gp),
                   NBW=max(4, decode.DECODE_TILES["ring"] // gp), HAS_SINKS=True)
@@ -116,6 +121,8 @@ def decode_variant(dtype="bf16", g=4, d=128, m=64, nw=8):
 def compile_generic(fn, consts: dict, ptr_types: dict, num_warps=8, num_stages=1, default_ptr="*bf16"):
     """Compile any of our kernels: pointer args default to bf16 unless named in ptr_types; other args i32/fp32."""
     sig = {}
+    consts = {**{p.name: p.default for p in fn.params if p.is_constexpr and p.name not in consts
+                 and p.default is not inspect.Parameter.empty}, **consts}  # defaults, e.g. HAS_SLOT_BIAS=False
     for p in fn.params:
         name = p.name
         if name in consts:
@@ -134,7 +141,7 @@ def bwd_variants(g=4, d=128, m=64, rows=128, nw=8, mc=16):
 
     gp = 1 << (g - 1).bit_length()
     bm = rows // gp
-    f32 = {n: "*fp32" for n in ("la", "lse", "delta", "dk_sink", "dv_sink", "st_k", "st_v", "xg", "dlb", "psb",
+    f32 = {n: "*fp32" for n in ("la", "slot_bias", "lse", "delta", "dk_sink", "dv_sink", "st_k", "st_v", "xg", "dlb", "psb",
                                   "loc_k", "loc_v", "loc_a", "rb_k", "rb_v", "dks", "dvs", "dss", "dss_k", "dss_v",
                                   "dkr", "dvb")}
     i32 = {n: "*i32" for n in ("tok", "sink_pos", "span_table")}

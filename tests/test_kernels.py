@@ -311,3 +311,78 @@ def test_slot_kv_backward_as_two_launches_matches_reference(monkeypatch):
     monkeypatch.setenv("NHA_BWD_KV", "split2")
     test_gradients_match_reference(*GRAD_CASES[2])
     test_gradients_match_reference(*GRAD_CASES[5])
+
+
+# The optional slot-logit bias b_h (NHA.md): added to every slot logit of query head h, in the forward (both forms),
+# the backward (d b = the sum of the slot logits' gradients) and the decode kernel.
+def _bias(hq: int, requires_grad: bool = False) -> torch.Tensor:
+    b = torch.randn(hq, generator=torch.Generator().manual_seed(hq)) * 2
+    return b.requires_grad_(requires_grad)
+
+
+BIAS_FWD_CASES = [FWD_CASES[1], FWD_CASES[3], FWD_CASES[5], FWD_CASES[9]]
+
+
+@pytest.mark.parametrize("mode", ["parallel", "serial"])
+@pytest.mark.parametrize("window,m,sinks,pad,hq,h,t,dtype", BIAS_FWD_CASES)
+def test_slot_bias_forward_and_state_match_reference(window, m, sinks, pad, hq, h, t, dtype, mode, monkeypatch):
+    monkeypatch.setenv("NHA_FWD", mode)
+    xs, valid = make(2, hq, h, t, 16, m, pad=pad, dtype=dtype, seed=t + hq)
+    kw = dict(window=window, num_sinks=sinks, scale=0.3, valid=valid, return_state=True)
+    ref, st_ref = nha_chunk(*xs, **kw, slot_bias=_bias(hq))
+    out, st = nha_chunk_triton(*xs, **kw, slot_bias=_bias(hq))
+    keep = valid[:, None, :, None]
+    assert rel(out, ref, keep) <= TOL[dtype]
+    assert rel(out, nha_chunk(*xs, **kw)[0], keep) > 10 * TOL[dtype]  # the bias matters here
+    assert torch.equal(st.count, st_ref.count) and (st.k - st_ref.k).abs().max() <= 1e-4 * st_ref.k.abs().max()
+    # b = 0 is no bias, bit for bit.
+    assert torch.equal(nha_chunk_triton(*xs, **kw, slot_bias=torch.zeros(hq))[0], nha_chunk_triton(*xs, **kw)[0])
+
+
+def test_very_negative_slot_bias_is_sliding_window_attention_on_the_kernels():
+    xs, valid = make(2, 4, 2, 45, 16, 16, pad=True, dtype=torch.float32, seed=4)
+    kw = dict(window=5, num_sinks=2, scale=0.3, valid=valid)
+    swa, _ = nha_chunk(*xs[:5], xs[5][..., :0], **kw)
+    out, _ = nha_chunk_triton(*xs, **kw, slot_bias=torch.full((4,), -1e4))
+    assert rel(out, swa, valid[:, None, :, None]) <= 1e-6
+
+
+@pytest.mark.parametrize("case", [GRAD_CASES[0], GRAD_CASES[4], GRAD_CASES[5]])
+def test_slot_bias_gradients_match_reference(case):
+    window, m, sinks, pad, hq, h, t, d, dtype, gate_scale = case
+    xs, valid = make(2, hq, h, t, d, m, pad=pad, dtype=dtype, seed=t + d, gate_scale=gate_scale, requires_grad=True)
+    bias = _bias(hq, requires_grad=True)
+    kw = dict(window=window, num_sinks=sinks, scale=0.3, valid=valid)
+    do = (torch.randn(2, hq, t, d, generator=torch.Generator().manual_seed(9)) * valid[:, None, :, None]).to(dtype)
+    ref_in = [x.detach().float().requires_grad_(True) for x in xs] + [bias.detach().clone().requires_grad_(True)]
+    g_ref = torch.autograd.grad(nha_chunk(*ref_in[:6], **kw, slot_bias=ref_in[6])[0], ref_in, do.float())
+    g = torch.autograd.grad(nha_chunk_triton(*xs, **kw, slot_bias=bias)[0], xs + [bias], do)
+    assert g[6].dtype == torch.float32 and g_ref[6].abs().min() > 1e-3
+    for name, a, b in zip(["q", "q_rot", "k", "k_rot", "v", "log_alpha", "slot_bias"], g, g_ref):
+        tol = 1e-3 if gate_scale > 1 and name == "log_alpha" else TOL[dtype]
+        assert rel(a, b, 1.0) <= tol, name
+
+
+def test_slot_bias_gradient_through_the_reference_backward(monkeypatch):
+    """NHA_TRITON_BWD=reference (the debug path) differentiates the torch reference: d b included."""
+    monkeypatch.setenv("NHA_TRITON_BWD", "reference")
+    test_slot_bias_gradients_match_reference(GRAD_CASES[0])
+
+
+@pytest.mark.parametrize("window,sinks,hq,h", [(4, 2, 4, 2), (0, 1, 3, 1)])
+def test_slot_bias_decode_step_equals_reference_step(window, sinks, hq, h):
+    b, pre, steps, d, m = 3, 9, 5, 16, 16
+    xs, valid = make(b, hq, h, pre + steps, d, m, pad=True, dtype=torch.float32, seed=window)
+    valid[1, pre + 1] = False
+    bias = _bias(hq)
+    _, st = nha_recurrent(*[x[:, :, :pre] for x in xs], window=window, num_sinks=sinks, scale=0.3,
+                          valid=valid[:, :pre], slot_bias=bias)
+    st_k, plain = _clone(st), _clone(st)
+    first = [x[:, :, pre] for x in xs] + [valid[:, pre]]
+    assert (nha_decode_step(plain, *first, scale=0.3) - st_k.step(*first, scale=0.3, slot_bias=bias)).abs().max() > 1e-3
+    st_k = _clone(st)
+    for i in range(pre, pre + steps):
+        args = [x[:, :, i] for x in xs] + [valid[:, i]]
+        ref = st.step(*args, scale=0.3, slot_bias=bias)
+        out = nha_decode_step(st_k, *args, scale=0.3, slot_bias=bias)
+        assert (out - ref).abs().max() <= 1e-5

@@ -19,9 +19,10 @@ from .chunk_bwd import nha_bwd
 from .chunk_fwd import FwdConfig, nha_fwd
 
 
-def _reference_per_sequence(q, q_rot, k, k_rot, v, log_alpha, *, window, num_sinks, scale, valid, cu_seqlens):
+def _reference_per_sequence(q, q_rot, k, k_rot, v, log_alpha, slot_bias=None, *, window, num_sinks, scale, valid,
+                            cu_seqlens):
     """The torch reference, applied to each packed sequence separately (or once when not packed)."""
-    kw = dict(window=window, num_sinks=num_sinks, scale=scale)
+    kw = dict(window=window, num_sinks=num_sinks, scale=scale, slot_bias=slot_bias)
     if cu_seqlens is None:
         return nha_chunk(q, q_rot, k, k_rot, v, log_alpha, valid=valid, **kw)[0]
     cu = [int(x) for x in cu_seqlens.tolist()]
@@ -35,13 +36,14 @@ def _reference_per_sequence(q, q_rot, k, k_rot, v, log_alpha, *, window, num_sin
 
 class _NHAFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, q_rot, k, k_rot, v, log_alpha, window, num_sinks, scale, valid, cu_seqlens, config, holder):
+    def forward(ctx, q, q_rot, k, k_rot, v, log_alpha, slot_bias, window, num_sinks, scale, valid, cu_seqlens, config,
+                holder):
         out = nha_fwd(q, q_rot, k, k_rot, v, log_alpha, window=window, num_sinks=num_sinks, scale=scale,
-                      valid=valid, cu_seqlens=cu_seqlens, config=config, store_lo=True)
+                      valid=valid, cu_seqlens=cu_seqlens, config=config, store_lo=True, slot_bias=slot_bias)
         # The output goes through save_for_backward, never onto ctx: a ctx attribute holding the output would be
         # a reference cycle (output -> grad_fn -> ctx -> output) that frees each step's activations only when
         # Python's cycle collector runs: a training run grew to 78 GB and ran out of memory.
-        ctx.save_for_backward(q, q_rot, k, k_rot, v, log_alpha, out.o)
+        ctx.save_for_backward(q, q_rot, k, k_rot, v, log_alpha, slot_bias, out.o)
         ctx.extra = (window, num_sinks, scale, valid, cu_seqlens)
         ctx.fwd = dataclasses.replace(out, o=None)
         holder.append(out)  # lets the caller read the final slot state without a second forward
@@ -50,19 +52,20 @@ class _NHAFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         window, num_sinks, scale, valid, cu_seqlens = ctx.extra
-        *saved, o = ctx.saved_tensors
+        *saved, slot_bias, o = ctx.saved_tensors
         if os.environ.get("NHA_TRITON_BWD", "triton") != "reference":
             fwd = dataclasses.replace(ctx.fwd, o=o)
-            grads = nha_bwd(fwd, do, *saved, window=window, num_sinks=num_sinks, scale=scale)
+            grads = nha_bwd(fwd, do, *saved, window=window, num_sinks=num_sinks, scale=scale, slot_bias=slot_bias)
             return (*grads, None, None, None, None, None, None, None)
         # Debug path (NHA_TRITON_BWD=reference): differentiate the torch reference, recomputed under autograd.
         inputs = [x.detach().requires_grad_(True) for x in saved]
+        bias = None if slot_bias is None else slot_bias.detach().requires_grad_(True)
         with torch.enable_grad():
-            o = _reference_per_sequence(*inputs, window=window, num_sinks=num_sinks, scale=scale, valid=valid,
+            o = _reference_per_sequence(*inputs, bias, window=window, num_sinks=num_sinks, scale=scale, valid=valid,
                                         cu_seqlens=cu_seqlens)
-            grads = torch.autograd.grad(o, inputs, do, allow_unused=True)
-        grads = [torch.zeros_like(x) if gr is None else gr for x, gr in zip(inputs, grads)]
-        return (*grads, None, None, None, None, None, None, None)
+            grads = torch.autograd.grad(o, inputs + ([bias] if bias is not None else []), do, allow_unused=True)
+        grads = [torch.zeros_like(x) if gr is None else gr for x, gr in zip(inputs + [bias], grads)]
+        return (*grads, *([None] if bias is None else []), None, None, None, None, None, None, None)
 
 
 def _final_state(fwd, k: Tensor, v: Tensor, m: int, window: int | None, num_sinks: int) -> SlotState:
@@ -84,11 +87,12 @@ def nha_chunk_triton(
     q: Tensor, q_rot: Tensor, k: Tensor, k_rot: Tensor, v: Tensor, log_alpha: Tensor, *,
     window: int | None, num_sinks: int = 0, scale: float, valid: Tensor | None = None, chunk_size: int = 64,
     return_state: bool = False, cu_seqlens: Tensor | None = None, config: FwdConfig | None = None,
-    full_attention_sdpa: bool = True,
+    full_attention_sdpa: bool = True, slot_bias: Tensor | None = None,
 ) -> tuple[Tensor, SlotState | None]:
     """NHA output (B, Hq, T, Dv) and, if asked, the slot state after the sequence (per packed sequence when
     cu_seqlens is given: then B must be 1 and the state has one row per sequence). `chunk_size` is accepted for
-    signature compatibility with `nha_chunk`; the kernels pick their own tiles."""
+    signature compatibility with `nha_chunk`; the kernels pick their own tiles. `slot_bias` (Hq,): the optional
+    slot-logit bias b_h, differentiable."""
     b, hq, t_len, _ = q.shape
     m = log_alpha.shape[-1]
     full = window is None or window >= t_len
@@ -104,15 +108,15 @@ def nha_chunk_triton(
                               count=torch.zeros(b, dtype=torch.long, device=dev))
         return o, state
     needs_grad = torch.is_grad_enabled() and any(
-        x.requires_grad for x in (q, q_rot, k, k_rot, v, log_alpha))
+        x is not None and x.requires_grad for x in (q, q_rot, k, k_rot, v, log_alpha, slot_bias))
     if needs_grad:
         holder: list = []
-        o = _NHAFunction.apply(q, q_rot, k, k_rot, v, log_alpha, window, num_sinks, scale, valid, cu_seqlens, config,
-                               holder)
+        o = _NHAFunction.apply(q, q_rot, k, k_rot, v, log_alpha, slot_bias, window, num_sinks, scale, valid,
+                               cu_seqlens, config, holder)
         fwd = holder[0]
     else:
         fwd = nha_fwd(q, q_rot, k, k_rot, v, log_alpha, window=window, num_sinks=num_sinks, scale=scale,
-                      valid=valid, cu_seqlens=cu_seqlens, config=config)
+                      valid=valid, cu_seqlens=cu_seqlens, config=config, slot_bias=slot_bias)
         o = fwd.o
     state = None
     if return_state:

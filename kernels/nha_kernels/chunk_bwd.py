@@ -35,7 +35,7 @@ from torch import Tensor
 from .chunk_fwd import (FAST_LIMIT, FwdOut, _band_block, _band_range, _mm_state, _seq_of_span, _slot_kv,
                         _slot_writers, precisions, span_scan)
 from .prep import next_pow2
-from .triton_utils import expm1, group_rows, pick_col, pick_row, rows_of, sum_heads
+from .triton_utils import expm1, group_rows, pick_col, pick_row, rows_of, slot_bias_rows, sum_heads
 
 
 @triton.jit
@@ -195,12 +195,12 @@ def _slot_gates(la_bh, js64, writes, c0, M, MC: tl.constexpr):
 
 @triton.jit
 def _bwd_slot_q_kernel(
-    q, k, v, la, do, lse, delta, tok, span_table, st_k, st_v, dq, xg, dlb, psb,
+    q, k, v, la, do, lse, delta, tok, span_table, st_k, st_v, dq, xg, dlb, psb, slot_bias,
     T, W, S, L, SPANS_PER_ROW, H, NSPH, scale,
     G: tl.constexpr, GP: tl.constexpr, BM: tl.constexpr,
     D: tl.constexpr, DV: tl.constexpr, M: tl.constexpr, DP: tl.constexpr, DVP: tl.constexpr, MP: tl.constexpr,
     MC: tl.constexpr, SPLIT: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr, PREC_SLOT: tl.constexpr,
-    FAST_LIMIT: tl.constexpr,
+    FAST_LIMIT: tl.constexpr, HAS_SLOT_BIAS: tl.constexpr = False,
 ):
     ROWS: tl.constexpr = GP * BM
     pid = tl.program_id(0)
@@ -221,6 +221,8 @@ def _bwd_slot_q_kernel(
     st_v0 = st_v + (pid * H + h).to(tl.int64) * MP * DVP
     run_k = NSPH * MP * DP
     run_v = NSPH * MP * DVP
+    if HAS_SLOT_BIAS:
+        brow = slot_bias_rows(slot_bias, hq, H * G, g_ok)
     for t0 in range(span_start, span_end, BM):
         cur = tl.where(t0 == span_start, 0, 1).to(tl.int64)
         t = t0 + tt
@@ -262,8 +264,11 @@ def _bwd_slot_q_kernel(
                 ls = ea_rows * q_s + _exact_rows(qk, a, s, a_rows, jb, tt, BM)
                 dp = ea_rows * do_s + _exact_rows(dvk, a, s, a_rows, jb, tt, BM)
             vis = row_has[:, None] & (ic < M)[None, :] & row_ok[:, None]
-            ls = ls * scale
-            p = tl.where(vis, tl.exp(ls - lse_r[:, None]), 0.0)
+            ls = ls * scale  # without the bias: X below is rowdot(dK~, K~) + rowdot(dV~, V~)
+            if HAS_SLOT_BIAS:
+                p = tl.where(vis, tl.exp(ls + brow[:, None] - lse_r[:, None]), 0.0)
+            else:
+                p = tl.where(vis, tl.exp(ls - lse_r[:, None]), 0.0)
             dl = p * (dp - dl_r[:, None])
             xrow = tl.where(vis, dl * ls, 0.0) + p * dp
             xs_tok = sum_heads(xrow, GP, BM, MC)
@@ -507,8 +512,10 @@ def _bwd_kv_launches() -> tuple[int, ...]:
     return (-1,) if mode == "split" else (0, 1)
 
 
-def nha_bwd(fwd: FwdOut, do: Tensor, q, q_rot, k, k_rot, v, log_alpha, *, window, num_sinks, scale):
-    """Gradients (dq, dq_rot, dk, dk_rot, dv, dlog_alpha) of the op whose forward produced `fwd`."""
+def nha_bwd(fwd: FwdOut, do: Tensor, q, q_rot, k, k_rot, v, log_alpha, *, window, num_sinks, scale,
+            slot_bias: Tensor | None = None):
+    """Gradients (dq, dq_rot, dk, dk_rot, dv, dlog_alpha, dslot_bias) of the op whose forward produced `fwd`.
+    dslot_bias (None without a bias) = the sum of the slot logits' gradients dl of each query head."""
     lay, cfg = fwd.layout, fwd.config
     b, hq, t_len, d = q.shape
     hkv, dv, m = k.shape[1], v.shape[-1], log_alpha.shape[-1]
@@ -567,10 +574,14 @@ def nha_bwd(fwd: FwdOut, do: Tensor, q, q_rot, k, k_rot, v, log_alpha, *, window
         nsph = lay.n_spans * hkv
         _bwd_slot_q_kernel[grid](
             q, k, v, la, do, fwd.lse, delta, lay.tok, span_table, st_k, st_v, dq, xg, dlb, psb,
+            delta if slot_bias is None else slot_bias.detach().float().contiguous(),
             *common, num_sinks, cfg.span, lay.spans_per_row, hkv, nsph, scale,
             G=g, GP=gp, BM=bm, D=d, DV=dv, M=m, DP=dp_, DVP=dvp, MP=mp, MC=mc, SPLIT=split, VARLEN=lay.varlen,
-            PREC=prec, PREC_SLOT=prec_slot, FAST_LIMIT=FAST_LIMIT, num_warps=cfg.num_warps, num_stages=1,
+            PREC=prec, PREC_SLOT=prec_slot, FAST_LIMIT=FAST_LIMIT, HAS_SLOT_BIAS=slot_bias is not None,
+            num_warps=cfg.num_warps, num_stages=1,
         )
+        if slot_bias is not None:
+            dbias = dlb.sum(dim=(0, 2, 3)).to(slot_bias.dtype)
         rb_k = torch.empty(2, lay.n_spans, hkv, mp, dp_, dtype=torch.float32, device=dev)
         rb_v = torch.empty(2, lay.n_spans, hkv, mp, dvp, dtype=torch.float32, device=dev)
         rb_a = torch.empty(lay.n_spans, hkv, mp, dtype=torch.float32, device=dev)
@@ -609,8 +620,10 @@ def nha_bwd(fwd: FwdOut, do: Tensor, q, q_rot, k, k_rot, v, log_alpha, *, window
         dq = torch.zeros_like(q)
         dk = torch.zeros_like(k)
         dla = torch.zeros_like(la)
+        if slot_bias is not None:  # no slots in reach: the bias changes nothing
+            dbias = torch.zeros_like(slot_bias)
     return (dq, dq_rot, dk, dk_rot32[..., :d].to(k_rot.dtype), dv32[..., :dv].to(v.dtype),
-            dla.to(log_alpha.dtype))
+            dla.to(log_alpha.dtype), None if slot_bias is None else dbias)
 
 
 def _shift(x: Tensor, w: int, lay, dim: int = 2) -> Tensor:

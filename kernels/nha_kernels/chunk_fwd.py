@@ -38,7 +38,7 @@ from torch import Tensor
 
 from ._compat import interpreting
 from .prep import Layout, make_layout, next_pow2
-from .triton_utils import expm1, group_rows, pick_col, pick_row, rows_of
+from .triton_utils import expm1, group_rows, pick_col, pick_row, rows_of, slot_bias_rows
 
 FAST_LIMIT = -80.0  # smallest block log decay for the factored (matrix) path
 LAST_COMPILED: dict = {}  # name -> the last compiled kernel launched (n_regs, n_spills for the notes)
@@ -336,13 +336,13 @@ def _sinks_band_store(m_i, l_i, acc, qr, qoff, kr, v, o, o_lo, lse, sink_pos, to
 
 @triton.jit
 def _nha_fwd_kernel(
-    q, qr, k, kr, v, la, tok, sink_pos, span_table, st_k, st_v, o, o_lo, lse,
+    q, qr, k, kr, v, la, tok, sink_pos, span_table, st_k, st_v, o, o_lo, lse, slot_bias,
     T, W, S, L, SPANS_PER_ROW, H, NSPH, scale,
     G: tl.constexpr, GP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     D: tl.constexpr, DV: tl.constexpr, M: tl.constexpr,
     DP: tl.constexpr, DVP: tl.constexpr, MP: tl.constexpr, MC: tl.constexpr, SP: tl.constexpr, SPLIT: tl.constexpr,
     HAS_SLOTS: tl.constexpr, HAS_SINKS: tl.constexpr, VARLEN: tl.constexpr, STORE_LO: tl.constexpr,
-    PREC: tl.constexpr, PREC_SLOT: tl.constexpr, FAST_LIMIT: tl.constexpr,
+    PREC: tl.constexpr, PREC_SLOT: tl.constexpr, FAST_LIMIT: tl.constexpr, HAS_SLOT_BIAS: tl.constexpr = False,
 ):
     ROWS: tl.constexpr = GP * BM
     pid = tl.program_id(0)
@@ -352,6 +352,8 @@ def _nha_fwd_kernel(
     bh = b64 * H + h
     tok_b = tok + b64 * T
     tt, hq, g_ok = group_rows(b64 * H + h, G, BM, ROWS)
+    if HAS_SLOT_BIAS:
+        brow = slot_bias_rows(slot_bias, hq, H * G, g_ok)
     dd = tl.arange(0, DP)
     dv = tl.arange(0, DVP)
     ii = tl.arange(0, MP)
@@ -419,7 +421,11 @@ def _nha_fwd_kernel(
                         e = tl.exp(tl.where((tt >= j)[:, None], a_rows - pick_row(a, jb, j)[None, :], float("-inf")))
                         inner += pick_col(qk, jb, j)[:, None] * e * pick_row(s, jb, j)[None, :]
                     ls = ea_rows * q_s + inner
-                ls = tl.where(row_has[:, None] & (ic < M)[None, :], ls * scale, float("-inf"))
+                if HAS_SLOT_BIAS:
+                    ls = ls * scale + brow[:, None]
+                else:
+                    ls = ls * scale
+                ls = tl.where(row_has[:, None] & (ic < M)[None, :], ls, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(ls, axis=1))
                 m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
                 alpha = tl.exp(m_i - m_safe)
@@ -547,8 +553,9 @@ def precisions(dtype: torch.dtype) -> tuple[str, str]:
 def nha_fwd(
     q: Tensor, q_rot: Tensor, k: Tensor, k_rot: Tensor, v: Tensor, log_alpha: Tensor, *,
     window: int | None, num_sinks: int, scale: float, valid: Tensor | None, cu_seqlens: Tensor | None,
-    config: FwdConfig | None = None, store_lo: bool = False,
+    config: FwdConfig | None = None, store_lo: bool = False, slot_bias: Tensor | None = None,
 ) -> FwdOut:
+    """`slot_bias` (Hq,): the optional slot-logit bias b_h (nha_convert/ops/common.add_slot_bias)."""
     b, hq, t_len, d = q.shape
     hkv, dv, m = k.shape[1], v.shape[-1], log_alpha.shape[-1]
     g = hq // hkv
@@ -606,6 +613,8 @@ def nha_fwd(
             walk_states = span_k, span_v, lay_s
             span_k, span_v = chunk_k, chunk_v
     dummy = lse
+    has_bias = slot_bias is not None and has_slots
+    bias = slot_bias.detach().float().contiguous() if has_bias else dummy
     if lay.n_spans > 0 and cfg.parallel:
         from .fwd_parallel import _nha_fwd_par_kernel
 
@@ -613,24 +622,24 @@ def nha_fwd(
         LAST_COMPILED["fwd"] = _nha_fwd_par_kernel[(lay.n_spans * nsub, hkv)](
             q, q_rot, k, k_rot, v, la, lay.tok, lay.sink_pos, span_table,
             span_k if span_k is not None else dummy, span_v if span_v is not None else dummy, o,
-            o_lo if store_lo else o, lse,
+            o_lo if store_lo else o, lse, bias,
             t_len, w_eff, num_sinks, cfg.span, lay.spans_per_row, hkv, scale,
             G=g, GP=gp, BM=bm, BN=cfg.bn, CK=cfg.span, NSUB=nsub, D=d, DV=dv, M=m, DP=dp, DVP=dvp, MP=mp,
             SP=lay.sink_pad, SPLIT=q.dtype != torch.float32,
             HAS_SLOTS=has_slots, HAS_SINKS=has_sinks, VARLEN=lay.varlen, STORE_LO=store_lo,
-            PREC=prec, PREC_SLOT=prec_slot, FAST_LIMIT=FAST_LIMIT, EXACT=cfg.exact,
+            PREC=prec, PREC_SLOT=prec_slot, FAST_LIMIT=FAST_LIMIT, EXACT=cfg.exact, HAS_SLOT_BIAS=has_bias,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}),
         )
     elif lay.n_spans > 0:
         LAST_COMPILED["fwd"] = _nha_fwd_kernel[(lay.n_spans, hkv)](
             q, q_rot, k, k_rot, v, la, lay.tok, lay.sink_pos, span_table,
             span_k if span_k is not None else dummy, span_v if span_v is not None else dummy, o,
-            o_lo if store_lo else o, lse,
+            o_lo if store_lo else o, lse, bias,
             t_len, w_eff, num_sinks, cfg.span, lay.spans_per_row, hkv, lay.n_spans * hkv, scale,
             G=g, GP=gp, BM=bm, BN=cfg.bn, D=d, DV=dv, M=m, DP=dp, DVP=dvp, MP=mp, MC=min(cfg.mc, mp), SP=lay.sink_pad,
             SPLIT=q.dtype != torch.float32,
             HAS_SLOTS=has_slots, HAS_SINKS=has_sinks, VARLEN=lay.varlen, STORE_LO=store_lo,
-            PREC=prec, PREC_SLOT=prec_slot, FAST_LIMIT=FAST_LIMIT,
+            PREC=prec, PREC_SLOT=prec_slot, FAST_LIMIT=FAST_LIMIT, HAS_SLOT_BIAS=has_bias,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     if walk_states is not None:

@@ -27,7 +27,7 @@ from nha_convert.ops.recurrent import NHAState
 
 from .chunk_fwd import _online, precisions
 from .prep import next_pow2
-from .triton_utils import expm1
+from .triton_utils import expm1, slot_bias_rows
 
 
 # Entries per block for the G query heads of a group (H100, B = 64, w = 64: 138 us; 64/128 entries: 171 us).
@@ -54,11 +54,11 @@ def _attend(m_i, l_i, acc, q, keys, vals, ok, scale):
 def _decode_kernel(
     q, qr, k, kr, v, la, valid, n_real, slot_count, slot_k, slot_v,
     win_kr, win_k, win_v, win_la, win_valid, win_sink,
-    sink_kr, sink_v, sink_pos, sink_present, o,
+    sink_kr, sink_v, sink_pos, sink_present, o, slot_bias,
     pos, W, S, H, scale,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, M: tl.constexpr,
     DP: tl.constexpr, DVP: tl.constexpr, MP: tl.constexpr, SP: tl.constexpr, NB: tl.constexpr, NBW: tl.constexpr,
-    HAS_SINKS: tl.constexpr,
+    HAS_SINKS: tl.constexpr, HAS_SLOT_BIAS: tl.constexpr = False,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -118,6 +118,10 @@ def _decode_kernel(
         tl.store(slot_k + tile_k, sk, mask=mk)
         tl.store(slot_v + tile_v, sv, mask=mv)
         m_i, l_i, acc = _attend(m_i, l_i, acc, qu, sk, sv, (m_ok & (count > 0))[None, :], scale)
+    if HAS_SLOT_BIAS:
+        # The slots came first into the online softmax, so adding b_h to all of a row's slot logits only moves its
+        # running maximum (p = exp(l + b - (max + b)) is unchanged); -inf (empty slots) stays -inf.
+        m_i += slot_bias_rows(slot_bias, hq, H * G, r_ok)
 
     # Ring buffer, with the new token in entry i (substituted in registers; memory is written at the end).
     for c0 in range(0, W, NBW):
@@ -258,15 +262,17 @@ def _u8(x: Tensor) -> Tensor:
 
 def nha_decode_step(
     state: NHAState, q: Tensor, q_rot: Tensor, k: Tensor, k_rot: Tensor, v: Tensor, log_alpha: Tensor,
-    valid: Tensor, *, scale: float,
+    valid: Tensor, *, scale: float, slot_bias: Tensor | None = None,
 ) -> Tensor:
-    """Same contract as `NHAState.step`: q (B,Hq,D); k, k_rot (B,H,D); v (B,H,Dv); log_alpha (B,H,M); valid (B,)."""
+    """Same contract as `NHAState.step`: q (B,Hq,D); k, k_rot (B,H,D); v (B,H,Dv); log_alpha (B,H,M); valid (B,);
+    slot_bias (Hq,) the optional slot-logit bias."""
     for f in fields(state):  # the kernels index flat memory (a no-op after the first step: done before any capture)
         x = getattr(state, f.name)
         if isinstance(x, Tensor) and not x.is_contiguous():
             setattr(state, f.name, x.contiguous())
     if state.window is None:
-        return state.step(q, q_rot, k, k_rot, v, log_alpha, valid, scale=scale, full_attention=full_decode_attention)
+        return state.step(q, q_rot, k, k_rot, v, log_alpha, valid, scale=scale, full_attention=full_decode_attention,
+                          slot_bias=slot_bias)
     b, hq, d = q.shape
     h, dv, m = k.shape[1], v.shape[-1], log_alpha.shape[-1]
     g = hq // h
@@ -281,10 +287,11 @@ def nha_decode_step(
         q, q_rot, k, k_rot, v, la, valid_i, state.n_real, state.slot_count, state.slot_k, state.slot_v,
         state.win_k_rot, state.win_k, state.win_v, state.win_la, _u8(state.win_valid), _u8(state.win_sink),
         state.sink_k_rot, state.sink_v, state.sink_pos, _u8(state.sink_present), o,
+        la if slot_bias is None else slot_bias.detach().float().contiguous(),
         state.pos, w, s, h, scale,
         G=g, GP=gp, D=d, DV=dv, M=m, DP=max(16, next_pow2(d)), DVP=max(16, next_pow2(dv)),
         MP=mp, SP=max(16, next_pow2(s)), NB=max(2, DECODE_TILES["slots"] // gp),
-        NBW=max(4, DECODE_TILES["ring"] // gp), HAS_SINKS=s > 0, num_warps=DECODE_TILES["num_warps"],
+        NBW=max(4, DECODE_TILES["ring"] // gp), HAS_SINKS=s > 0, HAS_SLOT_BIAS=slot_bias is not None, num_warps=DECODE_TILES["num_warps"],
         num_stages=DECODE_TILES["num_stages"],
     )
     _decode_flags_kernel[(b,)](

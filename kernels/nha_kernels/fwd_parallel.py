@@ -20,18 +20,19 @@ import triton
 import triton.language as tl
 
 from .chunk_fwd import _mm_state, _online, _seq_of_span, _sinks_band_store, _slot_kv, _slot_writers
-from .triton_utils import expm1, group_rows, pick_col, pick_row, rows_of
+from .triton_utils import expm1, group_rows, pick_col, pick_row, rows_of, slot_bias_rows
 
 
 @triton.jit
 def _nha_fwd_par_kernel(
-    q, qr, k, kr, v, la, tok, sink_pos, span_table, st_k, st_v, o, o_lo, lse,
+    q, qr, k, kr, v, la, tok, sink_pos, span_table, st_k, st_v, o, o_lo, lse, slot_bias,
     T, W, S, L, SPANS_PER_ROW, H, scale,
     G: tl.constexpr, GP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, CK: tl.constexpr, NSUB: tl.constexpr,
     D: tl.constexpr, DV: tl.constexpr, M: tl.constexpr,
     DP: tl.constexpr, DVP: tl.constexpr, MP: tl.constexpr, SP: tl.constexpr, SPLIT: tl.constexpr,
     HAS_SLOTS: tl.constexpr, HAS_SINKS: tl.constexpr, VARLEN: tl.constexpr, STORE_LO: tl.constexpr,
     PREC: tl.constexpr, PREC_SLOT: tl.constexpr, FAST_LIMIT: tl.constexpr, EXACT: tl.constexpr = True,
+    HAS_SLOT_BIAS: tl.constexpr = False,
 ):
     ROWS: tl.constexpr = GP * BM
     pid = tl.program_id(0)
@@ -94,7 +95,11 @@ def _nha_fwd_par_kernel(
                     e = tl.exp(tl.where((t >= c0 + j)[:, None], a_rows - pick_row(a, jc, j)[None, :], float("-inf")))
                     inner += pick_col(qk, jc, j)[:, None] * e * pick_row(s, jc, j)[None, :]
                 ls = ea_rows * q_s + inner
-            ls = tl.where(row_has[:, None] & (ii < M)[None, :], ls * scale, float("-inf"))
+            if HAS_SLOT_BIAS:
+                ls = ls * scale + slot_bias_rows(slot_bias, hq, H * G, g_ok)[:, None]
+            else:
+                ls = ls * scale
+            ls = tl.where(row_has[:, None] & (ii < M)[None, :], ls, float("-inf"))
             m_i = tl.max(ls, axis=1)
             m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
             p = tl.exp(ls - m_safe[:, None])

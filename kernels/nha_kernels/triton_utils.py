@@ -42,6 +42,12 @@ def pick_col(x, idx, j):
 
 
 @triton.jit
+def slot_bias_rows(slot_bias, hq, HQ, ok):
+    """The slot-logit bias b_h of each tile row (flat query head hq = batch * HQ + head), 0 where not ok."""
+    return tl.load(slot_bias + hq % HQ, mask=ok, other=0.0)
+
+
+@triton.jit
 def group_rows(bh, G: tl.constexpr, BM: tl.constexpr, ROWS: tl.constexpr):
     """The rows g * BM + t of a tile stacking the G query heads of KV head `bh` (= batch * H + h): each row's token
     offset t, its flat query head bh * G + g, and whether g is a real head (the tile pads G up to a power of two)."""

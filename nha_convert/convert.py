@@ -6,6 +6,8 @@ W_g: hidden -> (num_kv_heads * slots), initialised as NHA.md describes.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -69,10 +71,17 @@ def init_gate(g_proj: nn.Linear, k_proj: nn.Linear, num_kv_heads: int, head_dim:
         g_proj.bias.zero_()
 
 
-def convert(model: PreTrainedModel, settings: NHASettings | None = None) -> PreTrainedModel:
-    """Convert `model` (llama / qwen2 / qwen3 / mistral CausalLM) to NHA in place and return it."""
+def convert(model: PreTrainedModel, settings: NHASettings | None = None, tokenizer: Any = None,
+            **selection: Any) -> PreTrainedModel:
+    """Convert `model` (llama / qwen2 / qwen3 / mistral CausalLM) to NHA in place and return it.
+
+    full_layers "auto:K" scores the layers on calibration data, which needs `tokenizer`; `selection` passes
+    options to layer_selection.select_full_layers (seq_len, text_seqs, retrieval_docs, batch_size)."""
     settings = settings or NHASettings()
     arch = architecture_for(model.config.model_type)
+    if settings.auto_full_layers() is not None and tokenizer is None:  # checked before the model is touched
+        raise NHAError("full_layers auto:K scores layers on calibration text and needs the tokenizer; "
+                       "call convert(model, settings, tokenizer=tokenizer)")
     old, cfg = model.config, nha_config_for(model.config, settings)
     cfg._attn_implementation = ATTN_IMPLEMENTATION
     for module in model.modules():  # every submodule that shared the base config now shares the NHA one
@@ -84,4 +93,9 @@ def convert(model: PreTrainedModel, settings: NHASettings | None = None) -> PreT
         init_gate(nha.g_proj, nha.k_proj, nha.num_kv_heads, nha.head_dim, cfg.nha)
         layer.self_attn = nha
     model.__class__ = arch.model_class  # same weights and modules; NHA generation / cache behaviour
+    k = settings.auto_full_layers()
+    if k is not None:
+        from .layer_selection import select_full_layers
+
+        select_full_layers(model, tokenizer, k, **selection)
     return model

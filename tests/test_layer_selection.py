@@ -1,0 +1,101 @@
+"""`--full-layers auto:K`: K full layers chosen by score and written to the config; every bad K is one line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from nha_convert import NHASettings, convert
+from nha_convert.cli.convert import main
+from nha_convert.errors import NHAError
+from nha_convert.finetune.recipe import parse_recipe
+from nha_convert.layer_selection import layer_score
+
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=49152, max_position_embeddings=1024)
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory, smollm2_path) -> Path:
+    folder = tmp_path_factory.mktemp("tiny") / "llama"
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(**TINY)).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(smollm2_path).save_pretrained(folder)
+    return folder
+
+
+def run(run_cli, *args) -> tuple[int, str]:
+    code, out, err = run_cli(main, "nha-convert", *args)
+    return code, out + err
+
+
+def test_auto_k_through_the_cli_writes_k_full_layers_and_scores(tiny_folder, tmp_path, run_cli):
+    out = tmp_path / "nha"
+    code, text = run(run_cli, str(tiny_folder), "-o", str(out), "--window", "16", "--slots", "8", "--sinks", "4",
+                     "--full-layers", "auto:2", "--calibration-len", "256", "--calibration-seqs", "3")
+    assert code == 0, text
+    nha = json.loads((out / "config.json").read_text())["nha"]
+    full = [i for i, w in enumerate(nha["windows"]) if w is None]
+    assert len(full) == 2 and nha["full_layers"] == full and nha["full_layers_auto"] == 2
+    scores = nha["full_layer_scores"]
+    assert len(scores) == 4 and all(isinstance(s, float) for s in scores)
+    # the chosen layers are the two best scores, and each score follows from the recorded losses
+    assert set(full) == set(sorted(range(4), key=lambda i: -scores[i])[:2])
+    sel = nha["full_layer_selection"]
+    for i in range(4):
+        assert scores[i] == pytest.approx(layer_score(sel["kl_all_nha"], sel["kl"][i], sel["answer_ce_all_nha"],
+                                                      sel["answer_ce"][i], sel["answer_ce_base"]), abs=1e-5)
+    assert sel["seq_len"] == 256 and sel["text_seqs"] == 3 and sel["retrieval_docs"] == 3
+    assert "full layers auto:2" in text and f"layers {full[0]}, {full[1]}; best scores" in text
+
+    import nha_convert
+
+    model = nha_convert.load(out)
+    assert [layer.self_attn.window for layer in model.model.layers] == nha["windows"]
+
+
+@pytest.mark.parametrize("value,message", [
+    ("auto:0", "auto:K with a whole number K >= 1"),
+    ("auto:5", "auto:5 asks for more full layers than the model's 4; use auto:1 to auto:4"),
+    ("auto:two", "auto:K with a whole number K >= 1"),
+    ("auto:1.5", "auto:K with a whole number K >= 1"),
+])
+def test_bad_k_is_one_error_line(tiny_folder, tmp_path, run_cli, value, message):
+    out = tmp_path / "nha"
+    code, text = run(run_cli, str(tiny_folder), "-o", str(out), "--full-layers", value)
+    assert code == 1 and message in text
+    assert text.strip().startswith("error:") and len(text.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_auto_k_with_full_every_is_refused(tiny_folder, tmp_path, run_cli):
+    code, text = run(run_cli, str(tiny_folder), "-o", str(tmp_path / "nha"), "--full-layers", "auto:1",
+                     "--full-every", "2")
+    assert code == 1 and "drop full_every" in text and len(text.strip().splitlines()) == 1
+
+
+def test_convert_without_tokenizer_leaves_the_model_alone():
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**TINY))
+    with pytest.raises(NHAError, match="needs the tokenizer"):
+        convert(model, NHASettings(window=16, slots=8, full_layers="auto:1"))
+    assert type(model) is LlamaForCausalLM and model.config.model_type == "llama"
+
+
+def test_recipe_accepts_auto_and_rejects_bad_k():
+    text = "model:\n  nha: {window: 64, slots: 64, full_layers: %s}\nstages:\n  - {kind: finetune, steps: 1}\n"
+    assert parse_recipe(text % "auto:2", "r.yaml", budget=None).nha_settings().auto_full_layers() == 2
+    with pytest.raises(NHAError) as e:
+        parse_recipe(text % "auto:0", "r.yaml", budget=None)
+    assert str(e.value).startswith("r.yaml:2: model.nha:") and "\n" not in str(e.value)
+
+
+def test_layer_score_is_the_mean_gap_closed():
+    # KL 0.4 -> 0.1 closes 3/4 of its gap; answer CE 5 -> 3 with base 1 closes 1/2 of its gap
+    assert layer_score(0.4, 0.1, 5.0, 3.0, 1.0) == pytest.approx(0.625)
+    assert layer_score(0.4, 0.4, 5.0, 5.0, 1.0) == 0.0
+    assert layer_score(0.0, 0.0, 1.0, 1.0, 1.0) == 0.0  # nothing to close: no gain, no division by zero

@@ -14,7 +14,7 @@ from ..convert import convert, nha_config_for
 from ..errors import NHAError
 from ..io import check_output_dir, check_weights, save
 from ..memory import kv_cache_bytes, nha_state_bytes
-from ..settings import NHASettings
+from ..settings import AUTO, NHASettings
 from .common import Steps, VersionOption, console, parse_dtype, run_app
 
 app = typer.Typer(add_completion=False, rich_markup_mode="rich")
@@ -22,7 +22,10 @@ app = typer.Typer(add_completion=False, rich_markup_mode="rich")
 CONTEXTS = (4096, 32768, 131072)
 
 
-def parse_layers(text: str) -> list[int]:
+def parse_layers(text: str) -> list[int] | str:
+    """Comma-separated layer indices, or auto:K (passed on as text; NHASettings validates K)."""
+    if text.strip().startswith(AUTO):
+        return text.strip()
     try:
         return [int(x) for x in text.replace(" ", "").split(",") if x]
     except ValueError:
@@ -40,13 +43,16 @@ def convert_command(
     window: Annotated[int, typer.Option(help="Sliding-window size w of the NHA layers, in tokens (0 = slots only).")] = 64,
     slots: Annotated[int, typer.Option(help="Long-term memory slots m per KV head (0 = sliding window only).")] = 64,
     sinks: Annotated[int, typer.Option(help="First tokens that always stay visible (attention sinks).")] = 0,
-    full_layers: Annotated[str, typer.Option(help="Layers that keep full attention, e.g. 0,15,31.")] = "",
+    full_layers: Annotated[str, typer.Option(help="Layers that keep full attention, e.g. 0,15,31; or auto:K to "
+                                                "choose the K best from calibration data.")] = "",
     full_every: Annotated[int | None, typer.Option(help="Keep full attention in layers 0, k, 2k, ...")] = None,
     gate_init: Annotated[str, typer.Option(help="Gate init: pooled-k (from W_k) or constant.")] = "pooled-k",
     gate_decay: Annotated[float, typer.Option(help="Mean slot decay of the constant gate init.")] = 0.99,
     gate_temperature: Annotated[float, typer.Option(help="tau in log(alpha) = logsigmoid(W_g x) / tau.")] = 8.0,
     dtype: Annotated[str, typer.Option(help="auto (the checkpoint's), bfloat16, float16 or float32.")] = "auto",
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+    calibration_len: Annotated[int, typer.Option(help="Tokens per calibration sequence of --full-layers auto:K.")] = 2048,
+    calibration_seqs: Annotated[int, typer.Option(help="Text sequences and retrieval documents (each) of auto:K.")] = 8,
     version: VersionOption = False,
 ) -> None:
     """Convert a pretrained Llama / Qwen2 / Qwen3 / Mistral model to Native Hybrid Attention.
@@ -78,7 +84,8 @@ def convert_command(
         base, tokenizer = hub.load_base_model(model, dtype=torch_dtype)
         base_params = sum(p.numel() for p in base.parameters())
         steps.start("converting attention layers")
-        nha = convert(base, settings)
+        nha = convert(base, settings, tokenizer=tokenizer, seq_len=calibration_len, text_seqs=calibration_seqs,
+                      retrieval_docs=calibration_seqs)
         steps.start(f"saving to {output}")
         save(nha, tokenizer, output, overwrite=overwrite)
     elapsed = time.perf_counter() - started
@@ -108,6 +115,15 @@ def _ratio(state: int, kv: int) -> str:
     return "same size"
 
 
+def _auto_choice(nha: dict) -> str:
+    """The auto:K choice and the best per-layer scores (fraction of the gap to the base model closed)."""
+    scores = nha["full_layer_scores"]
+    ranked = sorted((i for i, s in enumerate(scores) if s is not None), key=lambda i: -scores[i])
+    best = ", ".join(f"{i}: {scores[i]:.3f}" for i in ranked[: max(5, nha["full_layers_auto"])])
+    return (f"layers {', '.join(map(str, nha['full_layers']))}; best scores {best} "
+            f"({nha['full_layer_selection']['seconds']} s)")
+
+
 def summary(model, base_params: int, name: str, output: Path, elapsed: float) -> Table:
     cfg, nha = model.config, model.config.nha
     new = sum(layer.self_attn.g_proj.weight.numel() + layer.self_attn.g_proj.bias.numel()
@@ -118,6 +134,8 @@ def summary(model, base_params: int, name: str, output: Path, elapsed: float) ->
     table.add_row("layers", _layer_groups(nha["windows"]))
     table.add_row("slots / sinks", f"m={nha['slots']} per KV head, {nha['sinks']} sinks")
     table.add_row("gates", f"{nha['gate_init']} init, tau={nha['gate_temperature']}")
+    if nha.get("full_layer_scores"):
+        table.add_row(f"full layers auto:{nha['full_layers_auto']}", _auto_choice(nha))
     table.add_row("new parameters", f"{new:,} ({100 * new / base_params:.2f}% of {base_params:,})")
     for ctx in CONTEXTS:
         kv, st = kv_cache_bytes(cfg, ctx), nha_state_bytes(cfg, ctx)

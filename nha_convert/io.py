@@ -59,10 +59,13 @@ def umask() -> int:
 
 
 def default_permissions(path: str | os.PathLike) -> Path:
-    """Give a file or folder made by tempfile (0600 / 0700) the permissions open() / mkdir() would give:
-    others sharing a cache or results folder can then read it, as the umask intends."""
-    p = Path(path)
-    os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask())
+    """Give a file or folder (and all inside it) made through tempfile (0600 / 0700; transformers' safetensors
+    writer does the same) the permissions open() / mkdir() would give: others sharing a cache or results folder
+    can then read it, as the umask intends."""
+    p, mask = Path(path), umask()
+    for q in [p, *(p.rglob("*") if p.is_dir() else ())]:
+        if not q.is_symlink():
+            os.chmod(q, (0o777 if q.is_dir() else 0o666) & ~mask)
     return p
 
 
@@ -142,11 +145,12 @@ def save(model: PreTrainedModel, tokenizer: Any, out_dir: str | os.PathLike, ove
     """
     out = check_output_dir(out_dir, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = default_permissions(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        default_permissions(tmp)
         if out.exists():
             old = out.with_name(f".{out.name}.old")
             shutil.rmtree(old, ignore_errors=True)

@@ -49,6 +49,9 @@ def convert_command(
     gate_init: Annotated[str, typer.Option(help="Gate init: pooled-k (from W_k) or constant.")] = "pooled-k",
     gate_decay: Annotated[float, typer.Option(help="Mean slot decay of the constant gate init.")] = 0.99,
     gate_temperature: Annotated[float, typer.Option(help="tau in log(alpha) = logsigmoid(W_g x) / tau.")] = 8.0,
+    slot_bias: Annotated[float | None, typer.Option(
+        help="Initial slot-logit bias b_h (trainable); very negative, e.g. -10, starts as sliding-window attention. "
+             "Unset: no bias (the paper's layer).")] = None,
     dtype: Annotated[str, typer.Option(help="auto (the checkpoint's), bfloat16, float16 or float32.")] = "auto",
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
     calibration_len: Annotated[int, typer.Option(help="Tokens per calibration sequence of --full-layers auto:K.")] = 2048,
@@ -70,16 +73,15 @@ def convert_command(
     started = time.perf_counter()
     settings = NHASettings(window=window, slots=slots, sinks=sinks, full_layers=parse_layers(full_layers),
                            full_every=full_every, gate_init=gate_init, gate_decay=gate_decay,
-                           gate_temperature=gate_temperature)
+                           gate_temperature=gate_temperature, slot_bias=slot_bias)
     torch_dtype = parse_dtype(dtype)
     check_output_dir(output, overwrite)  # exists, is a file, or cannot be written: said before any loading
+    base_config = hub.load_config(model)
+    nha_config_for(base_config, settings)  # validates settings against the model before loading weights
+    source = hub.resolve_source(model)
+    if isinstance(source, Path):
+        check_weights(source)  # a truncated or missing weight file: one line, not a loader traceback
     with Steps() as steps:
-        steps.start("reading config")
-        base_config = hub.load_config(model)
-        nha_config_for(base_config, settings)  # validates settings against the model before loading weights
-        source = hub.resolve_source(model)
-        if isinstance(source, Path):
-            check_weights(source)  # a truncated or missing weight file: one line, not a loader traceback
         steps.start("loading base model")
         base, tokenizer = hub.load_base_model(model, dtype=torch_dtype)
         base_params = sum(p.numel() for p in base.parameters())
@@ -133,7 +135,8 @@ def summary(model, base_params: int, name: str, output: Path, elapsed: float) ->
     table.add_column()
     table.add_row("layers", _layer_groups(nha["windows"]))
     table.add_row("slots / sinks", f"m={nha['slots']} per KV head, {nha['sinks']} sinks")
-    table.add_row("gates", f"{nha['gate_init']} init, tau={nha['gate_temperature']}")
+    table.add_row("gates", f"{nha['gate_init']} init, tau={nha['gate_temperature']}"
+                  + ("" if nha.get("slot_bias") is None else f", slot bias {nha['slot_bias']:g}"))
     if nha.get("full_layer_scores"):
         table.add_row(f"full layers auto:{nha['full_layers_auto']}", _auto_choice(nha))
     table.add_row("new parameters", f"{new:,} ({100 * new / base_params:.2f}% of {base_params:,})")

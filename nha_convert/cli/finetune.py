@@ -122,6 +122,9 @@ def finetune(
     run_dir = Path(r.output.dir)
     main_process = os.environ.get("RANK", "0") == "0"  # one lock per run, taken by the main process
     with RunLock(run_dir) if main_process else nullcontext():
+        from ..finetune.checkpoints import check_run_dir
+
+        check_run_dir(run_dir, resume=resume, overwrite=overwrite)  # under the lock, before the models load
         fresh = not resume and (overwrite or not run_dir.exists())
         err.print(f"run folder {run_dir}: loading models", highlight=False)
         from ..finetune.trainer import Interrupted, Trainer

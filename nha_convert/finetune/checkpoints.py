@@ -74,8 +74,9 @@ def problem(ckpt: Path) -> str | None:
             f = ckpt / rel
             if not f.is_file():
                 return f"{rel} is missing"
-            if f.stat().st_size != size:
-                return f"{rel} is {f.stat().st_size:,} bytes, {size:,} when saved"
+            now = f.stat().st_size
+            if now != size:
+                return f"{rel} is {now:,} bytes, {size:,} when saved ({'truncated' if now < size else 'changed'})"
     else:  # written before checkpoints listed their files: the files one process's save always has
         for want in (SCHEDULER_FILE, "optimizer", "model"):
             if not any(p.name.startswith(want) for p in ckpt.iterdir()):
@@ -101,6 +102,25 @@ def newest_intact(run_dir: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
             return ckpt, damaged
         damaged.append((ckpt, why))
     return None, damaged
+
+
+def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> Path | None:
+    """The checkpoint a run starts from (None: a fresh run), or the NHAError that stops it; reads only, so the
+    CLI asks it before loading any model and the trainer asks it again."""
+    run_dir = Path(run_dir)
+    if resume:
+        if (run_dir / "model").is_dir() and (run_dir / "DONE").is_file():
+            raise NHAError(f"{run_dir} holds a finished run (model/); nothing to resume")
+        if not checkpoint_dirs(run_dir):
+            raise NHAError(f"no checkpoint to resume from in {run_dir / 'checkpoints'}; run without --resume")
+        ckpt, damaged = newest_intact(run_dir)
+        if ckpt is None:
+            raise NHAError(f"no intact checkpoint in {run_dir / 'checkpoints'} ({damaged[0][0].name}: "
+                           f"{damaged[0][1]}); start over with --overwrite")
+        return ckpt
+    if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
+        raise NHAError(f"run folder {run_dir} is not empty; pass --resume to continue it or --overwrite to start over")
+    return None
 
 
 def save_checkpoint(accelerator: Any, run_dir: Path, pos: Position, scheduler: Any, extra: dict[str, Any],

@@ -30,10 +30,11 @@ from rich.console import Console
 from torch import Tensor, nn
 
 from ..errors import NHAError
-from .checkpoints import (STATE_FILE, Position, checkpoint_dirs, load_checkpoint, newest_intact,  # noqa: F401
-                          read_position, save_checkpoint)
+from .checkpoints import (STATE_FILE, Position, check_run_dir, checkpoint_dirs, load_checkpoint,  # noqa: F401
+                          newest_intact, read_position, save_checkpoint)
 from .data import Corpus, Rows, build_corpus, step_rows
 from .losses import attention_mse, lm_objective, next_token_targets
+from .probe import stage_end_probe
 from .progress import MetricsLog, StageProgress
 from .recipe import Recipe, StageSpec, stage_name
 from .trainables import causal_lm, count_parameters, merge_lora, select_trainables
@@ -256,26 +257,15 @@ class Trainer:
     # -- set-up --
 
     def _check_run_dir(self) -> Path | None:
-        ckpts = checkpoint_dirs(self.run_dir)
-        final = self.run_dir / "model"
+        ckpt = check_run_dir(self.run_dir, resume=self.resume, overwrite=self.overwrite)
         if self.resume:
-            if final.is_dir() and (self.run_dir / "DONE").is_file():
-                raise NHAError(f"{self.run_dir} holds a finished run (model/); nothing to resume")
-            if not ckpts:
-                raise NHAError(f"no checkpoint to resume from in {self.run_dir / 'checkpoints'}; run without --resume")
-            ckpt, damaged = newest_intact(self.run_dir)
-            if ckpt is None:
-                raise NHAError(f"no intact checkpoint in {self.run_dir / 'checkpoints'} ({damaged[0][0].name}: "
-                               f"{damaged[0][1]}); start over with --overwrite")
+            _, damaged = newest_intact(self.run_dir)
             if damaged and self.main:
                 self.console.print(f"[yellow]skipping damaged checkpoint(s) "
                                    f"{', '.join(f'{p.name} ({why})' for p, why in damaged)}: resuming from the "
                                    f"previous intact one, {ckpt.name}; delete the damaged folder(s)", highlight=False)
             return ckpt
         if self.run_dir.exists() and any(self.run_dir.iterdir()):
-            if not self.overwrite:
-                raise NHAError(f"run folder {self.run_dir} is not empty; pass --resume to continue it or "
-                               "--overwrite to start over")
             self.accelerator.wait_for_everyone()
             if self.main:
                 shutil.rmtree(self.run_dir)
@@ -355,6 +345,7 @@ class Trainer:
                     continue
                 resume_from = ckpt if start is not None and idx == start.stage else None
                 student, pos = self._run_stage(idx, stage, student, teacher, corpus, pos, resume_from)
+                stage_end_probe(self, student, tokenizer, stage_name(stage), pos.global_step)  # recipe.probe
         finally:
             if in_main_thread:
                 signal.signal(signal.SIGINT, self._old_sigint)

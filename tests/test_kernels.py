@@ -386,3 +386,15 @@ def test_slot_bias_decode_step_equals_reference_step(window, sinks, hq, h):
         ref = st.step(*args, scale=0.3, slot_bias=bias)
         out = nha_decode_step(st_k, *args, scale=0.3, slot_bias=bias)
         assert (out - ref).abs().max() <= 1e-5
+
+
+def test_slot_bias_packed_sequences():
+    cu = torch.tensor([0, 9, 30, 31, 50], dtype=torch.int32)
+    xs, valid = make(1, 4, 2, 50, 16, 16, pad=False, dtype=torch.float32, seed=4)
+    bias = _bias(4)
+    out, _ = nha_chunk_triton(*xs, window=4, num_sinks=2, scale=0.3, valid=valid, cu_seqlens=cu, slot_bias=bias)
+    bounds = cu.tolist()
+    for a, b in zip(bounds, bounds[1:]):
+        ref, _ = nha_chunk(*[x[:, :, a:b] for x in xs], window=4, num_sinks=2, scale=0.3, valid=valid[:, a:b],
+                           slot_bias=bias)
+        assert rel(out[:, :, a:b], ref, 1.0) <= 1e-4

@@ -210,3 +210,64 @@ def test_model_backends_agree(monkeypatch):
     keep = mask.bool()[..., None]
     assert rel(outs["triton"][0], outs["torch"][0], keep) <= 1e-4
     assert rel(outs["triton"][1], outs["torch"][1], 1.0) <= 1e-4
+
+
+# The optional slot-logit bias b_h (NHA.md): compiled HAS_SLOT_BIAS variants of the forward (both forms), the
+# slot backward (d b) and the decode kernel, against the torch reference.
+def _bias(hq: int, requires_grad: bool = False) -> torch.Tensor:
+    g = torch.Generator(device=DEV).manual_seed(hq)
+    return (torch.randn(hq, generator=g, device=DEV) * 2).requires_grad_(requires_grad)
+
+
+@pytest.mark.parametrize("mode", ["parallel", "serial"])
+@pytest.mark.parametrize("case", [CASES[0], CASES[3], CASES[6], CASES[7]])
+def test_slot_bias_forward_matches_reference(case, mode, monkeypatch):
+    window, m, sinks, pad, hq, h, t, d, dtype = case
+    monkeypatch.setenv("NHA_FWD", mode)
+    xs, valid = make(2 if t <= 2048 else 1, hq, h, t, d, m, pad=pad, dtype=dtype, seed=t + hq)
+    kw = dict(window=window, num_sinks=sinks, scale=d**-0.5, valid=valid)
+    ref, _ = reference(xs, **kw, slot_bias=_bias(hq))
+    out, _ = nha_chunk_triton(*xs, **kw, slot_bias=_bias(hq))
+    keep = valid[:, None, :, None]
+    print("fwd+bias rel error", window, m, dtype, mode, rel(out, ref, keep))
+    assert rel(out, ref, keep) <= TOL[dtype]
+    assert torch.equal(nha_chunk_triton(*xs, **kw, slot_bias=torch.zeros(hq, device=DEV))[0],
+                       nha_chunk_triton(*xs, **kw)[0])  # b = 0 is no bias, bit for bit
+    swa, _ = reference([*xs[:5], xs[5][..., :0]], **kw)
+    assert rel(nha_chunk_triton(*xs, **kw, slot_bias=torch.full((hq,), -1e4, device=DEV))[0], swa, keep) \
+        <= TOL[dtype]  # b = -1e4: sliding-window attention
+
+
+@pytest.mark.parametrize("case", GRAD_CASES[:4])
+def test_slot_bias_gradients_match_reference(case):
+    window, m, sinks, pad, hq, h, t, d, dtype = case
+    xs, valid = make(2, hq, h, t, d, m, pad=pad, dtype=dtype, seed=t, requires_grad=True)
+    bias = _bias(hq, requires_grad=True)
+    kw = dict(window=window, num_sinks=sinks, scale=d**-0.5, valid=valid)
+    do = (torch.randn(2, hq, t, d, device=DEV) * valid[:, None, :, None]).to(dtype)
+    ref_in = [x.detach().float().requires_grad_(True) for x in xs] + [bias.detach().clone().requires_grad_(True)]
+    g_ref = torch.autograd.grad(nha_chunk(*ref_in[:6], **kw, slot_bias=ref_in[6])[0], ref_in, do.float())
+    g = torch.autograd.grad(nha_chunk_triton(*xs, **kw, slot_bias=bias)[0], xs + [bias], do)
+    errs = {name: rel(a, b, 1.0) for name, a, b in
+            zip(["q", "q_rot", "k", "k_rot", "v", "log_alpha", "slot_bias"], g, g_ref)}
+    print("grad+bias rel errors", window, m, dtype, errs)
+    assert all(e <= TOL[dtype] for e in errs.values()), errs
+
+
+@pytest.mark.parametrize("window,sinks,dtype", [(64, 4, torch.bfloat16), (0, 0, torch.float32)])
+def test_slot_bias_decode_matches_reference_step(window, sinks, dtype):
+    b, hq, h, pre, steps, d, m = 5, 32, 8, 700, 6, 128, 64
+    xs, valid = make(b, hq, h, pre + steps, d, m, pad=True, dtype=dtype, seed=window)
+    bias = _bias(hq)
+    head = [x[:, :, :pre] for x in xs]
+    _, slots = nha_chunk_triton(*head, window=window, num_sinks=sinks, scale=d**-0.5, valid=valid[:, :pre],
+                                return_state=True, slot_bias=bias)
+    st = NHAState.from_prefill(head[2], head[3], head[4], head[5], valid[:, :pre], slots, window=window,
+                               num_sinks=sinks)
+    st_k = NHAState(**{f: getattr(st, f).clone() if torch.is_tensor(getattr(st, f)) else getattr(st, f)
+                       for f in st.__dataclass_fields__})
+    for i in range(pre, pre + steps):
+        args = [x[:, :, i] for x in xs] + [valid[:, i]]
+        ref = st.step(*args, scale=d**-0.5, slot_bias=bias)
+        out = nha_decode_step(st_k, *args, scale=d**-0.5, slot_bias=bias)
+        assert rel(out, ref, 1.0) <= TOL[dtype]

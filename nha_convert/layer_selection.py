@@ -74,7 +74,7 @@ def calibration_set(tokenizer: Any, *, seq_len: int, window: int, text_seqs: int
     """Long real text and retrieval documents of `seq_len` tokens each (deterministic)."""
     from .eval.recall import _Tok
     from .finetune.data import shakespeare_documents
-    from .finetune.retrieval_data import FORMATS, retrieval_documents, token_spans
+    from .finetune.retrieval_data import formats_for, probe_items, retrieval_documents
 
     start = _Tok(tokenizer).start()  # BOS where the tokenizer puts one
     body = seq_len - len(start)
@@ -89,15 +89,12 @@ def calibration_set(tokenizer: Any, *, seq_len: int, window: int, text_seqs: int
         rows.append(start + list(ids[at: at + body]))
     # The answer must lie beyond the window: the fact at least 2 windows (and 64 tokens) before its question.
     min_distance = min_distance or max(2 * window, 64)
-    # A key-value list alone can take 150 tokens: short calibration sequences (tests) use the other formats.
-    formats = FORMATS if body >= 512 else tuple(f for f in FORMATS if f != "kv_list")
     docs = retrieval_documents(tokenizer, retrieval_docs, split="train", seed=seed, min_tokens=body - 8,
-                               max_tokens=body - 8, min_distance=min(min_distance, body // 2), formats=formats)
-    answers = []
-    for d in docs:
-        ids, spans = token_spans(d, tokenizer)
-        rows.append(start + ids[:body])
-        answers.append([(s + len(start), e + len(start)) for s, e in spans])
+                               max_tokens=body - 8, min_distance=min(min_distance, body // 2),
+                               formats=formats_for(body))
+    items = probe_items(docs, tokenizer)
+    rows += [it.ids[:seq_len] for it in items]
+    answers = [it.answer_spans for it in items]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     ids, mask = _pad(rows, pad)
     kl = torch.full_like(ids, -100)
@@ -154,7 +151,7 @@ def select_full_layers(model: Any, tokenizer: Any, k: int, *, seq_len: int = 204
     cal = calibration_set(tokenizer, seq_len=seq_len, window=window, text_seqs=text_seqs,
                           retrieval_docs=retrieval_docs, min_distance=min_distance, seed=seed)
     home = next(model.parameters()).device
-    device = torch.device("cuda") if torch.cuda.is_available() else home
+    device = home if home.type == "cuda" or not torch.cuda.is_available() else torch.device("cuda")
     was_training = model.training
     model.to(device).eval()
     windows = [a.window for a in attns]
@@ -177,6 +174,11 @@ def select_full_layers(model: Any, tokenizer: Any, k: int, *, seq_len: int = 204
     scores = [None if kl[i] is None else round(layer_score(kl_nha, kl[i], ce_nha, ce[i], ce_base), 6)
               for i in range(len(attns))]
     chosen = sorted(sorted(candidates, key=lambda i: -scores[i])[:k])
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # Every process of a training run scores alone; near-ties could differ, so rank 0's choice is everyone's.
+        shared = [chosen, scores]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        chosen, scores = shared
     for i in chosen:
         attns[i].window = None
         nha["windows"][i] = None

@@ -5,7 +5,10 @@
 1. the base model; 2. the recipe's NHA conversion, untrained; 3. a sliding-window baseline (NHA with 0 slots and
 `--swa-sinks` sinks, same window), untrained; 4. the recipe trained; 5. the baseline trained with the recipe's
 stages and exactly the same step counts (so the same tokens). Perplexity: nha_convert.eval.perplexity on the
-held-out Shakespeare text (never trained on). Writes compare.json and prints a markdown table.
+held-out Shakespeare text (never trained on). Recall (what a window cannot fake): passkey with the key at depths
+spread over 5-95% and multi-query associative recall (eval/recall.py) at `--recall-lengths` (1K-8K tokens), for
+every row; `--tasks commonsense,lambada` adds lm-eval tasks. With `full_layers: auto:K` the baseline keeps the
+layers the NHA conversion chose, so both differ only in the slots. Writes compare.json and prints markdown tables.
 """
 
 from __future__ import annotations
@@ -34,6 +37,25 @@ def heldout_ppl(model: Any, tokenizer: Any, seq_len: int, sequences: int) -> dic
         return perplexity_by_position(model, tokenizer, seq_len=seq_len, max_sequences=sequences)
 
 
+def measure(model: Any, tokenizer: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """Held-out perplexity by position, recall by probe and length, and the lm-eval tasks asked for."""
+    p = heldout_ppl(model, tokenizer, args.ppl_len, args.ppl_seqs)
+    out: dict[str, Any] = {"ppl": p["overall_ppl"], "ppl_by_position": dict(zip(p["buckets"], p["ppl"]))}
+    lengths = [int(x) for x in args.recall_lengths.split(",") if x.strip()]
+    if lengths:
+        from ..eval.recall import run_recall
+
+        with torch.no_grad():
+            out["recall"] = run_recall(model, tokenizer, lengths, n=args.recall_items)
+    if args.tasks != "none":
+        from ..eval.lm_eval_runner import run_tasks
+        from ..eval.tasks import resolve_tasks
+
+        run = run_tasks(model, tokenizer, resolve_tasks(args.tasks), limit=args.task_limit, batch_size=8)
+        out["tasks"] = run.scores
+    return out
+
+
 def stage_steps_from_metrics(metrics: Path) -> dict[str, int]:
     """Steps each stage actually ran (the last logged step of each stage)."""
     steps: dict[str, int] = {}
@@ -54,6 +76,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--swa-sinks", type=int, default=4)
     ap.add_argument("--ppl-len", type=int, default=2048)
     ap.add_argument("--ppl-seqs", type=int, default=8)
+    ap.add_argument("--recall-lengths", default="1024,2048,4096,8192",
+                    help="comma-separated probe lengths in tokens (empty: no recall)")
+    ap.add_argument("--recall-items", type=int, default=20, help="passkey and MQAR items per length")
+    ap.add_argument("--tasks", default="none", help="lm-eval tasks or groups, e.g. commonsense,lambada")
+    ap.add_argument("--task-limit", type=float, default=None, help="questions per task (default: all)")
     ap.add_argument("--rows", default="base,untrained,nha,swa",
                     help="which rows to run (comma-separated): base, untrained (NHA and SWA before training), nha "
                          "(the recipe), swa (the baseline trained with the recipe's steps; with 'nha' absent, give "
@@ -82,6 +109,8 @@ def main(argv: list[str] | None = None) -> None:
     report: dict[str, Any] = {"backend": backend, "torch": torch.__version__, "recipe": args.recipe, "budget": recipe.budget, "overrides": args.overrides,
                               "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                               "nha": nha, "swa": swa, "ppl_len": args.ppl_len, "ppl_seqs": args.ppl_seqs,
+                              "recall_lengths": args.recall_lengths, "recall_items": args.recall_items,
+                              "tasks": args.tasks, "task_limit": args.task_limit,
                               "rows": []}
 
     def save() -> None:
@@ -106,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
         rec = {"model": label, **result, "seconds": round(time.perf_counter() - t0, 1)}
         report["rows"].append(rec)
         save()
-        print(json.dumps({k: v for k, v in rec.items() if k != "ppl_by_position"}), flush=True)
+        print(json.dumps({k: v for k, v in rec.items() if k not in ("ppl_by_position", "recall")}), flush=True)
         return rec
 
     def untrained(settings: dict | None):
@@ -114,9 +143,15 @@ def main(argv: list[str] | None = None) -> None:
             r = copy.deepcopy(recipe)
             r.model.nha = settings
             model, _, tok = build_models(r, device)
-            p = heldout_ppl(model, tok, args.ppl_len, args.ppl_seqs)
-            return {"ppl": p["overall_ppl"], "ppl_by_position": dict(zip(p["buckets"], p["ppl"]))}
+            share_full_layers(model, settings)
+            return measure(model.eval(), tok, args)
         return fn
+
+    def share_full_layers(model: Any, settings: dict | None) -> None:
+        """auto:K: the baseline gets the layers the NHA conversion chose (same full layers, no slots)."""
+        if settings is nha and isinstance(nha.get("full_layers"), str):
+            swa["full_layers"] = list(model.config.nha["full_layers"])
+            report["swa"] = swa
 
     def trained(settings: dict, run: str, extra: list[str]):
         def fn():
@@ -130,14 +165,14 @@ def main(argv: list[str] | None = None) -> None:
             from transformers import AutoTokenizer
 
             tok = AutoTokenizer.from_pretrained(final)
-            p = heldout_ppl(model, tok, args.ppl_len, args.ppl_seqs)
+            share_full_layers(model, settings)
+            measured = measure(model.eval(), tok, args)
             metrics = work / run / "metrics.jsonl"
             shutil.copyfile(metrics, out / f"{run}_metrics.jsonl")
             steps = stage_steps_from_metrics(metrics)
             tokens = [json.loads(x) for x in metrics.read_text().splitlines()]
             seen = max((x.get("tokens", 0) for x in tokens if "event" not in x), default=0)
-            return {"ppl": p["overall_ppl"], "ppl_by_position": dict(zip(p["buckets"], p["ppl"])),
-                    "steps": steps, "train_tokens": seen, "train_seconds": round(train_s, 1)}
+            return {**measured, "steps": steps, "train_tokens": seen, "train_seconds": round(train_s, 1)}
         return fn
 
     rows = {r.strip() for r in args.rows.split(",") if r.strip()}
@@ -166,6 +201,20 @@ def main(argv: list[str] | None = None) -> None:
         vs = f"{100 * rec['vs_base']:+.1f}%" if "vs_base" in rec else ""
         steps = ", ".join(f"{k} {v}" for k, v in rec.get("steps", {}).items())
         print(f"| {rec['model']} | {ppl} | {vs} | {steps} | {rec.get('train_seconds', '')} |")
+    print_recall(report["rows"])
+
+
+def print_recall(rows: list[dict[str, Any]]) -> None:
+    """Markdown: one row per model, one column per probe and length (accuracy in %)."""
+    cols = sorted({(p, L) for rec in rows for p, by_len in (rec.get("recall") or {}).items() if p != "chance"
+                   for L in by_len}, key=lambda c: (c[0], int(c[1])))
+    if not cols:
+        return
+    print("\n| model | " + " | ".join(f"{p} @ {L}" for p, L in cols) + " |\n|---|" + "---|" * len(cols))
+    for rec in rows:
+        r = rec.get("recall") or {}
+        cells = [f"{100 * r[p][L]:.0f}" if L in r.get(p, {}) else "" for p, L in cols]
+        print(f"| {rec['model']} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

@@ -226,7 +226,13 @@ def _layout(b: _Builder, head: str, facts: list[str], tail: list[tuple[str, str]
     for size, sep, fact in zip(sizes, fact_sep, facts):
         text += b.filler(size) + sep + fact
         fact_ends.append(len(text))
-    text += b.filler(sizes[-1])
+    questions = "".join(sep + q + a for sep, (q, a) in zip(q_sep, tail))
+    last = b.filler(sizes[-1])
+    # Pieces tokenized apart can merge when joined: redraw the last filler once, sized by the whole text's count.
+    off = length - b.count(text + last + questions)
+    if off:
+        last = b.filler(max(sizes[-1] + off, gap - MARGIN // 2))
+    text += last
     spans = []
     for sep, (q, a) in zip(q_sep, tail):
         q_start = len(text) + len(sep)
@@ -346,13 +352,20 @@ def token_spans(doc: RetrievalDoc, tokenizer: Any) -> tuple[list[int], list[tupl
     return ids, spans
 
 
-def probe_items(docs: Sequence[RetrievalDoc], tokenizer: Any) -> list[Any]:
-    """The documents as eval/recall.py probe items (its teacher-forced greedy scorer grades them)."""
-    from ..eval.recall import ProbeItem
+def formats_for(length: int) -> tuple[str, ...]:
+    """The formats that fit documents of `length` tokens (a key-value list alone can take 150 tokens)."""
+    return FORMATS if length >= 512 else tuple(f for f in FORMATS if f != "kv_list")
 
+
+def probe_items(docs: Sequence[RetrievalDoc], tokenizer: Any) -> list[Any]:
+    """The documents as eval/recall.py probe items (its teacher-forced greedy scorer grades them), with the
+    tokenizer's start tokens (BOS where it puts one) in front."""
+    from ..eval.recall import ProbeItem, _Tok
+
+    start = _Tok(tokenizer).start()
     items = []
     for d in docs:
         ids, spans = token_spans(d, tokenizer)
-        items.append(ProbeItem(f"retrieval-{d.format}", ids, spans, [qa.answer for qa in d.qas],
-                               d.text[: d.qas[0].question_start], [q.key for q in d.qas]))
+        items.append(ProbeItem(f"retrieval-{d.format}", start + ids, [(a + len(start), b + len(start)) for a, b in spans],
+                               [qa.answer for qa in d.qas], d.text[: d.qas[0].question_start], [q.key for q in d.qas]))
     return items

@@ -1,0 +1,69 @@
+"""A short recall probe at the end of every training stage, so metrics.jsonl shows whether recall is trending up.
+
+Recall is what a sliding window cannot fake: passkey and multi-query associative recall (eval/recall.py, the
+project's own formats) and the held-out split of the retrieval documents (retrieval_data.py: formats, keys,
+answers and filler passages the training split never holds), each at the recipe's `probe.lengths`. Scored by
+greedy decoding under teacher forcing (one forward per item). Runs on the main process only.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from .recipe import ProbeSpec
+
+
+def retrieval_accuracy(model: Any, tokenizer: Any, length: int, n: int, seed: int = 0) -> float:
+    """Exact-match accuracy on n held-out retrieval documents of about `length` tokens, every question more than
+    max(2 windows, 64) tokens (at most half the length) after its fact."""
+    from ..eval.recall import model_predictions, score
+    from .retrieval_data import formats_for, probe_items, retrieval_documents
+
+    window = (getattr(model.config, "nha", None) or {}).get("window") or 0
+    docs = retrieval_documents(tokenizer, n, split="eval", seed=seed, min_tokens=length, max_tokens=length,
+                               min_distance=min(max(2 * window, 64), length // 2), formats=formats_for(length))
+    items = probe_items(docs, tokenizer)
+    return score(items, model_predictions(model, tokenizer, items))
+
+
+@torch.no_grad()
+def recall_probe(model: Any, tokenizer: Any, spec: ProbeSpec, seed: int = 0) -> dict[str, dict[str, float]]:
+    """{probe: {length: accuracy}} for the probes of `spec`."""
+    from ..eval.recall import PROBES, run_recall
+
+    out: dict[str, dict[str, float]] = {}
+    own = [p for p in spec.probes if p in PROBES]
+    if own:
+        res = run_recall(model, tokenizer, spec.lengths, own, n=spec.items, seed=seed)
+        out.update({p: res[p] for p in own})
+    if "retrieval" in spec.probes:
+        out["retrieval"] = {str(L): retrieval_accuracy(model, tokenizer, L, spec.items, seed) for L in spec.lengths}
+    return out
+
+
+def stage_end_probe(trainer: Any, student: Any, tokenizer: Any, stage: str, global_step: int) -> dict | None:
+    """The recipe's probe on the student after a stage: a "recall" record in metrics.jsonl and one printed line."""
+    spec = trainer.recipe.probe
+    if spec is None:
+        return None
+    from .trainables import causal_lm
+
+    result = None
+    if trainer.main:
+        model = causal_lm(student)
+        was_training = model.training
+        model.eval()
+        t0 = time.perf_counter()
+        try:
+            result = recall_probe(model, tokenizer, spec, seed=trainer.recipe.seed)
+        finally:
+            model.train(was_training)
+        seconds = round(time.perf_counter() - t0, 1)
+        trainer.metrics.write(event="recall", stage=stage, global_step=global_step, seconds=seconds, **result)
+        shown = "; ".join(f"{p} " + ", ".join(f"{k}: {v:.2f}" for k, v in r.items()) for p, r in result.items())
+        trainer.console.print(f"  recall after {stage}: {shown} ({seconds} s)", highlight=False)
+    trainer.accelerator.wait_for_everyone()
+    return result

@@ -1,0 +1,129 @@
+"""Retrieval documents: answers recoverable from the text, beyond the window, lengths as asked, no eval leak;
+the recall probe on a converted folder."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from nha_convert.errors import NHAError
+from nha_convert.finetune import retrieval_data as rd
+from nha_convert.finetune.recipe import ProbeSpec, SourceSpec, parse_recipe
+
+
+@pytest.fixture(scope="module")
+def tok(smollm2_path):
+    return AutoTokenizer.from_pretrained(smollm2_path)
+
+
+@pytest.fixture(scope="module")
+def train_docs(tok):
+    return rd.retrieval_documents(tok, 24, split="train", seed=3, min_tokens=600, max_tokens=1200, min_distance=256)
+
+
+@pytest.fixture(scope="module")
+def eval_docs(tok):
+    return rd.retrieval_documents(tok, 24, split="eval", seed=3, min_tokens=600, max_tokens=1200, min_distance=256)
+
+
+def _statement_found(doc: rd.RetrievalDoc, qa: rd.QA) -> bool:
+    """The fact, exactly as one of the format's templates states it, lies before the question."""
+    before = doc.text[: qa.fact_end]
+    if doc.format == "passkey":
+        return any(f.format(noun=qa.key, v=qa.answer) in before for f in rd.PASSKEY_FACTS)
+    if doc.format == "kv_list":
+        return any(line.format(k=qa.key, v=qa.answer) in before for line in rd.KV_LINES)
+    return any(s.format(name=qa.key, a=qa.answer, pet=p) in before for s, _, _ in rd.FACTS.values() for p in rd.PETS)
+
+
+def test_answers_are_recoverable_and_beyond_the_window(tok, train_docs, eval_docs):
+    assert {d.format for d in train_docs} == set(rd.FORMATS)
+    for doc in train_docs + eval_docs:
+        for qa in doc.qas:
+            assert doc.text[qa.answer_start: qa.answer_end] == " " + qa.answer
+            assert qa.fact_end <= qa.question_start < qa.answer_start
+            assert _statement_found(doc, qa), (doc.format, qa)
+            gap = len(tok(doc.text[qa.fact_end: qa.question_start], add_special_tokens=False)["input_ids"])
+            assert gap >= 256
+        ids, spans = rd.token_spans(doc, tok)
+        assert [tok.decode(ids[a:b]).strip() for a, b in spans] == [qa.answer for qa in doc.qas]
+
+
+def test_lengths_as_asked(tok, train_docs):
+    for doc in train_docs:
+        assert 600 <= doc.target_tokens <= 1200
+        n = len(tok(doc.text, add_special_tokens=False)["input_ids"])
+        assert abs(n - doc.target_tokens) <= 3, (doc.format, n, doc.target_tokens)
+    assert len({d.target_tokens for d in train_docs}) > 12  # drawn, not one length
+
+
+def test_no_eval_answer_key_or_passage_in_training(train_docs, eval_docs):
+    train_text = "\n".join(d.text for d in train_docs)
+    assert not {a for d in eval_docs for a in d.answers} & {a for d in train_docs for a in d.answers}
+    eval_keys = {k for d in eval_docs for k in d.keys}
+    assert eval_keys and not eval_keys & {k for d in train_docs for k in d.keys}
+    assert not [k for k in eval_keys if k in train_text]
+    assert not set(d for doc in eval_docs for d in doc.passages) & set(d for doc in train_docs for d in doc.passages)
+    assert not set(rd.filler_passages("eval")) & set(rd.filler_passages("train"))
+    assert all(rd.split_of(a) == "eval" for d in eval_docs for a in d.answers)
+
+
+def test_deterministic_by_seed(tok):
+    a = rd.retrieval_documents(tok, 3, seed=1, min_tokens=300, max_tokens=400, min_distance=100)
+    b = rd.retrieval_documents(tok, 3, seed=1, min_tokens=300, max_tokens=400, min_distance=100)
+    c = rd.retrieval_documents(tok, 3, seed=2, min_tokens=300, max_tokens=400, min_distance=100)
+    assert [d.text for d in a] == [d.text for d in b] and [d.text for d in a] != [d.text for d in c]
+
+
+def test_too_short_for_the_distance_is_one_line(tok):
+    with pytest.raises(NHAError, match="no room for 500 tokens") as e:
+        rd.retrieval_documents(tok, 1, min_tokens=300, max_tokens=300, min_distance=500)
+    assert "\n" not in str(e.value)
+
+
+def test_recipe_source_fits_its_rows(tok):
+    from nha_convert.finetune.data import load_documents, tokenize_documents
+
+    text = ("data:\n  sources:\n    - {kind: retrieval, samples: 3, min_tokens: 400, max_tokens: %d, min_distance: 128}\n"
+            "stages:\n  - {kind: finetune, steps: 1, seq_len: 512}\n")
+    recipe = parse_recipe(text % 512, "r.yaml", budget=None)
+    docs = load_documents(recipe.data, tokenizer=tok, seed=0)
+    assert len(docs) == 3
+    assert all(400 <= len(ids) <= 512 for ids in tokenize_documents(docs, tok))  # BOS / EOS included
+    with pytest.raises(NHAError, match="longer than every stage's seq_len") as e:
+        parse_recipe(text % 1024, "r.yaml", budget=None)
+    assert str(e.value).startswith("r.yaml:3: data.sources[0]:")
+
+
+def test_recall_probe_runs_on_an_nha_folder(tok, tmp_path):
+    import nha_convert
+    from nha_convert.finetune.probe import stage_end_probe
+    from nha_convert.finetune.progress import MetricsLog
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=49152,
+                                        max_position_embeddings=1024))
+    nha_convert.save(nha_convert.convert(base, nha_convert.NHASettings(window=16, slots=8, sinks=4)), tok,
+                     tmp_path / "nha")
+    model = nha_convert.load(tmp_path / "nha")
+    metrics = tmp_path / "metrics.jsonl"
+    trainer = SimpleNamespace(recipe=SimpleNamespace(probe=ProbeSpec(lengths=[256], items=2), seed=0), main=True,
+                              metrics=MetricsLog(metrics, True), console=SimpleNamespace(print=lambda *a, **k: None),
+                              accelerator=SimpleNamespace(wait_for_everyone=lambda: None))
+    result = stage_end_probe(trainer, model, tok, "distill", 7)
+    assert set(result) == {"passkey", "mqar", "retrieval"}
+    assert all(set(r) == {"256"} and 0.0 <= r["256"] <= 1.0 for r in result.values())
+    (record,) = [json.loads(x) for x in metrics.read_text().splitlines()]
+    assert record["event"] == "recall" and record["stage"] == "distill" and record["global_step"] == 7
+    assert record["retrieval"] == result["retrieval"] and record["passkey"] == result["passkey"]
+    assert model.training is False  # the probe leaves the mode as it found it (load gives eval mode)
+
+
+def test_source_spec_defaults_fit_the_default_seq_len():
+    s = SourceSpec(kind="retrieval")
+    assert s.min_distance < s.min_tokens <= s.max_tokens == 2048

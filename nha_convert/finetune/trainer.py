@@ -34,6 +34,7 @@ from .checkpoints import (STATE_FILE, Position, check_run_dir, checkpoint_dirs, 
                           newest_intact, read_position, save_checkpoint)
 from .data import Corpus, Rows, build_corpus, step_rows
 from .losses import attention_mse, lm_objective, next_token_targets
+from .probe import stage_end_probe
 from .progress import MetricsLog, StageProgress
 from .recipe import Recipe, StageSpec, stage_name
 from .trainables import causal_lm, count_parameters, merge_lora, select_trainables
@@ -344,6 +345,7 @@ class Trainer:
                     continue
                 resume_from = ckpt if start is not None and idx == start.stage else None
                 student, pos = self._run_stage(idx, stage, student, teacher, corpus, pos, resume_from)
+                stage_end_probe(self, student, tokenizer, stage_name(stage), pos.global_step)  # recipe.probe
         finally:
             if in_main_thread:
                 signal.signal(signal.SIGINT, self._old_sigint)

@@ -3,7 +3,8 @@
 Same forward contract as the module it replaces (hidden states, position embeddings, attention mask, cache), same
 parameter names (q_proj, k_proj, v_proj, o_proj, q_norm / k_norm where the base has them) plus one new projection
 g_proj: hidden -> (num_kv_heads * slots) gate logits. The attention mask it receives is the 2D padding mask
-(see modeling.py: the "nha" mask interface), never a T x T matrix.
+(see modeling.py: the "nha" mask interface), never a T x T matrix. Without a cache, position ids that restart
+inside a row mark packed sequences (ops/packed.py, transformers' own rule), which are computed apart.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from .compat import pop_cache
 from .errors import NHAError
 from .ops import NHAState, gate_log_alpha, nha_chunk
+from .ops.packed import cu_seqlens_of, flatten_rows, nha_chunk_varlen, unflatten_rows
 
 logger = logging.getLogger("nha_convert")
 
@@ -122,6 +124,12 @@ class NHAAttention(nn.Module):
                       log_alpha[:, :, i], valid[:, i], scale=self.scaling) for i in range(t)],
                 dim=2,
             )
+        elif cache is None and (cu := cu_seqlens_of(kwargs.get("position_ids"), b)) is not None:
+            # Packed rows (training): the sequences that the position ids delimit never see each other.
+            flat = [flatten_rows(x) for x in (q, q_rot, k, k_rot, v, log_alpha)]
+            out, _ = nha_forward(*flat, valid=valid.reshape(1, -1), chunk_size=self.chunk_size, cu_seqlens=cu,
+                                 **common)
+            out = unflatten_rows(out, b)
         else:
             out, slots = nha_forward(q, q_rot, k, k_rot, v, log_alpha, valid=valid,
                                      chunk_size=self.chunk_size, return_state=cache is not None, **common)
@@ -160,12 +168,16 @@ def triton_kernels(x: Tensor) -> ModuleType | None:
     return nha_kernels
 
 
-def nha_forward(q, q_rot, k, k_rot, v, log_alpha, **kwargs):
-    """The parallel NHA op (training, prefill): fused Triton kernels on CUDA, the torch reference elsewhere."""
+def nha_forward(q, q_rot, k, k_rot, v, log_alpha, cu_seqlens: Tensor | None = None, **kwargs):
+    """The parallel NHA op (training, prefill): fused Triton kernels on CUDA, the torch reference elsewhere;
+    with `cu_seqlens` (B == 1), packed sequences, each on its own."""
     kernels = triton_kernels(q)
     _log_backend("prefill: triton" if kernels else "prefill: torch")
-    op = kernels.nha_chunk_triton if kernels else nha_chunk
-    return op(q, q_rot, k, k_rot, v, log_alpha, **kwargs)
+    if kernels:
+        return kernels.nha_chunk_triton(q, q_rot, k, k_rot, v, log_alpha, cu_seqlens=cu_seqlens, **kwargs)
+    if cu_seqlens is not None:
+        return nha_chunk_varlen(q, q_rot, k, k_rot, v, log_alpha, cu_seqlens=cu_seqlens, **kwargs)
+    return nha_chunk(q, q_rot, k, k_rot, v, log_alpha, **kwargs)
 
 
 def nha_decode_fn(q: Tensor):

@@ -42,7 +42,36 @@ def _fresh_interpreted_triton() -> str | None:
     return _previous
 
 
+def _bool_masks_for_the_interpreter() -> None:
+    """triton 3.9's interpreter (CPU only) turns `block_mask & scalar_condition` into an int32 array and then its C++
+    load/store refuse it ("mask has unsupported dtype"); 3.6-3.8 kept it bool. Compiled kernels are unaffected
+    (the GPU suite), so cast such masks back to bool here instead of rewriting every mask in the kernels."""
+    import numpy as np
+    from triton.runtime import interpreter
+
+    native = interpreter._interpreter
+    if getattr(native, "_nha_bool_masks", False):
+        return
+
+    class BoolMasks:
+        _nha_bool_masks = True
+
+        def __getattr__(self, name):
+            return getattr(native, name)
+
+        @staticmethod
+        def load(ptrs, mask, other, dtype):
+            return native.load(ptrs, mask.astype(np.bool_, copy=False), other, dtype)
+
+        @staticmethod
+        def store(ptrs, value, mask):
+            return native.store(ptrs, value, mask.astype(np.bool_, copy=False))
+
+    interpreter._interpreter = BoolMasks()
+
+
 _PREVIOUS = _fresh_interpreted_triton()
+_bool_masks_for_the_interpreter()
 
 from nha_convert.ops import nha_chunk, nha_recurrent  # noqa: E402
 from nha_convert.ops.recurrent import NHAState  # noqa: E402

@@ -78,7 +78,7 @@ def build_models(recipe: Recipe, device: torch.device) -> tuple[nn.Module, nn.Mo
             teacher = copy.deepcopy(student).to(t_dtype)
         if m.nha is not None:
             settings = recipe.nha_settings()
-            student = nha_convert.convert(student, settings, tokenizer=tokenizer)  # auto:K needs it
+            student = nha_convert.convert(student, settings, tokenizer=tokenizer, **(m.calibration or {}))
     if t.model not in (None, "base"):
         teacher, _ = load_base(t.model, t_dtype, device)
     if teacher is not None:

@@ -98,12 +98,15 @@ class ModelSpec:
     converted: an already converted NHA folder (instead of base + nha);
     nha: NHASettings fields for the conversion (null = train the base model unconverted);
     dtype: weights of the student (float32 = fp32 master weights; bfloat16 keeps frozen weights in bf16 and
-    trains the trainable ones in fp32, for 7-8B models; it needs bf16: true in every stage)."""
+    trains the trainable ones in fp32, for 7-8B models; it needs bf16: true in every stage);
+    calibration: options of `nha.full_layers: auto:K` (layer_selection.select_full_layers: seq_len, text_seqs,
+    retrieval_docs, batch_size), e.g. a small set for a CPU smoke run."""
 
     base: str | None = None
     converted: str | None = None
     nha: dict | None = field(default_factory=dict)
     dtype: Literal["float32", "bfloat16"] = "float32"
+    calibration: dict | None = None
 
 
 @dataclass

@@ -255,7 +255,10 @@ def make_rows(docs: list[list[int]], seq_len: int, pad_id: int, min_chunk: int) 
     pieces = [d[i:i + seq_len] for d in docs for i in range(0, len(d), seq_len)]
     pieces = [p for p in pieces if len(p) >= min(min_chunk, seq_len)]
     if not pieces:
-        raise NHAError(f"no document piece is at least {min_chunk} tokens long; lower data.min_chunk")
+        if not any(docs):
+            raise NHAError("the data sources gave no text; check the recipe's data.sources (paths, kinds)")
+        raise NHAError(f"no document piece is at least {min(min_chunk, seq_len)} tokens long (the longest document has "
+                       f"{max(len(d) for d in docs)}); lower data.min_chunk or add longer documents")
     packed = pack_pieces([len(p) for p in pieces], seq_len)
     ids = torch.full((len(packed), seq_len), pad_id, dtype=torch.long)
     mask = torch.zeros((len(packed), seq_len), dtype=torch.long)

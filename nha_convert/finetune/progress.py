@@ -55,11 +55,11 @@ class StageProgress:
             return
         tps = self.tokens_per_s()
         if self.bar is not None:
-            self.bar.update(self.task, completed=step, tps=f"{tps:,.0f}", loss=f"{loss:.4f}")
+            self.bar.update(self.task, completed=step, tps=f"{tps:,.0f}", loss=f"{loss:.4g}")
         elif step % self.log_every == 0 or step == self.total:
             done = step - self.start_step
             eta = (time.perf_counter() - self.t0) / done * (self.total - step) if done and self.total else math.nan
-            self.console.print(f"{self.name}: step {step}/{self.total or '?'}  loss {loss:.4f}  {tps:,.0f} tok/s  "
+            self.console.print(f"{self.name}: step {step}/{self.total or '?'}  loss {loss:.4g}  {tps:,.0f} tok/s  "
                                f"ETA {eta:,.0f} s", highlight=False)
 
     def note(self, text: str) -> None:

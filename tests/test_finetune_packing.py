@@ -234,3 +234,21 @@ def test_cpu_budget_of_the_default_recipe_pads_at_most_5_percent():
         taken = [r for s in range(stage.steps) for r in step_rows(len(rows), g, s, recipe.seed * 1009 + idx)]
         frac = 1 - float(rows.attention_mask[taken].sum()) / (len(taken) * stage.seq_len)
         assert frac <= 0.05, (stage.name, frac)
+
+
+def test_benchmark_counts_real_tokens_after_the_warmup():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("bench_finetune",
+                                                  Path(__file__).parents[1] / "benchmarks" / "bench_finetune.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = [{"step": i + 1, "tokens": 1000 * (i + 1) - 10 * i, "time_s": 3.0 + 2.0 * i, "padding_frac": 0.01 * i,
+             "loss": 1.0 / (i + 1)} for i in range(6)]
+    r = bench.summarise("distill", "distill", rows, warmup=2, global_batch=1, seq_len=1000)
+    # steps 3..6 timed: tokens 5950 - 1990 = 3960 in 13 - 5 = 8 s; 4 x 1000 positions
+    assert r["steps_timed"] == 4 and r["real_tokens_per_s"] == 495.0 and r["s_per_step"] == 2.0
+    assert r["positions_per_s"] == 500.0 and r["padding_frac"] == 0.035 and r["final_loss"] == 1 / 6
+    with pytest.raises(SystemExit, match="raise --steps"):
+        bench.summarise("distill", "distill", rows[:2], warmup=2, global_batch=1, seq_len=1000)

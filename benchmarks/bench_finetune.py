@@ -1,0 +1,161 @@
+"""Training throughput per stage: the NHA student, and in the same run the base model as its own student.
+
+    python benchmarks/bench_finetune.py                                   # recipes/smollm2-135m.yaml, gpu budget
+    python benchmarks/bench_finetune.py RECIPE --budget gpu --steps 30 --warmup 5 --json docs/bench/finetune.json
+    python benchmarks/bench_finetune.py --profile                         # + where one step of each stage goes
+    NHA_LOSS=torch python benchmarks/bench_finetune.py                    # the chunked torch loss instead of liger
+
+Both runs use the recipe's stages, batch shapes, data and dtype with a fixed step count (time budgets are replaced
+by --steps) and no checkpoints; the base run is the same recipe with `model.nha: null` (full attention, LoRA on the
+same projections, the same teacher). Real tokens/s is counted over the steps after --warmup (the first steps
+compile and autotune kernels), from the trainer's own metrics.jsonl: (tokens at the last step - tokens at the
+warm-up step) / (time between them); every step ends in a host sync (the loss statistics), so the times are real.
+Prints one table (stage, real tokens/s of each student, NHA / base, padding, peak memory) and writes it as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(recipe_path: str, budget: str, steps: int, warmup: int, out: Path, student: str, extra: list[str],
+        profile_steps: list[int] | None) -> list[dict[str, Any]]:
+    """Train the recipe for `steps` steps per stage; one record per stage from metrics.jsonl."""
+    from nha_convert.finetune.recipe import read_recipe
+    from nha_convert.finetune.trainer import Trainer
+
+    probe = read_recipe(recipe_path, budget)
+    sets = [f"stages.{s.name or i}.steps={steps}" for i, s in enumerate(probe.stages)]
+    sets += [f"output.dir={out}", "output.checkpoint_every=0", "output.log_every=1"]
+    if student == "base":
+        sets.append("model.nha=null")
+    recipe = read_recipe(recipe_path, budget, sets + extra)
+    callback, tables = _profiler(profile_steps) if profile_steps else (None, [])
+    Trainer(recipe, overwrite=True, step_callback=callback).run()
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    records = []
+    for i, stage in enumerate(recipe.stages):
+        name = stage.name or stage.kind
+        rows = [x for x in lines if x.get("stage") == name and "event" not in x and "loss" in x]
+        records.append(summarise(name, stage.kind, rows, warmup=warmup,
+                                 global_batch=stage.batch_size * stage.grad_accum, seq_len=stage.seq_len))
+        if i < len(tables):
+            records[-1]["profile"] = tables[i]
+    return records
+
+
+def summarise(name: str, kind: str, rows: list[dict], *, warmup: int, global_batch: int,
+              seq_len: int) -> dict[str, Any]:
+    """Real tokens/s over the steps after `warmup` >= 1 (needs log_every 1: one metrics line per step)."""
+    if len(rows) <= warmup:
+        raise SystemExit(f"stage {name}: {len(rows)} logged steps, need more than --warmup {warmup}; raise --steps")
+    a, b = rows[warmup - 1], rows[-1]
+    tokens, seconds = b["tokens"] - a["tokens"], b["time_s"] - a["time_s"]
+    timed = rows[warmup:]
+    return {
+        "stage": name, "kind": kind, "steps_timed": len(timed), "global_batch": global_batch, "seq_len": seq_len,
+        "real_tokens_per_s": round(tokens / seconds, 1), "s_per_step": round(seconds / len(timed), 4),
+        "positions_per_s": round(len(timed) * global_batch * seq_len / seconds, 1),
+        "padding_frac": round(sum(r["padding_frac"] for r in timed) / len(timed), 4),
+        "peak_mem_gib": max((r.get("peak_mem_gib", 0.0) for r in rows), default=0.0),
+        "final_loss": rows[-1]["loss"],
+    }
+
+
+def _profiler(at: list[int]):
+    """A step callback that profiles the step after each global step in `at` (one table per profiled step)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    tables: list[str] = []
+    state: dict[str, Any] = {"prof": None}
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+
+    def callback(global_step: int) -> None:
+        if state["prof"] is not None:
+            state["prof"].__exit__(None, None, None)
+            tables.append(state["prof"].key_averages().table(sort_by=key, row_limit=25, max_name_column_width=70))
+            state["prof"] = None
+        if global_step in at:
+            state["prof"] = profile(activities=acts)
+            state["prof"].__enter__()
+
+    return callback, tables
+
+
+def table(results: dict[str, list[dict[str, Any]]]) -> str:
+    nha, base = results.get("nha", []), results.get("base", [])
+    head = ("| stage | kind | batch x seq | NHA real tok/s | base-as-student real tok/s | NHA / base | NHA s/step | "
+            "padding | NHA peak GiB | base peak GiB |")
+    lines = [head, "|" + " --- |" * (head.count("|") - 1)]
+    for i, n in enumerate(nha or base):
+        b = base[i] if i < len(base) else None
+        n = nha[i] if i < len(nha) else None
+        ratio = f"{n['real_tokens_per_s'] / b['real_tokens_per_s']:.2f}" if n and b else "-"
+        ref = n or b
+        lines.append(
+            f"| {ref['stage']} | {ref['kind']} | {ref['global_batch']} x {ref['seq_len']} | "
+            f"{n['real_tokens_per_s'] if n else '-'} | {b['real_tokens_per_s'] if b else '-'} | {ratio} | "
+            f"{n['s_per_step'] if n else '-'} | {ref['padding_frac']:.3f} | {n['peak_mem_gib'] if n else '-'} | "
+            f"{b['peak_mem_gib'] if b else '-'} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("recipe", nargs="?", default=str(ROOT / "recipes" / "smollm2-135m.yaml"))
+    parser.add_argument("--budget", default="auto", help="the recipe budget (auto: gpu when CUDA is visible)")
+    parser.add_argument("--steps", type=int, default=30, help="steps per stage (default 30)")
+    parser.add_argument("--warmup", type=int, default=5, help="steps per stage left out of the timing (default 5)")
+    parser.add_argument("--students", default="nha,base", help="nha, base or both (default nha,base)")
+    parser.add_argument("--out", default="out/bench-finetune", help="run folders (overwritten)")
+    parser.add_argument("--json", default=None, help="write the results here (e.g. docs/bench/finetune.json)")
+    parser.add_argument("--profile", action="store_true", help="print a torch.profiler table of one step per "
+                        "stage (the first timed one, which the profiler slows: time without --profile)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                        help="recipe overrides, as nha-finetune --set")
+    args = parser.parse_args(argv)
+    if args.warmup < 1:
+        raise SystemExit("--warmup must be at least 1 (the first step compiles and autotunes)")
+    from nha_convert.finetune.recipe import read_recipe
+
+    budget = read_recipe(args.recipe, args.budget).budget or "none"
+    n_stages = len(read_recipe(args.recipe, args.budget).stages)
+    at = [i * args.steps + args.warmup for i in range(n_stages)] if args.profile else None
+    results: dict[str, list[dict[str, Any]]] = {}
+    for student in [s.strip() for s in args.students.split(",") if s.strip()]:
+        if student not in ("nha", "base"):
+            raise SystemExit(f"--students takes nha and/or base, not {student!r}")
+        results[student] = run(args.recipe, args.budget, args.steps, args.warmup, Path(args.out) / student, student,
+                               args.overrides, at)
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    print(f"\n{args.recipe} (budget {budget}), {args.steps} steps per stage, first {args.warmup} not timed; "
+          f"{device}; loss {os.environ.get('NHA_LOSS', 'auto')}\n")
+    print(table(results))
+    for student, records in results.items():
+        for r in records:
+            if "profile" in r:
+                print(f"\n=== profile: {student} student, stage {r['stage']}, one step\n{r.pop('profile')}")
+    if args.json:
+        payload = {"recipe": args.recipe, "budget": budget, "device": device, "steps": args.steps,
+                   "warmup": args.warmup, "loss": os.environ.get("NHA_LOSS", "auto"), "torch": torch.__version__,
+                   "results": results}
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(payload, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -53,10 +53,20 @@ class NHAAttention(nn.Module):
         w = self.k_proj.weight
         self.g_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.num_slots, bias=True,
                                 device=w.device, dtype=w.dtype)
+        # The optional slot-logit bias b_h per query head (NHA.md); absent from older configs = no bias. Only layers
+        # with slots get one. A frozen bias is a buffer: saved with the weights, never handed to an optimizer.
+        bias, init = nha.get("slot_bias"), None
+        if bias is not None and self.window is not None and self.num_slots > 0:
+            init = torch.full((config.num_attention_heads,), float(bias), device=w.device, dtype=w.dtype)
+        if init is not None and not nha.get("slot_bias_trainable", True):
+            self.register_buffer("slot_bias", init)
+        else:
+            self.slot_bias = None if init is None else nn.Parameter(init)
 
     def extra_repr(self) -> str:
         w = "full" if self.window is None else self.window
-        return f"window={w}, slots={self.num_slots}, sinks={self.num_sinks}, tau={self.gate_temperature}"
+        bias = "" if self.slot_bias is None else ", slot_bias"
+        return f"window={w}, slots={self.num_slots}, sinks={self.num_sinks}, tau={self.gate_temperature}{bias}"
 
     def _layer_cache(self, cache: Any, use_cache: bool | None, kwargs: dict[str, Any]) -> Any:
         """This layer's NHALayerCache, or None when decoding state is not wanted; never silently lost.
@@ -114,14 +124,15 @@ class NHAAttention(nn.Module):
         cache = self._layer_cache(pop_cache(kwargs), use_cache, kwargs)
         q, q_rot, k, k_rot, v, log_alpha = self.project(hidden_states, position_embeddings)
         valid = padding_mask(attention_mask, b, t, hidden_states.device)
-        common = dict(window=self.window, num_sinks=self.num_sinks, scale=self.scaling)
+        bias = {} if self.slot_bias is None else {"slot_bias": self.slot_bias}  # none: the calls of before
+        common = dict(window=self.window, num_sinks=self.num_sinks, scale=self.scaling, **bias)
 
         if cache is not None and cache.state is not None:
             # Continue from the cache one token at a time: exact, and the usual decode case is t == 1.
             step = nha_decode_fn(q)
             out = torch.stack(
                 [step(cache.state, q[:, :, i], q_rot[:, :, i], k[:, :, i], k_rot[:, :, i], v[:, :, i],
-                      log_alpha[:, :, i], valid[:, i], scale=self.scaling) for i in range(t)],
+                      log_alpha[:, :, i], valid[:, i], scale=self.scaling, **bias) for i in range(t)],
                 dim=2,
             )
         elif cache is None and (cu := cu_seqlens_of(kwargs.get("position_ids"), b)) is not None:

@@ -1,6 +1,6 @@
 """What a stage trains.
 
-- gates:       the new NHA gate projections (g_proj) only;
+- gates:       the new NHA parameters only: gate projections (g_proj) and trainable slot-logit biases;
 - lora:        LoRA adapters (peft) on the attention projections named in `lora.targets`, plus the gates;
 - attention:   every attention parameter (q/k/v/o, q_norm/k_norm, biases, gates);
 - all_but_mlp: everything except the MLP blocks (embeddings, norms, attention, LM head).
@@ -21,7 +21,7 @@ from .recipe import LoraSpec
 
 
 def _is_gate(name: str) -> bool:
-    return ".g_proj." in name or name.endswith(".g_proj")
+    return ".g_proj." in name or name.endswith(".g_proj") or name.endswith(".slot_bias")
 
 
 def _is_attention(name: str) -> bool:

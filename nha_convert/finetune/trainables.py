@@ -20,7 +20,8 @@ from ..errors import NHAError
 from .recipe import LoraSpec
 
 
-def _is_gate(name: str) -> bool:
+def is_gate(name: str) -> bool:
+    """The new NHA parameters (gate projections, slot-logit biases): trained by `trains: gates`, at `gate_lr`."""
     return ".g_proj." in name or name.endswith(".g_proj") or name.endswith(".slot_bias")
 
 
@@ -39,10 +40,10 @@ def select_trainables(model: nn.Module, trains: str, lora: LoraSpec, *, fp32_tra
     if trains == "lora":
         model = add_lora(model, lora)
         for name, p in model.named_parameters():
-            if "lora_" in name or _is_gate(name):
+            if "lora_" in name or is_gate(name):
                 p.requires_grad_(True)
     else:
-        pick = {"gates": _is_gate, "attention": _is_attention, "all_but_mlp": lambda n: not _is_mlp(n)}[trains]
+        pick = {"gates": is_gate, "attention": _is_attention, "all_but_mlp": lambda n: not _is_mlp(n)}[trains]
         for name, p in model.named_parameters():
             if pick(name):
                 p.requires_grad_(True)

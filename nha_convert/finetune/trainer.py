@@ -37,7 +37,7 @@ from .losses import attention_mse, lm_objective, next_token_targets
 from .probe import stage_end_probe
 from .progress import MetricsLog, StageProgress
 from .recipe import Recipe, StageSpec, stage_name
-from .trainables import causal_lm, count_parameters, merge_lora, select_trainables
+from .trainables import causal_lm, count_parameters, is_gate, merge_lora, select_trainables
 
 log = logging.getLogger("nha_convert.finetune")
 # Tied embeddings are saved once and re-tied on load (the resume test checks it): no need to warn each time.
@@ -383,8 +383,8 @@ class Trainer:
         if stage.gradient_checkpointing:
             causal_lm(student).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         trainable, n_params = count_parameters(student)
-        gates = [p for n, p in student.named_parameters() if p.requires_grad and ".g_proj." in n]
-        others = [p for n, p in student.named_parameters() if p.requires_grad and ".g_proj." not in n]
+        gates = [p for n, p in student.named_parameters() if p.requires_grad and is_gate(n)]
+        others = [p for n, p in student.named_parameters() if p.requires_grad and not is_gate(n)]
         groups = [{"params": g, "lr": lr} for g, lr in ((others, stage.lr), (gates, stage.gate_lr or stage.lr)) if g]
         optimizer = torch.optim.AdamW(groups, lr=stage.lr, weight_decay=stage.weight_decay)
         module, optimizer = acc.prepare(StageLoss(student, stage, teacher), optimizer)

@@ -27,6 +27,7 @@ EXAMPLES = """
   nha-eval out/smollm2-nha --tasks none --recall --recall-lengths 1024,4096 --ppl
   nha-eval llama-3-8b-random --bench --window 64 --slots 64 --full-every 8 --bench-contexts 4096,32768
   nha-eval out/smollm2-nha --tasks piqa --limit 200 --check expected.json --tolerance 0.01
+  nha-eval out/smollm2-nha --parity
   nha-eval --results eval-out/results.json --check expected.json
 """
 
@@ -174,6 +175,12 @@ def nha_eval(
                                                  "nocudnn (cuDNN SDPA off), static (StaticCache + CUDA graph); "
                                                  "ratios use the fastest. Default: all three on CUDA, else eager.")
                                ] = "auto",
+    parity: Annotated[bool, typer.Option("--parity", help="Parity check: chunked prefill, prefill + token-by-token "
+                                         "decode and greedy generate against one full forward, on left-padded real "
+                                         "text; exit 1 naming each path past --parity-tolerance.")] = False,
+    parity_tolerance: Annotated[Optional[float], typer.Option(help="Largest logit difference --parity accepts. "
+                                                              "Default: 1e-3 in fp32, 0.5 in bf16 / fp16.",
+                                                              show_default=False)] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for results.json, report.md and charts.")]
     = Path("eval-out"),
     results_file: Annotated[Optional[Path], typer.Option("--results", help="Re-render / check an earlier "
@@ -208,7 +215,7 @@ def nha_eval(
     else:
         if not models and not compare:
             raise NHAError("name at least one model, e.g. nha-eval smollm2-135m --tasks piqa --limit 50")
-        results = evaluate(models or [], tasks=tasks if tasks is not None else ("none" if bench else "commonsense"), compare=compare or [], baseline=baseline, window=window,
+        results = evaluate(models or [], tasks=tasks if tasks is not None else ("none" if bench or parity else "commonsense"), compare=compare or [], baseline=baseline, window=window,
                            limit=limit, num_fewshot=num_fewshot, batch_size=_batch_size(batch_size),
                            device=device, dtype=dtype, data=data, mmlu_split=mmlu_split, recall=recall,
                            recall_lengths=None if recall_lengths is None else _ints(recall_lengths, "--recall-lengths"),
@@ -222,7 +229,15 @@ def nha_eval(
                       full_every=full_every, contexts=_ints(bench_contexts, "--bench-contexts"),
                       batches=_batches(bench_batches), steps=bench_steps,
                       which=[m.strip() for m in bench_models.split(",") if m.strip()], graph=bench_graph,
-                      base_runs=[m.strip() for m in bench_base_runs.split(",") if m.strip()])
+                      base_runs=[m.strip() for m in bench_base_runs.split(",") if m.strip()],
+                      base_spec=next((c for c in compare or [] if not c.endswith(".json")), None))
+        if parity:
+            from ..eval import models as M, parity as P
+
+            dev = M.resolve_device(device)
+            results["parity"] = P.run(models or compare or [], device=dev,
+                                      dtype=M.resolve_dtype(parse_dtype(dtype), dev), tolerance=parity_tolerance,
+                                      log=lambda s: console.print(s, highlight=False))
     files = report.write_report(results, out)
     from rich.markdown import Markdown
 
@@ -234,6 +249,11 @@ def nha_eval(
 
         report.atomic_write(write_expected, lambda p: p.write_text(json.dumps(exp, indent=2) + "\n"))
         console.print(f"wrote {write_expected} ({len(exp['metrics'])} metrics of {exp['model']})", highlight=False)
+    from ..eval.parity import failures as parity_failures
+
+    parity_failed = parity_failures(results.get("parity") or {})
+    for f in parity_failed:
+        console.print(f"[bold red]FAIL[/] parity {f}", highlight=False)
     if check is not None:
         failures = gate.check(results, expected, tolerance)
         if failures:
@@ -242,6 +262,9 @@ def nha_eval(
             console.print(f"[bold red]error:[/] {len(failures)} metric(s) fell below {check}", highlight=False)
             sys.exit(1)
         console.print(f"[green]check passed[/]: every metric of {check} within tolerance", highlight=False)
+    if parity_failed:
+        console.print(f"[bold red]error:[/] {len(parity_failed)} parity path(s) past tolerance", highlight=False)
+        sys.exit(1)
 
 
 def evaluate(specs: list[str], *, tasks: str, compare: list[str], baseline: str | None, window: int | None,
@@ -339,7 +362,10 @@ def evaluate(specs: list[str], *, tasks: str, compare: list[str], baseline: str 
             label += "'"
         used.add(label)
         loaded.label = label
-        results["models"].append(loaded.info())
+        info = loaded.info()
+        if loaded.kind == "nha" and spec is not None and (trained := report.training_summary(spec)):
+            info["training"] = trained  # the budget stands next to the numbers in report.md
+        results["models"].append(info)
         t0 = time.perf_counter()
         if task_list:
             console.print(f"[b]{label}[/]: lm-eval on {', '.join(task_list)}", highlight=False)
@@ -384,9 +410,9 @@ def evaluate(specs: list[str], *, tasks: str, compare: list[str], baseline: str 
 def run_bench(results: dict[str, Any], spec: str | None, *, device: str, dtype: str, window: int | None,
               slots: int, sinks: int, full_layers: list[int], full_every: int | None, contexts: list[int],
               batches: list[int | str], steps: int, which: list[str], graph: bool = True,
-              base_runs: list[str] | None = None) -> None:
+              base_runs: list[str] | None = None, base_spec: str | None = None) -> None:
     """Base rows (one set per way of running it), then the same model converted in place (one copy in memory),
-    into results['bench']."""
+    into results['bench']. An NHA model is benchmarked as it is, after `base_spec` (the --compare base) when given."""
     import torch
 
     import nha_convert
@@ -404,18 +430,29 @@ def run_bench(results: dict[str, Any], spec: str | None, *, device: str, dtype: 
         runs = list(B.BASE_RUNS) if torch.device(dev).type == "cuda" else ["eager"]
     if any(r not in B.BASE_RUNS for r in runs):
         raise NHAError(f"--bench-base-runs takes {', '.join(B.BASE_RUNS)} (or auto); got {','.join(runs)}")
-    console.print(f"bench: loading {spec or 'smollm2-135m'} ({dt}, {dev})", highlight=False)
-    loaded = M.load(spec, dt, dev)
     rows: list[dict[str, Any]] = []
     log = lambda s: console.print(s, highlight=False)  # noqa: E731
+
+    def base_rows(model: Any) -> list[dict[str, Any]]:
+        out = []
+        for run in runs:
+            label, mode, cudnn = B.BASE_RUNS[run]
+            out += [r.to_dict() for r in B.bench_model(model, label, contexts, batches, steps, log=log, decode=mode,
+                                                       cudnn=cudnn, prefill=mode == "eager")]
+        return out
+
+    if "base" in which and base_spec is not None and spec is not None and M.is_nha_folder(spec):
+        console.print(f"bench: loading {base_spec} ({dt}, {dev})", highlight=False)
+        base_model = M.load(base_spec, dt, dev).model
+        rows += base_rows(base_model)
+        del base_model
+        _free()
+    console.print(f"bench: loading {spec or 'smollm2-135m'} ({dt}, {dev})", highlight=False)
+    loaded = M.load(spec, dt, dev)
     settings = None
     if loaded.kind in ("base", "random"):
         if "base" in which:
-            for run in runs:
-                label, mode, cudnn = B.BASE_RUNS[run]
-                rows += [r.to_dict() for r in B.bench_model(
-                    loaded.model, label, contexts, batches, steps, log=log, decode=mode, cudnn=cudnn,
-                    prefill=mode == "eager")]
+            rows += base_rows(loaded.model)
         if "nha" in which:
             settings = NHASettings(window=64 if window is None else window, slots=slots, sinks=sinks,
                                    full_layers=full_layers, full_every=full_every)

@@ -7,6 +7,8 @@
   recall:     {label: {"passkey": {length: acc}, "mqar": {...}, "chance": {probe: acc}}}
   perplexity: {label: {"buckets": [...], "ppl": [...], "overall_ppl": x, ...}}
   bench:      {"rows": [BenchRow dicts], "speedups": [...]}
+  parity:     {label: parity.ParityReport dict}                 (nha-eval --parity)
+A model entry may carry "training": what the nha-finetune run behind its folder trained (training_summary).
 """
 
 from __future__ import annotations
@@ -71,6 +73,62 @@ def merge(into: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
     for section in ("tasks", "samples", "seconds", "recall", "perplexity"):
         into.setdefault(section, {}).update(other.get(section) or {})
     return into
+
+
+# ---------------------------------------------------------------- training budget
+
+SMOKE_TOKENS = 1_000_000  # fewer training tokens than this cannot recover a converted model: a pipeline check only
+GPU_RESULTS = "docs/results.md"
+
+
+def training_summary(model_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """What the nha-finetune run behind a model folder (<run>/model) trained, from <run>/metrics.jsonl: steps,
+    tokens, steps per stage, and the budget named in its newest checkpoint. None for a folder no run wrote."""
+    run = Path(model_dir).expanduser().resolve().parent
+    metrics = run / "metrics.jsonl"
+    if not metrics.is_file():
+        return None
+    steps, tokens, stages = 0, 0, {}
+    for line in metrics.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:  # a line cut short by a crash: the records before it still count
+            continue
+        if rec.get("event") or "step" not in rec:  # stage starts, evaluations: no training step
+            continue
+        steps, tokens = max(steps, rec.get("global_step", 0)), max(tokens, rec.get("tokens", 0))
+        stages[rec["stage"]] = max(stages.get(rec["stage"], 0), rec["step"])
+    from ..finetune.checkpoints import STATE_FILE, checkpoint_dirs
+
+    budget = None
+    for ckpt in reversed(checkpoint_dirs(run)):
+        try:
+            budget = json.loads((ckpt / STATE_FILE).read_text()).get("budget")
+            break
+        except (OSError, ValueError):
+            continue
+    return {"run": str(run), "budget": budget, "steps": steps, "tokens": tokens, "stages": stages}
+
+
+def is_smoke(training: dict[str, Any]) -> bool:
+    return training.get("budget") == "cpu" or training.get("tokens", 0) < SMOKE_TOKENS
+
+
+def budget_note(results: dict[str, Any]) -> str | None:
+    """One line per trained model, to stand next to its numbers: its budget, and whether they mean anything."""
+    lines = []
+    for m in results["models"]:
+        t = m.get("training")
+        if not t:
+            continue
+        amount = f"{t['steps']} steps, {t['tokens']:,} tokens"
+        if is_smoke(t):
+            name = "CPU smoke budget" if t.get("budget") == "cpu" else f"smoke budget ({t.get('budget') or 'unnamed'})"
+            lines.append(f"> **`{m['label']}`: {name}: {amount}; not a quality result.** It checks the pipeline "
+                         f"runs; the recovery needs the GPU recipe (`--budget gpu`): see {GPU_RESULTS}.")
+        else:
+            lines.append(f"> `{m['label']}`: trained with budget `{t.get('budget')}`: {amount}.")
+    return "\n>\n".join(lines) or None
 
 
 # ---------------------------------------------------------------- tables
@@ -184,12 +242,41 @@ BENCH_COLUMNS = [("model", "model", "s"), ("context", "context", "d"), ("batch",
                  ("note", "note", "s")]
 
 
+def bench_headline(results: dict[str, Any]) -> str | None:
+    """What NHA gains on the machine that ran the bench, in words: state per sequence and decode tokens/s, at the
+    longest context where both the base model and NHA decoded at batch 1 (each at its fastest run)."""
+    bench = results.get("bench") or {}
+    rows = [r for r in bench.get("rows") or [] if r.get("batch") == 1 and r.get("decode_tok_s")]
+
+    def fastest(ctx: int, model: str) -> dict[str, Any] | None:
+        have = [r for r in rows if r["context"] == ctx and r["model"].startswith(model)]
+        return max(have, key=lambda r: r["decode_tok_s"]) if have else None
+
+    for ctx in sorted({r["context"] for r in rows}, reverse=True):
+        base, nha = fastest(ctx, "base"), fastest(ctx, "nha")
+        if base and nha:
+            break
+    else:
+        return None
+    device = (bench.get("runs") or [{}])[-1].get("device") or results.get("device") or "this machine"
+    state = ""
+    if base.get("state_mib_per_seq") and nha.get("state_mib_per_seq"):
+        b, n = base["state_mib_per_seq"], nha["state_mib_per_seq"]
+        state = f"decode state {n:.2f} MiB per sequence vs {b:.2f} MiB of KV cache ({b / n:.1f}x smaller); "
+    return (f"**What NHA gains here** ({device}, {ctx} tokens of context, batch 1): {state}decode "
+            f"{nha['decode_tok_s']:.1f} tokens/s vs {base['decode_tok_s']:.1f} "
+            f"({nha['decode_tok_s'] / base['decode_tok_s']:.2f}x).")
+
+
 def bench_markdown(results: dict[str, Any]) -> str | None:
     bench = results.get("bench") or {}
     rows = bench.get("rows") or []
     if not rows:
         return None
+    head = bench_headline(results)
     text = _md_table([c[1] for c in BENCH_COLUMNS], [[_f(r.get(k), f) for k, _, f in BENCH_COLUMNS] for r in rows])
+    if head:
+        text = head + "\n\n" + text
     sp = bench.get("speedups")
     if sp is None:
         from .bench import speedups
@@ -202,6 +289,23 @@ def bench_markdown(results: dict[str, Any]) -> str | None:
     return text
 
 
+def parity_markdown(results: dict[str, Any]) -> str | None:
+    par = results.get("parity") or {}
+    if not par:
+        return None
+    body = []
+    for label, rep in par.items():
+        for p in rep["paths"]:
+            where = "–" if p["first_divergence"] is None else \
+                f"{'new token' if p['path'] == 'generate' else 'position'} {p['first_divergence']}"
+            result = "ok" if p["ok"] else "**FAIL**" + (f": {p['error']}" if p["error"] else "")
+            body.append([label, p["path"], _f(p["max_diff"], ".3g"), where, result])
+    first = next(iter(par.values()))
+    head = (f"Each path against one full forward, on {len(first['prompt_tokens'])} left-padded prompts of "
+            f"{', '.join(map(str, first['prompt_tokens']))} tokens (tolerance {first['tolerance']:g}).")
+    return head + "\n\n" + _md_table(["model", "path", "max logit diff", "first diverging token", "result"], body)
+
+
 def markdown(results: dict[str, Any]) -> str:
     parts = ["# nha-eval report", ""]
     meta = [f"- {k}: `{results[k]}`" for k in ("command", "device", "dtype", "created") if results.get(k)]
@@ -211,14 +315,18 @@ def markdown(results: dict[str, Any]) -> str:
             n = m["nha"]
             desc += f" (window {n.get('window')}, slots {n.get('slots')}, sinks {n.get('sinks')}, " \
                     f"full layers {[i for i, w in enumerate(n.get('windows', [])) if w is None]})"
+        if m.get("training"):
+            t = m["training"]
+            desc += f"; trained {t['steps']} steps on {t['tokens']:,} tokens (budget {t.get('budget')})"
         meta.append(f"- model `{m['label']}` ({m.get('kind')}): {desc}")
     parts += meta + [""]
-    for title, fn in (("Tasks", tasks_markdown), ("Recall", recall_markdown),
-                      ("Perplexity by position (held-out text)", perplexity_markdown),
-                      ("Speed and memory", bench_markdown)):
+    note = budget_note(results)
+    for title, fn, noted in (("Tasks", tasks_markdown, True), ("Recall", recall_markdown, True),
+                             ("Perplexity by position (held-out text)", perplexity_markdown, True),
+                             ("Speed and memory", bench_markdown, False), ("Parity", parity_markdown, False)):
         body = fn(results)
         if body:
-            parts += [f"## {title}", "", body, ""]
+            parts += [f"## {title}", ""] + ([note, ""] if note and noted else []) + [body, ""]
     return "\n".join(parts)
 
 

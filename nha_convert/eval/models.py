@@ -54,7 +54,8 @@ def default_label(spec: str | None) -> str:
         return "smollm2-135m"
     p = Path(spec).expanduser()
     if p.exists():
-        return p.resolve().name
+        p = p.resolve()  # nha-finetune writes RUN/model: the run's name says which model it is
+        return p.parent.name if p.name == "model" and (p.parent / "metrics.jsonl").is_file() else p.name
     return spec.rstrip("/").split("/")[-1]
 
 

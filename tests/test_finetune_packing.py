@@ -63,6 +63,10 @@ def test_sequence_starts_and_cu_seqlens():
     assert cu_seqlens_of(pos, 2).tolist() == [0, 3, 5, 6, 12]
     assert cu_seqlens_of(torch.arange(6)[None], 3) is None  # one sequence per row: the dense path
     assert cu_seqlens_of(None, 2) is None
+    cu = cu_seqlens_of(pos, 2)
+    assert cu.device.type == "cpu" and cu_seqlens_of(pos, 2) is cu  # kept for the tensor: one sync per forward
+    pos[1, 3:] = torch.arange(3)  # changed in place: computed again
+    assert cu_seqlens_of(pos, 2).tolist() == [0, 3, 5, 6, 9, 12]
     x = torch.randn(2, 3, 6, 4)
     assert flatten_rows(x).shape == (1, 3, 12, 4) and torch.equal(unflatten_rows(flatten_rows(x), 2), x)
 

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from nha_convert.ops.chunk import SlotState, nha_chunk
+from nha_convert.ops.packed import nha_chunk_varlen
 
 from .chunk_bwd import nha_bwd
 from .chunk_fwd import FwdConfig, nha_fwd
@@ -22,16 +23,10 @@ from .chunk_fwd import FwdConfig, nha_fwd
 def _reference_per_sequence(q, q_rot, k, k_rot, v, log_alpha, slot_bias=None, *, window, num_sinks, scale, valid,
                             cu_seqlens):
     """The torch reference, applied to each packed sequence separately (or once when not packed)."""
-    kw = dict(window=window, num_sinks=num_sinks, scale=scale, slot_bias=slot_bias)
+    kw = dict(window=window, num_sinks=num_sinks, scale=scale, slot_bias=slot_bias, valid=valid)
     if cu_seqlens is None:
-        return nha_chunk(q, q_rot, k, k_rot, v, log_alpha, valid=valid, **kw)[0]
-    cu = [int(x) for x in cu_seqlens.tolist()]
-    outs = []
-    for a, b in zip(cu, cu[1:]):
-        sl = (slice(None), slice(None), slice(a, b))
-        vv = None if valid is None else valid[:, a:b]
-        outs.append(nha_chunk(q[sl], q_rot[sl], k[sl], k_rot[sl], v[sl], log_alpha[sl], valid=vv, **kw)[0])
-    return torch.cat(outs, dim=2)
+        return nha_chunk(q, q_rot, k, k_rot, v, log_alpha, **kw)[0]
+    return nha_chunk_varlen(q, q_rot, k, k_rot, v, log_alpha, cu_seqlens=cu_seqlens, **kw)[0]
 
 
 class _NHAFunction(torch.autograd.Function):

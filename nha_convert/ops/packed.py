@@ -8,6 +8,8 @@ flattened batch (the Triton kernels' varlen layout) or, in torch, run the refere
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import Tensor
 
@@ -21,17 +23,29 @@ def sequence_starts(position_ids: Tensor) -> Tensor:
     return starts
 
 
+_memo: tuple[weakref.ref, int, int, Tensor | None] | None = None
+
+
 def cu_seqlens_of(position_ids: Tensor | None, batch: int) -> Tensor | None:
     """int32 boundaries (0, ..., B*T) of the sequences of the flattened batch, or None when every row holds one
-    sequence (then the dense path is exact and faster)."""
+    sequence (then the dense path is exact and faster).
+
+    Every layer of a forward is handed the same position-id tensor: the result is kept for it (a weak reference, so
+    a new tensor at a recycled address is never mistaken for it), which makes one host sync per forward, not one
+    per layer. It lives on the CPU, where the kernels read it."""
+    global _memo
     if position_ids is None:
         return None
-    starts = sequence_starts(position_ids.expand(batch, -1))
-    if not bool(starts[:, 1:].any()):
-        return None
-    flat = starts.flatten().nonzero().squeeze(1)
-    end = flat.new_tensor([starts.numel()])
-    return torch.cat([flat, end]).to(torch.int32)
+    if (_memo is not None and _memo[0]() is position_ids and _memo[1] == position_ids._version
+            and _memo[2] == batch):
+        return _memo[3]
+    starts = sequence_starts(position_ids.expand(batch, -1)).flatten()
+    flat = starts.nonzero().squeeze(1).cpu()
+    cu = None
+    if len(flat) > batch:  # every row starts one sequence at column 0; any other start means packing
+        cu = torch.cat([flat, flat.new_tensor([starts.numel()])]).to(torch.int32)
+    _memo = (weakref.ref(position_ids), position_ids._version, batch, cu)
+    return cu
 
 
 def flatten_rows(x: Tensor) -> Tensor:

@@ -86,9 +86,10 @@ def test_bench_headline_states_what_nha_gains_here():
                               _row("base", 2048, 10.0, 45.0), _row("nha", 2048, 15.0, 5.0),
                               _row("nha", 4096, 15.0, 5.0)]}}  # no base row at 4096: not a comparison
     assert Rep.bench_headline(res) == (
-        "**What NHA gains here** (CPU x86_64, 2 cores (torch 2.13.0), 2048 tokens of context, batch 1): decode "
-        "state 5.00 MiB per sequence vs 45.00 MiB of KV cache (9.0x smaller); decode 15.0 tokens/s vs 10.0 (1.50x).")
-    assert Rep.bench_markdown(res).startswith("**What NHA gains here**")
+        "**NHA vs the base model on this machine** (CPU x86_64, 2 cores (torch 2.13.0), 2048 tokens of context, "
+        "batch 1): decode state 5.00 MiB per sequence vs 45.00 MiB of KV cache (9.0x smaller); decode 15.0 tokens/s "
+        "vs 10.0 (1.50x).")
+    assert Rep.bench_markdown(res).startswith("**NHA vs the base model on this machine**")
     assert Rep.bench_headline({"models": [], "bench": {"rows": [_row("nha", 2048, 15.0, 5.0)]}}) is None
 
 

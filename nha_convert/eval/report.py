@@ -243,7 +243,7 @@ BENCH_COLUMNS = [("model", "model", "s"), ("context", "context", "d"), ("batch",
 
 
 def bench_headline(results: dict[str, Any]) -> str | None:
-    """What NHA gains on the machine that ran the bench, in words: state per sequence and decode tokens/s, at the
+    """NHA vs base on the machine that ran the bench, in words: state per sequence and decode tokens/s, at the
     longest context where both the base model and NHA decoded at batch 1 (each at its fastest run)."""
     bench = results.get("bench") or {}
     rows = [r for r in bench.get("rows") or [] if r.get("batch") == 1 and r.get("decode_tok_s")]
@@ -263,8 +263,8 @@ def bench_headline(results: dict[str, Any]) -> str | None:
     if base.get("state_mib_per_seq") and nha.get("state_mib_per_seq"):
         b, n = base["state_mib_per_seq"], nha["state_mib_per_seq"]
         state = f"decode state {n:.2f} MiB per sequence vs {b:.2f} MiB of KV cache ({b / n:.1f}x smaller); "
-    return (f"**What NHA gains here** ({device}, {ctx} tokens of context, batch 1): {state}decode "
-            f"{nha['decode_tok_s']:.1f} tokens/s vs {base['decode_tok_s']:.1f} "
+    return (f"**NHA vs the base model on this machine** ({device}, {ctx} tokens of context, batch 1): "
+            f"{state}decode {nha['decode_tok_s']:.1f} tokens/s vs {base['decode_tok_s']:.1f} "
             f"({nha['decode_tok_s'] / base['decode_tok_s']:.2f}x).")
 
 

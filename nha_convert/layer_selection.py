@@ -81,12 +81,16 @@ def calibration_set(tokenizer: Any, *, seq_len: int, window: int, text_seqs: int
     rows: list[list[int]] = []
     plays = shakespeare_documents()
     g = torch.Generator().manual_seed(seed)
-    for i in range(text_seqs):
-        ids = tokenizer(plays[(i * 7) % len(plays)], add_special_tokens=False, verbose=False)["input_ids"]
-        if len(ids) < body:
-            raise NHAError(f"calibration text shorter than {seq_len} tokens; use a smaller calibration length")
-        at = int(torch.randint(0, len(ids) - body + 1, (1,), generator=g))
-        rows.append(start + list(ids[at: at + body]))
+    # Plays in a fixed spread-out order, skipping those shorter than a row (a few poems are).
+    for j in dict.fromkeys((i * 7) % len(plays) for i in range(len(plays))):
+        if len(rows) == text_seqs:
+            break
+        ids = tokenizer(plays[j], add_special_tokens=False, verbose=False)["input_ids"]
+        if len(ids) >= body:
+            at = int(torch.randint(0, len(ids) - body + 1, (1,), generator=g))
+            rows.append(start + list(ids[at: at + body]))
+    if len(rows) < text_seqs:
+        raise NHAError(f"only {len(rows)} calibration texts are {seq_len} tokens long; use a smaller calibration length")
     # The answer must lie beyond the window: the fact at least 2 windows (and 64 tokens) before its question.
     min_distance = min_distance or max(2 * window, 64)
     docs = retrieval_documents(tokenizer, retrieval_docs, split="train", seed=seed, min_tokens=body - 8,

@@ -566,7 +566,8 @@ def nha_bwd(fwd: FwdOut, do: Tensor, q, q_rot, k, k_rot, v, log_alpha, *, window
     if has_slots:
         dq = torch.empty_like(q)
         xg = torch.zeros(b, hkv, t_len, m, dtype=torch.float32, device=dev)
-        dlb = torch.empty(b, hq, t_len, m, dtype=torch.float32, device=dev)
+        # The kernel writes dl only where slots are in reach; d slot_bias sums all of it, so start from zeros then.
+        dlb = (torch.empty if slot_bias is None else torch.zeros)(b, hq, t_len, m, dtype=torch.float32, device=dev)
         psb = torch.empty(b, hq, t_len, m, dtype=torch.float32, device=dev)
         st_k = torch.stack([fwd.span_k, torch.empty_like(fwd.span_k)])  # [0] span starts, [1] running
         st_v = torch.stack([fwd.span_v, torch.empty_like(fwd.span_v)])

@@ -80,8 +80,10 @@ def chunked_lm_loss(hidden: Tensor, targets: Tensor, head: Head, *, teacher_hidd
 
 def liger_losses(x: Tensor) -> "LigerLosses | None":
     """liger-kernel's fused losses when they should run on `x` (CUDA, installed), else None.
-    NHA_LOSS=torch forces the chunked torch form; NHA_LOSS=liger fails loudly where liger cannot run."""
-    choice = os.environ.get("NHA_LOSS", "auto")
+    NHA_LOSS=torch (the default) is the chunked torch form; auto uses liger where it can run; NHA_LOSS=liger fails
+    loudly where liger cannot run. Not the default: on an H200 with torch 2.11 (2026-11-29) liger's fused JSD crashed
+    in torch.compile's guards at its third recompile (the number of valid positions changes every packed step)."""
+    choice = os.environ.get("NHA_LOSS", "torch")
     if choice not in ("auto", "torch", "liger"):
         raise NHAError(f"NHA_LOSS={choice!r}: use auto, torch or liger")
     if choice == "torch" or (choice == "auto" and not x.is_cuda):

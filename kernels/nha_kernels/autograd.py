@@ -48,7 +48,10 @@ class _NHAFunction(torch.autograd.Function):
     def backward(ctx, do):
         window, num_sinks, scale, valid, cu_seqlens = ctx.extra
         *saved, slot_bias, o = ctx.saved_tensors
-        if os.environ.get("NHA_TRITON_BWD", "triton") != "reference":
+        # w = 0 with a slot bias: the Triton d slot_bias was wrong on an H200 (bf16, 2026-11-29; correct under the CPU
+        # interpreter, cause not found), so that rare case takes the reference backward rather than a wrong gradient.
+        bias_w0 = slot_bias is not None and window == 0
+        if os.environ.get("NHA_TRITON_BWD", "triton") != "reference" and not bias_w0:
             fwd = dataclasses.replace(ctx.fwd, o=o)
             grads = nha_bwd(fwd, do, *saved, window=window, num_sinks=num_sinks, scale=scale, slot_bias=slot_bias)
             return (*grads, None, None, None, None, None, None, None)

@@ -37,8 +37,10 @@ NEW_TOKENS = 16
 def default_tolerance(dtype: torch.dtype) -> float:
     """Largest logit difference accepted: in fp32 the paths differ only in summation order (converted SmolLM2 on a
     CPU, chunked prefill: 2.5e-4 on logits of ~20); bf16 / fp16 round every layer's output, and the parallel forward
-    rounds differently from the recurrent step (the bf16 default is a guess until measured on a GPU)."""
-    return 1e-3 if dtype == torch.float32 else 0.5
+    rounds differently from the recurrent step: converted SmolLM2 in bf16 on an H200 (Triton kernels, 2026-11-29)
+    measured chunked 2.12, decode 0.875, generate 0.406. The half-precision bound leaves ~2x room over that; use fp32
+    for the strict contract."""
+    return 1e-3 if dtype == torch.float32 else 4.0
 
 
 @dataclass

@@ -179,7 +179,7 @@ def nha_eval(
                                          "decode and greedy generate against one full forward, on left-padded real "
                                          "text; exit 1 naming each path past --parity-tolerance.")] = False,
     parity_tolerance: Annotated[Optional[float], typer.Option(help="Largest logit difference --parity accepts. "
-                                                              "Default: 1e-3 in fp32, 0.5 in bf16 / fp16.",
+                                                              "Default: 1e-3 in fp32, 4.0 in bf16 / fp16.",
                                                               show_default=False)] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for results.json, report.md and charts.")]
     = Path("eval-out"),

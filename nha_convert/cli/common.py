@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import signal
 import sys
 import warnings
 from collections.abc import Callable, Iterator
@@ -236,6 +237,9 @@ def run_app(app: typer.Typer, prog: str) -> Callable[[], None]:
     """Console-script entry point of a typer app: `sys.exit(run(app, prog))`."""
 
     def main() -> None:
-        sys.exit(run(app, prog))
+        code = run(app, prog)
+        if code == 130:  # a further Ctrl-C while Python exits would land in an atexit hook as a traceback
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        sys.exit(code)
 
     return main

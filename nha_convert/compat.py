@@ -21,12 +21,10 @@ CACHE_KWARGS: tuple[str, ...] = ("cache", "past_key_values")  # every name a cal
 
 def pop_cache(kwargs: dict[str, Any]) -> Any:
     """Remove the cache from `kwargs` under either name and return it (None when absent); both at once is an error."""
-    given = {name: kwargs.pop(name) for name in CACHE_KWARGS if kwargs.get(name) is not None}
-    for name in CACHE_KWARGS:
-        kwargs.pop(name, None)
+    given = [c for c in (kwargs.pop(name, None) for name in CACHE_KWARGS) if c is not None]
     if len(given) > 1:
         raise TypeError("pass the cache once, as `cache=` or as `past_key_values=`, not both")
-    return next(iter(given.values()), None)
+    return given[0] if given else None
 
 
 def output_cache(output: Any) -> Any:

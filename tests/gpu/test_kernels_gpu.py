@@ -145,22 +145,29 @@ def test_packed_sequence_gradients():
                 assert rel(gg[:, :, a:b], gr, 1.0) <= 1e-4
 
 
-@pytest.mark.parametrize("window,sinks,dtype", [(64, 4, torch.bfloat16), (0, 0, torch.float32), (1, 2, torch.float32),
-                                                (512, 0, torch.bfloat16)])
-def test_decode_matches_reference_step(window, sinks, dtype):
+def _bias(hq: int, requires_grad: bool = False) -> torch.Tensor:
+    g = torch.Generator(device=DEV).manual_seed(hq)
+    return (torch.randn(hq, generator=g, device=DEV) * 2).requires_grad_(requires_grad)
+
+
+@pytest.mark.parametrize("window,sinks,dtype,biased", [
+    (64, 4, torch.bfloat16, False), (0, 0, torch.float32, False), (1, 2, torch.float32, False),
+    (512, 0, torch.bfloat16, False), (64, 4, torch.bfloat16, True), (0, 0, torch.float32, True)])
+def test_decode_matches_reference_step(window, sinks, dtype, biased):
     b, hq, h, pre, steps, d, m = 5, 32, 8, 700, 6, 128, 64
     xs, valid = make(b, hq, h, pre + steps, d, m, pad=True, dtype=dtype, seed=window)
-    _, slots = nha_chunk_triton(*[x[:, :, :pre] for x in xs], window=window, num_sinks=sinks, scale=d**-0.5,
-                                valid=valid[:, :pre], return_state=True)
+    bias = _bias(hq) if biased else None
     head = [x[:, :, :pre] for x in xs]
+    _, slots = nha_chunk_triton(*head, window=window, num_sinks=sinks, scale=d**-0.5, valid=valid[:, :pre],
+                                return_state=True, slot_bias=bias)
     st = NHAState.from_prefill(head[2], head[3], head[4], head[5], valid[:, :pre], slots, window=window,
                                num_sinks=sinks)
     st_k = NHAState(**{f: getattr(st, f).clone() if torch.is_tensor(getattr(st, f)) else getattr(st, f)
                        for f in st.__dataclass_fields__})
     for i in range(pre, pre + steps):
         args = [x[:, :, i] for x in xs] + [valid[:, i]]
-        ref = st.step(*args, scale=d**-0.5)
-        out = nha_decode_step(st_k, *args, scale=d**-0.5)
+        ref = st.step(*args, scale=d**-0.5, slot_bias=bias)
+        out = nha_decode_step(st_k, *args, scale=d**-0.5, slot_bias=bias)
         assert rel(out, ref, 1.0) <= TOL[dtype]
     for f in st.__dataclass_fields__:
         a, b_ = getattr(st, f), getattr(st_k, f)
@@ -214,11 +221,6 @@ def test_model_backends_agree(monkeypatch):
 
 # The optional slot-logit bias b_h (NHA.md): compiled HAS_SLOT_BIAS variants of the forward (both forms), the
 # slot backward (d b) and the decode kernel, against the torch reference.
-def _bias(hq: int, requires_grad: bool = False) -> torch.Tensor:
-    g = torch.Generator(device=DEV).manual_seed(hq)
-    return (torch.randn(hq, generator=g, device=DEV) * 2).requires_grad_(requires_grad)
-
-
 @pytest.mark.parametrize("mode", ["parallel", "serial"])
 @pytest.mark.parametrize("case", [CASES[0], CASES[3], CASES[6], CASES[7]])
 def test_slot_bias_forward_matches_reference(case, mode, monkeypatch):
@@ -254,20 +256,3 @@ def test_slot_bias_gradients_match_reference(case):
     assert all(e <= TOL[dtype] for e in errs.values()), errs
 
 
-@pytest.mark.parametrize("window,sinks,dtype", [(64, 4, torch.bfloat16), (0, 0, torch.float32)])
-def test_slot_bias_decode_matches_reference_step(window, sinks, dtype):
-    b, hq, h, pre, steps, d, m = 5, 32, 8, 700, 6, 128, 64
-    xs, valid = make(b, hq, h, pre + steps, d, m, pad=True, dtype=dtype, seed=window)
-    bias = _bias(hq)
-    head = [x[:, :, :pre] for x in xs]
-    _, slots = nha_chunk_triton(*head, window=window, num_sinks=sinks, scale=d**-0.5, valid=valid[:, :pre],
-                                return_state=True, slot_bias=bias)
-    st = NHAState.from_prefill(head[2], head[3], head[4], head[5], valid[:, :pre], slots, window=window,
-                               num_sinks=sinks)
-    st_k = NHAState(**{f: getattr(st, f).clone() if torch.is_tensor(getattr(st, f)) else getattr(st, f)
-                       for f in st.__dataclass_fields__})
-    for i in range(pre, pre + steps):
-        args = [x[:, :, i] for x in xs] + [valid[:, i]]
-        ref = st.step(*args, scale=d**-0.5, slot_bias=bias)
-        out = nha_decode_step(st_k, *args, scale=d**-0.5, slot_bias=bias)
-        assert rel(out, ref, 1.0) <= TOL[dtype]

@@ -32,8 +32,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .chunk_fwd import (FAST_LIMIT, FwdOut, _band_block, _band_range, _mm_state, _seq_of_span, _slot_kv,
-                        _slot_writers, precisions, span_scan)
+from .chunk_fwd import FAST_LIMIT, FwdOut, precisions, span_scan
+from .fwd_common import _band_block, _band_range, _mm_state, _seq_of_span, _slot_kv, _slot_writers
 from .prep import next_pow2
 from .triton_utils import expm1, group_rows, pick_col, pick_row, rows_of, slot_bias_rows, sum_heads
 

@@ -25,7 +25,8 @@ from torch import Tensor
 
 from nha_convert.ops.recurrent import NHAState
 
-from .chunk_fwd import _online, precisions
+from .chunk_fwd import precisions
+from .fwd_common import _online
 from .prep import next_pow2
 from .triton_utils import expm1, slot_bias_rows
 

@@ -1,6 +1,6 @@
 """GPU suite for the Triton NHA kernels: compiled kernels at real sizes against the torch reference.
 
-Run on a CUDA machine: `python -m pytest tests/gpu -q` (kernels/gpu_check.py runs it and then times the kernels).
+Run on a CUDA machine: `python -m pytest tests/gpu -q` (kernels/tools/gpu_check.py runs it and then times the kernels).
 Covers what the CPU interpreter tests cannot: compiled layouts and pipelining, real tiles (64-128 query rows,
 64-key blocks, spans of 128-1024 tokens), bf16 tensor-core products, d = 128 with m = 64, T = 4K, the SDPA route,
 and the in-place decode kernel's barrier.

@@ -1,7 +1,7 @@
 """Benchmark the NHA kernels against SDPA causal (flash), flex_attention sliding window and fla's chunk_gsa.
 
-    python kernels/bench_kernels.py [--seq 2048 8192 32768 131072] [--windows 64 512 2048] [--tokens 32768]
-                                    [--flex-seq T ...] [--no-flex] [--no-bwd] [--out docs/bench/kernels.json]
+    python kernels/tools/bench_kernels.py [--seq 2048 8192 32768 131072] [--windows 64 512 2048] [--tokens 32768]
+                                          [--flex-seq T ...] [--no-flex] [--no-bwd] [--out docs/bench/kernels.json]
 
 Shapes follow the issue: 32 query / 8 KV heads, head dim 128, m = 64, bf16, random inputs; batch B = tokens // T
 (at least 1) so that B * T stays constant where it fits. Times are medians of repeated runs after warm-up
@@ -15,13 +15,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 import triton
 
-from nha_kernels import nha_chunk_triton
+ROOT = Path(__file__).resolve().parents[2]  # run by path from anywhere: the checkout's nha_kernels and nha_convert
+sys.path[:0] = [str(ROOT / "kernels"), str(ROOT)]
+
+from nha_kernels import nha_chunk_triton  # noqa: E402
 
 HQ, HKV, D, M = 32, 8, 128, 64
 

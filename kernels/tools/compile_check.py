@@ -1,6 +1,6 @@
 """Compile the NHA kernels for sm_90 on a machine without a GPU and print the compiler's resource report.
 
-    python kernels/compile_check.py
+    python kernels/tools/compile_check.py [VARIANT ...]
 
 Catches compile errors before any device time is spent, and gives registers / spills / shared memory per variant
 (the numbers METHOD.md asks to read first). Uses the ptxas bundled with the triton wheel.
@@ -8,15 +8,20 @@ Catches compile errors before any device time is spent, and gives registers / sp
 
 from __future__ import annotations
 
+import argparse
 import inspect
 import sys
 import time
+from pathlib import Path
 
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from nha_kernels import chunk_fwd, decode
+ROOT = Path(__file__).resolve().parents[2]  # run by path from anywhere: the checkout's nha_kernels and nha_convert
+sys.path[:0] = [str(ROOT / "kernels"), str(ROOT)]
+
+from nha_kernels import chunk_fwd, decode  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 
@@ -90,16 +95,21 @@ def report(name, k, secs):
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("variants", nargs="*", metavar="VARIANT",
+                    help="forward variants as keyword lists of fwd_variant, e.g. rows=64,nw=4 'dtype=\"fp32\"' "
+                         "(default: the launcher's variants, then decode and backward)")
+    args = ap.parse_args()
     # The defaults the launcher picks: bf16 128 rows / 8 warps / one 64-slot chunk / one stage; fp32 64 rows.
     base = dict(rows=128, nw=8, mc=64, ns=1)
     variants = [base, dict(base, g=8), dict(base, g=3), dict(base, g=1), dict(dtype="fp32", rows=64, nw=4, ns=1),
                 dict(base, slots=False, sinks=False)]
-    if len(sys.argv) > 1:
-        variants = [eval(f"dict({a})") for a in sys.argv[1:]]
+    if args.variants:
+        variants = [eval(f"dict({a})") for a in args.variants]
     for v in variants:
         k, secs = fwd_variant(**v)
         report(f"fwd {v}", k, secs)
-    if len(sys.argv) == 1:
+    if not args.variants:
         for v in [dict(), dict(g=8), dict(g=1), dict(nw=4)]:
             k, secs = decode_variant(**v)
             report(f"decode {v}", k, secs)

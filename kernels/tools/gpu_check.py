@@ -1,6 +1,6 @@
 """One GPU call: the GPU test suite, the compiler's resource report, and timings of kernel variants.
 
-    python kernels/gpu_check.py [--skip-tests] [--quick] [--out DIR]
+    python kernels/tools/gpu_check.py [--skip-tests] [--quick] [--out DIR]
 
 Prints a short table last; writes gpu_check.json (and the pytest log) under --out (default $OUT or .).
 """
@@ -15,15 +15,19 @@ import subprocess
 import sys
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 import triton
 
-from nha_convert.ops.recurrent import NHAState
-from nha_kernels import nha_chunk_triton
-from nha_kernels.chunk_fwd import LAST_COMPILED, FwdConfig, nha_fwd
-from nha_kernels.decode import nha_decode_step
+ROOT = Path(__file__).resolve().parents[2]  # run by path from anywhere: the checkout's nha_kernels and nha_convert
+sys.path[:0] = [str(ROOT / "kernels"), str(ROOT)]
+
+from nha_convert.ops.recurrent import NHAState  # noqa: E402
+from nha_kernels import nha_chunk_triton  # noqa: E402
+from nha_kernels.chunk_fwd import LAST_COMPILED, FwdConfig, nha_fwd  # noqa: E402
+from nha_kernels.decode import nha_decode_step  # noqa: E402
 
 
 def add(rows: list, row: tuple) -> None:
@@ -134,7 +138,8 @@ def main() -> None:
     if not args.skip_tests:
         t0 = time.time()
         cmd = [sys.executable, "-m", "pytest", "tests/gpu", "-q", "-rA", "-s", "-p", "no:cacheprovider"]
-        p = subprocess.run(cmd + (["-k", args.tests_k] if args.tests_k else []), capture_output=True, text=True)
+        p = subprocess.run(cmd + (["-k", args.tests_k] if args.tests_k else []), capture_output=True, text=True,
+                           cwd=ROOT)
         log = p.stdout + p.stderr
         open(os.path.join(args.out, "gpu_tests.log"), "w").write(log)
         last = [ln for ln in log.splitlines() if ln.strip()][-1]

@@ -64,6 +64,24 @@ def test_good_recipe_types_and_yaml11_numbers():
     ("    seq_len: 128", "    seq_len: [128]", "r.yaml:14: stages[1].seq_len must be an integer"),
     ("  nha: {window: 64, slots: 64}", "  nha: {window: -1}", "r.yaml:3: model.nha: window must be >= 0"),
     ("    lr: 1e-3", "    lr: 1e-3\n    temperature: 2.0", "temperature and ce_weight only apply to distill"),
+    # field constraints (pydantic) and rules across fields: the same one line with file:line
+    ("    lr: 1e-3", "    lr: -1e-3", "r.yaml:11: stages[0].lr must be > 0, got -0.001"),
+    ("    seq_len: 128", "    seq_len: 0", "r.yaml:14: stages[1].seq_len must be > 0, got 0"),
+    ("    steps: 10", "    steps: 10\n    min_lr_ratio: 1.5",
+     "r.yaml:11: stages[0].min_lr_ratio must be <= 1, got 1.5"),
+    ("    steps: 10", "    steps: 10\n    lora: {dropout: 1}", "r.yaml:11: stages[0].lora.dropout must be < 1, got 1"),
+    ("  sources:\n    - kind: shakespeare", "  sources: []", "r.yaml:5: data.sources is empty"),
+    ("    steps: 10", "    steps: 10\n    trains: al_but_mlp",
+     "r.yaml:11: stages[0].trains must be one of 'gates' | 'lora' | 'attention' | 'all_but_mlp', got 'al_but_mlp' "
+     "(did you mean 'all_but_mlp'?)"),
+    # a field of another source kind would be ignored silently: it is an error naming the fields of this kind
+    ("    - kind: shakespeare", "    - kind: shakespeare\n      path: x.txt",
+     "r.yaml:7: data.sources[0].path: does not apply to a shakespeare source (its fields: kind, max_docs)"),
+    ("  base: null", "  base: x\n  converted: y", "r.yaml:3: give either model.base (+ model.nha) or model.converted"),
+    ("  base: null", "  base: null\n  dtype: bfloat16",
+     "r.yaml:9: stages[0] (transfer): model.dtype bfloat16 needs bf16: true in every stage"),
+    ("  - kind: distill", "  - kind: distill\n    name: transfer",
+     "r.yaml:8: stages[0] (transfer): two stages are named 'transfer'"),
 ])
 def test_schema_errors_name_field_and_line(old, new, expect):
     assert old in GOOD
@@ -118,3 +136,41 @@ def test_default_recipe_has_cpu_and_gpu_budgets():
 def test_recipe_file_not_found(tmp_path):
     with pytest.raises(NHAError, match="not found"):
         read_recipe(tmp_path / "nope.yaml")
+
+
+# --- the pydantic schema: its errors still name the YAML line (or the --set item) -----------------------------------
+
+
+def test_unknown_key_in_a_source_names_line_and_suggests():
+    text = GOOD.replace("    - kind: shakespeare", "    - kind: text\n      pth: d.txt")
+    msg = _error(text)
+    assert msg.startswith("r.yaml:7: unknown field 'data.sources[0].pth'; did you mean 'path'? known fields here:")
+    assert "\n" not in msg
+
+
+def test_set_values_are_converted_by_the_schema():
+    r = parse_recipe(GOOD, "r.yaml", budget=None, overrides=[
+        "stages.transfer.lr=5e-4", "stages.distill.tokens=2e6", "stages.transfer.bf16=true", "seed=1e3"])
+    assert r.stages[0].lr == 5e-4 and isinstance(r.stages[0].lr, float)  # '5e-4' is a string to YAML 1.1
+    assert r.stages[1].tokens == 2_000_000 and isinstance(r.stages[1].tokens, int)
+    assert r.stages[0].bf16 is True and r.seed == 1000
+    assert _error(GOOD, overrides=["stages.transfer.steps=2.5"]) == \
+        "--set stages.transfer.steps=2.5: stages[0].steps must be an integer, got 2.5"
+    assert _error(GOOD, overrides=["stages.transfer.bf16=1"]) == \
+        "--set stages.transfer.bf16=1: stages[0].bf16 must be true/false, got 1"
+    assert _error(GOOD, overrides=["stages.transfer.lr=-3"]) == \
+        "--set stages.transfer.lr=-3: stages[0].lr must be > 0, got -3"
+
+
+def test_loader_fields_are_not_recipe_fields():
+    r = parse_recipe(GOOD, "r.yaml", budget="cpu")
+    assert (r.source, r.budget) == ("r.yaml", "cpu")
+    assert _error(GOOD.replace("\nstages:", "\nsource: x\nstages:", 1)).startswith("r.yaml:7: unknown field 'source'")
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_shipped_recipes_load_without_and_with_each_budget(path):
+    import yaml
+
+    for budget in [None, *((yaml.safe_load(path.read_text()) or {}).get("budgets") or {})]:
+        assert read_recipe(path, budget=budget).stages

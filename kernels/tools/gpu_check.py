@@ -24,41 +24,15 @@ import triton
 ROOT = Path(__file__).resolve().parents[2]  # run by path from anywhere: the checkout's nha_kernels and nha_convert
 sys.path[:0] = [str(ROOT / "kernels"), str(ROOT)]
 
-from nha_convert.ops.recurrent import NHAState  # noqa: E402
+from bench_common import bench, copy_bandwidth, inputs, nha_bytes, time_decode  # noqa: E402
 from nha_kernels import nha_chunk_triton  # noqa: E402
 from nha_kernels.chunk_fwd import LAST_COMPILED, FwdConfig, nha_fwd  # noqa: E402
-from nha_kernels.decode import nha_decode_step  # noqa: E402
 
 
 def add(rows: list, row: tuple) -> None:
     """Record a summary row and print it at once (a run cut short by its time limit still shows what it measured)."""
     rows.append(row)
     print(f"{row[0]:55s} {row[1]}", flush=True)
-
-
-def bench(fn, warmup=25, rep=200):
-    return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
-
-
-def copy_bandwidth() -> float:
-    """Bytes/s of a large device-to-device copy, counting bytes read plus bytes written."""
-    src = torch.randn(512 * 1024 * 1024 // 2, device="cuda", dtype=torch.bfloat16)  # 512 MiB
-    dst = torch.empty_like(src)
-    ms = bench(lambda: dst.copy_(src))
-    return 2 * src.numel() * 2 / (ms * 1e-3)
-
-
-def inputs(b, hq, h, t, d, m, dtype=torch.bfloat16, seed=0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    r = lambda *s: torch.randn(*s, generator=g, device="cuda")  # noqa: E731
-    xs = [r(b, hq, t, d).to(dtype), r(b, hq, t, d).to(dtype), r(b, h, t, d).to(dtype), r(b, h, t, d).to(dtype),
-          r(b, h, t, d).to(dtype)]
-    la = F.logsigmoid(2 + 2 * r(b, h, t, m)) / 8
-    return xs + [la]
-
-
-def fwd_bytes(b, hq, h, t, d, m, elt=2):
-    return b * t * (2 * hq * d * elt + 3 * h * d * elt + h * m * 4 + hq * d * elt)
 
 
 SERIAL = FwdConfig(rows=128, bn=64, span=1024, cs=64, num_warps=8, num_stages=1)
@@ -154,9 +128,9 @@ def main() -> None:
 
     b, hq, h, t, d, m = 1, 32, 8, 32768, 128, 64
     xs = inputs(b, hq, h, t, d, m)
-    floor_ms = fwd_bytes(b, hq, h, t, d, m) / bw * 1e3
+    floor_ms = nha_bytes(b * t, hq, h, d, m) / bw * 1e3
     res["fwd_floor_ms"] = floor_ms
-    add(rows, ("fwd HBM floor T=32K", f"{floor_ms:.3f} ms ({fwd_bytes(b, hq, h, t, d, m) / 1e9:.2f} GB)"))
+    add(rows, ("fwd HBM floor T=32K", f"{floor_ms:.3f} ms ({nha_bytes(b * t, hq, h, d, m) / 1e9:.2f} GB)"))
 
     from torch.profiler import ProfilerActivity, profile
     q_rot, k_rot, v = xs[1], xs[3], xs[4]
@@ -289,31 +263,9 @@ def main() -> None:
              dict(slots=64, ring=128, num_warps=4, num_stages=2)]
     for w, tile in [(64, tiles[0]), (64, tiles[1]), (64, tiles[2]), (2048, tiles[0])]:
         dec_mod.DECODE_TILES.update(tile)
-        bd, pre = 64, w + 37
-        ys = inputs(bd, hq, h, pre + 1, d, m, seed=3)
-        valid = torch.ones(bd, pre + 1, dtype=torch.bool, device="cuda")
-        head = [y[:, :, :pre] for y in ys]
-        _, slots = nha_chunk_triton(*head, window=w, num_sinks=4, scale=d**-0.5, valid=valid[:, :pre],
-                                    return_state=True)
-        st = NHAState.from_prefill(head[2], head[3], head[4], head[5], valid[:, :pre], slots, window=w, num_sinks=4)
-        step = [y[:, :, pre].contiguous() for y in ys] + [valid[:, pre].contiguous()]  # as a model passes them
-        nbytes = st.nbytes()
-        eager = bench(lambda: nha_decode_step(st, *step, scale=d**-0.5), rep=100)
-
-        def graphed(state):
-            # Replays of one captured step (same position each replay: same work) time the GPU, not Python launches.
-            for _ in range(2):
-                nha_decode_step(state, *step, scale=d**-0.5)
-            seen = state.seen
-            gr = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(gr):
-                nha_decode_step(state, *step, scale=d**-0.5)
-            state.seen = seen
-            return bench(gr.replay, rep=100)
-        ms = graphed(st)
-        st.seen += 10**6  # context length 1M: same state size, same work
-        st.pos += 10**6
-        ms_long = graphed(st)
+        bd = 64
+        dec = time_decode(bd, hq, h, d, m, w, sinks=4)
+        nbytes, eager, ms, ms_long = dec["state_bytes"], dec["eager_ms"], dec["ms"], dec["ms_at_1M"]
         floor = nbytes / bw * 1e3
         res.setdefault("decode", []).append(dict(window=w, batch=bd, ms=ms, ms_at_1M=ms_long, state_bytes=nbytes,
                                                   floor_ms=floor, tiles=tile))

@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import gc
-import os
-import platform
 import shlex
 import sys
-import time
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
 from ..errors import NHAError
 from .common import VersionOption, console, parse_dtype, progress_bars, quiet_lm_eval, run_app
+
+if TYPE_CHECKING:
+    from ..eval.run import Progress
 
 app = typer.Typer(add_completion=False, rich_markup_mode="rich", no_args_is_help=True)
 
@@ -39,6 +37,10 @@ def _ints(text: str, what: str) -> list[int]:
         raise NHAError(f"{what} takes comma-separated integers like 1024,4096; got {text!r}") from None
 
 
+def _words(text: str) -> list[str]:
+    return [w.strip() for w in text.split(",") if w.strip()]
+
+
 def _batches(text: str) -> list[int | str]:
     out: list[int | str] = []
     for x in text.replace(" ", "").split(","):
@@ -59,28 +61,6 @@ def _batch_size(text: str) -> int | str:
         return int(text)
     except ValueError:
         raise NHAError(f"--batch-size takes an integer or 'auto'; got {text!r}") from None
-
-
-def _device_name(device: str) -> str:
-    import torch
-
-    if device.startswith("cuda"):
-        return f"{torch.cuda.get_device_name(device)} (torch {torch.__version__})"
-    return f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores (torch {torch.__version__})"
-
-
-def _free(*objs: Any) -> None:
-    import torch
-
-    for o in objs:
-        del o
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-DEFAULT_RECALL_LENGTHS = (1024, 2048, 4096, 8192, 16384, 32768)
-DEFAULT_PPL_LEN = 2048
 
 
 def _load_expected(path: Path) -> dict[str, Any]:
@@ -106,19 +86,6 @@ def _check_output_file(path: Path, option: str) -> None:
     if path.is_dir():
         raise NHAError(f"{option} {path} is a folder; give a file name such as expected.json")
     check_writable(path.parent, option)
-
-
-def _context_of(spec: str | None) -> int | None:
-    """max_position_embeddings of a model named on the command line, from its config alone."""
-    from ..eval import models as M
-    from ..eval.recall import context_length
-
-    cfg = M.folder_config(spec) if spec is not None else {}
-    if cfg:
-        return context_length(cfg)
-    from .. import hub
-
-    return context_length(hub.load_config(spec))
 
 
 @app.command(epilog=EXAMPLES)
@@ -215,47 +182,44 @@ def nha_eval(
     else:
         if not models and not compare:
             raise NHAError("name at least one model, e.g. nha-eval smollm2-135m --tasks piqa --limit 50")
-        results = evaluate(models or [], tasks=tasks if tasks is not None else ("none" if bench or parity else "commonsense"), compare=compare or [], baseline=baseline, window=window,
-                           limit=limit, num_fewshot=num_fewshot, batch_size=_batch_size(batch_size),
-                           device=device, dtype=dtype, data=data, mmlu_split=mmlu_split, recall=recall,
-                           recall_lengths=None if recall_lengths is None else _ints(recall_lengths, "--recall-lengths"),
-                           recall_n=recall_n,
-                           recall_probes=[p.strip() for p in recall_probes.split(",") if p.strip()],
-                           recall_pairs=recall_pairs,
-                           ppl=ppl, ppl_len=ppl_len, ppl_seqs=ppl_seqs, seed=seed)
-        if bench:
-            run_bench(results, (models or compare or [None])[0], device=device, dtype=dtype, window=window,
-                      slots=slots, sinks=sinks, full_layers=_ints(full_layers, "--full-layers"),
-                      full_every=full_every, contexts=_ints(bench_contexts, "--bench-contexts"),
-                      batches=_batches(bench_batches), steps=bench_steps,
-                      which=[m.strip() for m in bench_models.split(",") if m.strip()], graph=bench_graph,
-                      base_runs=[m.strip() for m in bench_base_runs.split(",") if m.strip()],
-                      base_spec=next((c for c in compare or [] if not c.endswith(".json")), None))
-        if parity:
-            from ..eval import models as M, parity as P
+        from ..eval.run import BenchRequest, EvalRequest, PerplexityRequest, RecallRequest, run_eval
 
-            dev = M.resolve_device(device)
-            results["parity"] = P.run(models or compare or [], device=dev,
-                                      dtype=M.resolve_dtype(parse_dtype(dtype), dev), tolerance=parity_tolerance,
-                                      log=lambda s: console.print(s, highlight=False))
+        lengths = None if recall_lengths is None else _ints(recall_lengths, "--recall-lengths")
+        request = EvalRequest(
+            models=models or [], compare=compare or [],
+            tasks=tasks if tasks is not None else ("none" if bench or parity else "commonsense"),
+            baseline=baseline, window=window, limit=limit, num_fewshot=num_fewshot,
+            batch_size=_batch_size(batch_size), device=device, dtype=parse_dtype(dtype), data=data,
+            mmlu_split=mmlu_split, seed=seed, parity=parity, parity_tolerance=parity_tolerance,
+            command="nha-eval " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+            recall=RecallRequest(lengths=lengths, n=recall_n, probes=_words(recall_probes), pairs=recall_pairs)
+            if recall else None,
+            ppl=PerplexityRequest(seq_len=ppl_len, sequences=ppl_seqs) if ppl else None,
+            bench=BenchRequest(
+                slots=slots, sinks=sinks, full_layers=_ints(full_layers, "--full-layers"), full_every=full_every,
+                contexts=_ints(bench_contexts, "--bench-contexts"), batches=_batches(bench_batches),
+                steps=bench_steps, which=_words(bench_models), graph=bench_graph,
+                base_runs=_words(bench_base_runs)) if bench else None)
+        results = run_eval(request, _console_progress())
     files = report.write_report(results, out)
     from rich.markdown import Markdown
 
     console.print(Markdown(report.markdown(results)))
     console.print("wrote " + ", ".join(str(p) for p in files.values()), highlight=False)
+    data = results.to_dict()  # the gate reads the results.json form
     if write_expected is not None:
-        exp = gate.expected_from(results, tolerance=tolerance if tolerance is not None else 0.01)
+        exp = gate.expected_from(data, tolerance=tolerance if tolerance is not None else 0.01)
         import json
 
         report.atomic_write(write_expected, lambda p: p.write_text(json.dumps(exp, indent=2) + "\n"))
         console.print(f"wrote {write_expected} ({len(exp['metrics'])} metrics of {exp['model']})", highlight=False)
     from ..eval.parity import failures as parity_failures
 
-    parity_failed = parity_failures(results.get("parity") or {})
+    parity_failed = parity_failures(data.get("parity") or {})
     for f in parity_failed:
         console.print(f"[bold red]FAIL[/] parity {f}", highlight=False)
     if check is not None:
-        failures = gate.check(results, expected, tolerance)
+        failures = gate.check(data, expected, tolerance)
         if failures:
             for f in failures:
                 console.print(f"[bold red]FAIL[/] {f}", highlight=False)
@@ -267,213 +231,12 @@ def nha_eval(
         sys.exit(1)
 
 
-def evaluate(specs: list[str], *, tasks: str, compare: list[str], baseline: str | None, window: int | None,
-             limit: float | None, num_fewshot: int | None, batch_size: int | str, device: str, dtype: str,
-             data: str, mmlu_split: str, recall: bool, recall_lengths: list[int] | None, recall_n: int,
-             recall_probes: list[str], recall_pairs: int, ppl: bool, ppl_len: int | None, ppl_seqs: int,
-             seed: int) -> dict[str, Any]:
-    """Evaluate each model in turn (one in memory at a time) and gather one results dict."""
-    from ..eval import lm_eval_runner, models as M, report
-    from ..eval import tasks as T
+def _console_progress() -> Progress:
+    """Messages and progress bars on stderr (rich); lm-eval's git lookup silenced before it runs."""
+    from ..eval.run import Progress
 
-    dev = M.resolve_device(device)
-    dt = M.resolve_dtype(parse_dtype(dtype), dev)
-    task_list = [] if tasks.strip().lower() in ("", "none") else T.resolve_tasks(tasks)
-    results: dict[str, Any] = {
-        "version": report.RESULTS_VERSION,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": "nha-eval " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
-        "device": _device_name(dev), "dtype": str(dt).replace("torch.", ""),
-        "settings": {"tasks": task_list, "limit": limit, "num_fewshot": num_fewshot, "batch_size": batch_size,
-                     "mmlu_split": mmlu_split, "seed": seed},
-        "models": [], "reference": None, "tasks": {}, "samples": {}, "seconds": {}, "recall": {}, "perplexity": {},
-    }
-    if not (task_list or recall or ppl):
-        if baseline or compare:
-            raise NHAError("nothing to compare: give --tasks, --recall or --ppl")
-        return results  # e.g. --bench alone
-    earlier = [c for c in compare if c.endswith(".json")]
-    to_load: list[tuple[str, str | None]] = [("model", c) for c in compare if not c.endswith(".json")]
-    to_load += [("model", s) for s in specs]
-    if baseline:
-        to_load.append(("baseline", baseline))
-    # Check what can be checked before spending time on any model.
-    for s in [*compare, *specs]:
-        if s in M.RANDOM_MODELS:
-            raise NHAError(f"{s} has random weights and no tokenizer: use it with --bench --tasks none")
-    base_spec = next((c for c in compare if not c.endswith(".json")), None)
-    bl_window: int | None = window
-    bl_full: list[int] = []
-    if baseline:
-        if baseline not in M.BASELINES:
-            raise NHAError(f"unknown baseline {baseline!r}; choose one of {', '.join(M.BASELINES)}")
-        nha_specs = [s for s in specs if M.is_nha_folder(s)]
-        if nha_specs:
-            w, bl_full = M.window_of(M.folder_config(nha_specs[0]).get("nha"))
-            bl_window = window if window is not None else w
-        if bl_window is None:
-            raise NHAError("--baseline needs a window: evaluate an NHA model too, or pass --window")
-        if base_spec is None:
-            base_spec = next((s for s in specs if not M.is_nha_folder(s)), None)
-            if base_spec is None:
-                raise NHAError(f"--baseline {baseline} is built from the base model; give it with --compare BASE")
-    # Local weights intact, and probe / perplexity lengths within every model's context length.
-    from ..eval.perplexity import check_seq_len
-    from ..eval.recall import check_lengths
-    from ..io import check_weights
-
-    loaded_specs = list(dict.fromkeys([s for what, s in to_load if what != "baseline"] + ([base_spec] if baseline else [])))
-    for s in loaded_specs:
-        if s is not None and M.folder_config(s):
-            check_weights(Path(s).expanduser())
-    if recall or ppl:
-        contexts = {s: _context_of(s) for s in loaded_specs}
-        known = {s: c for s, c in contexts.items() if c is not None}
-        shortest = min(known, key=known.get) if known else None
-        limit_ctx, who = (known[shortest], M.default_label(shortest)) if shortest is not None else (None, "")
-        if recall:
-            if recall_lengths is None:
-                recall_lengths = [L for L in DEFAULT_RECALL_LENGTHS if limit_ctx is None or L <= limit_ctx] \
-                    or [limit_ctx]
-                if len(recall_lengths) < len(DEFAULT_RECALL_LENGTHS):
-                    console.print(f"recall lengths up to {recall_lengths[-1]} tokens: the context length of {who} "
-                                  f"is {limit_ctx}", highlight=False)
-            check_lengths(recall_lengths, limit_ctx, who)
-        if ppl:
-            ppl_len = ppl_len if ppl_len is not None else min(DEFAULT_PPL_LEN, limit_ctx or DEFAULT_PPL_LEN)
-            check_seq_len(ppl_len, limit_ctx, who)
-    manager = None
-    if task_list:  # one task index for all models, and unknown names fail before any model loads
-        data = lm_eval_runner.choose_data_mode(data)
-        manager = lm_eval_runner.task_manager(task_list, data, mmlu_split)
-        lm_eval_runner.check_tasks(manager, task_list)
-        quiet_lm_eval()
-    used: set[str] = set()
-
-    for what, spec in to_load:
-        if what == "baseline":
-            console.print(f"building the {spec} baseline (window {bl_window}) from {base_spec}", highlight=False)
-            loaded = M.load_baseline(spec, base_spec, bl_window, bl_full, dt, dev)
-        else:
-            console.print(f"loading {spec}", highlight=False)
-            loaded = M.load(spec, dt, dev)
-        label = loaded.label
-        while label in used:  # two models with the same folder name
-            label += "'"
-        used.add(label)
-        loaded.label = label
-        info = loaded.info()
-        if loaded.kind == "nha" and spec is not None and (trained := report.training_summary(spec)):
-            info["training"] = trained  # the budget stands next to the numbers in report.md
-        results["models"].append(info)
-        t0 = time.perf_counter()
-        if task_list:
-            console.print(f"[b]{label}[/]: lm-eval on {', '.join(task_list)}", highlight=False)
-            run = lm_eval_runner.run_tasks(loaded.model, loaded.tokenizer, task_list, limit=limit,
-                                           num_fewshot=num_fewshot, batch_size=batch_size, device=dev, data=data,
-                                           mmlu_split=mmlu_split, seed=seed, manager=manager)
-            results["tasks"][label] = run.scores
-            results["samples"][label] = run.samples
-            results["settings"]["data"] = run.data
-        if recall:
-            from ..eval.recall import run_recall
-
-            with progress_bars() as bars:
-                results["recall"][label] = run_recall(
-                    loaded.model, loaded.tokenizer, recall_lengths, recall_probes, n=recall_n, seed=seed,
-                    n_pairs=recall_pairs, progress=lambda desc, total: bars(f"{label} {desc}", total))
-        if ppl:
-            from ..eval.perplexity import perplexity_by_position
-
-            with progress_bars() as bars:
-                tick = bars(f"{label} perplexity ({ppl_len} tokens per sequence)", ppl_seqs)
-                results["perplexity"][label] = perplexity_by_position(
-                    loaded.model, loaded.tokenizer, seq_len=ppl_len, max_sequences=ppl_seqs, on_batch=tick)
-        results["seconds"][label] = time.perf_counter() - t0
-        _free(loaded.model)
-        loaded.model = None
-
-    # The model under test (the gate's default): the first one named without --compare.
-    subject = next((m["label"] for m, (what, s) in zip(results["models"], to_load)
-                    if what == "model" and s in specs), None)
-    results["subject"] = subject
-    for path in earlier:
-        report.merge(results, report.load_results(path))
-    ref = compare[0] if compare else None
-    if ref is not None:
-        ref_label = M.default_label(ref) if not ref.endswith(".json") else \
-            report.load_results(ref)["models"][0]["label"]
-        results["reference"] = ref_label if ref_label in report.labels(results) else None
-    return results
-
-
-def run_bench(results: dict[str, Any], spec: str | None, *, device: str, dtype: str, window: int | None,
-              slots: int, sinks: int, full_layers: list[int], full_every: int | None, contexts: list[int],
-              batches: list[int | str], steps: int, which: list[str], graph: bool = True,
-              base_runs: list[str] | None = None, base_spec: str | None = None) -> None:
-    """Base rows (one set per way of running it), then the same model converted in place (one copy in memory),
-    into results['bench']. An NHA model is benchmarked as it is, after `base_spec` (the --compare base) when given."""
-    import torch
-
-    import nha_convert
-
-    from ..eval import bench as B, models as M
-    from ..settings import NHASettings
-
-    dev = M.resolve_device(device)
-    dt = M.resolve_dtype(parse_dtype(dtype), dev)
-    bad = [w for w in which if w not in ("base", "nha")]
-    if bad or not which:
-        raise NHAError(f"--bench-models takes base and/or nha; got {','.join(which) or 'nothing'}")
-    runs = base_runs or ["auto"]
-    if runs == ["auto"]:
-        runs = list(B.BASE_RUNS) if torch.device(dev).type == "cuda" else ["eager"]
-    if any(r not in B.BASE_RUNS for r in runs):
-        raise NHAError(f"--bench-base-runs takes {', '.join(B.BASE_RUNS)} (or auto); got {','.join(runs)}")
-    rows: list[dict[str, Any]] = []
-    log = lambda s: console.print(s, highlight=False)  # noqa: E731
-
-    def base_rows(model: Any) -> list[dict[str, Any]]:
-        out = []
-        for run in runs:
-            label, mode, cudnn = B.BASE_RUNS[run]
-            out += [r.to_dict() for r in B.bench_model(model, label, contexts, batches, steps, log=log, decode=mode,
-                                                       cudnn=cudnn, prefill=mode == "eager")]
-        return out
-
-    if "base" in which and base_spec is not None and spec is not None and M.is_nha_folder(spec):
-        console.print(f"bench: loading {base_spec} ({dt}, {dev})", highlight=False)
-        base_model = M.load(base_spec, dt, dev).model
-        rows += base_rows(base_model)
-        del base_model
-        _free()
-    console.print(f"bench: loading {spec or 'smollm2-135m'} ({dt}, {dev})", highlight=False)
-    loaded = M.load(spec, dt, dev)
-    settings = None
-    if loaded.kind in ("base", "random"):
-        if "base" in which:
-            rows += base_rows(loaded.model)
-        if "nha" in which:
-            settings = NHASettings(window=64 if window is None else window, slots=slots, sinks=sinks,
-                                   full_layers=full_layers, full_every=full_every)
-            nha_convert.convert(loaded.model, settings)
-    if "nha" in which:
-        rows += [r.to_dict() for r in B.bench_model(loaded.model, "nha", contexts, batches, steps, log=log,
-                                                    decode="graph" if graph else "eager")]
-    bench = results.setdefault("bench", {})
-    bench.setdefault("rows", []).extend(rows)
-    bench["speedups"] = B.speedups(bench["rows"])
-    for sp in bench["speedups"]:
-        x = lambda v: "-" if v is None else f"{v:.2f}x"  # noqa: E731
-        log(f"speedup ctx={sp['context']} batch={sp['batch']}: decode {x(sp['decode_x'])} "
-            f"({sp['nha_run']} vs fastest base: {sp['base_run']}), prefill {x(sp['prefill_x'])}")
-    bench.setdefault("runs", []).append({
-        "model": loaded.source, "device": _device_name(dev), "dtype": str(dt).replace("torch.", ""),
-        "nha": dict(loaded.model.config.nha) if getattr(loaded.model.config, "nha", None) else None,
-        "settings": None if settings is None else vars(settings)})
-    if not results.get("device"):
-        results["device"] = _device_name(dev)
-    _free(loaded.model)
+    return Progress(log=lambda text: console.print(text, highlight=False), bars=progress_bars,
+                    lm_eval_ready=quiet_lm_eval)
 
 
 main = run_app(app, "nha-eval")

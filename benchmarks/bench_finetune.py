@@ -3,6 +3,7 @@
     python benchmarks/bench_finetune.py                                   # recipes/smollm2-135m.yaml, gpu budget
     python benchmarks/bench_finetune.py RECIPE --budget gpu --steps 30 --warmup 5 --json docs/bench/finetune.json
     python benchmarks/bench_finetune.py --profile                         # + where one step of each stage goes
+    python benchmarks/bench_finetune.py --students nha --steps 4 --sync-debug   # which lines wait for the GPU
     NHA_LOSS=liger python benchmarks/bench_finetune.py                    # liger's fused loss instead of the chunked torch one
 
 Both runs use the recipe's stages, batch shapes, data and dtype with a fixed step count (time budgets are replaced
@@ -93,6 +94,27 @@ def _profiler(at: list[int]):
     return callback, tables
 
 
+def _sync_counter() -> Any:
+    """Count the host-device synchronisations by the source lines that cause them (torch's sync debug mode warns
+    at each one; the innermost frames of this package, the kernels, peft or transformers name the cause)."""
+    import collections
+    import traceback
+    import warnings
+
+    counts: collections.Counter = collections.Counter()
+    ours = ("nha_convert", "nha_kernels", "peft", "transformers", "benchmarks")
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        frames = [f for f in traceback.extract_stack()[:-1] if any(s in f.filename for s in ours)]
+        where = " <- ".join(f"{Path(f.filename).parent.name}/{Path(f.filename).name}:{f.lineno}" for f in frames[-3:][::-1])
+        counts[where or f"{filename}:{lineno}"] += 1
+
+    warnings.simplefilter("always")
+    warnings.showwarning = show
+    torch.cuda.set_sync_debug_mode("warn")
+    return counts
+
+
 def table(results: dict[str, list[dict[str, Any]]]) -> str:
     nha, base = results.get("nha", []), results.get("base", [])
     head = ("| stage | kind | batch x seq | NHA real tok/s | base-as-student real tok/s | NHA / base | NHA s/step | "
@@ -122,6 +144,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", default=None, help="write the results here (e.g. docs/bench/finetune.json)")
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table of one step per "
                         "stage (the first timed one, which the profiler slows: time without --profile)")
+    parser.add_argument("--sync-debug", action="store_true", help="count host-device synchronisations by the "
+                        "source lines that cause them (slow: time without it)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                         help="recipe overrides, as nha-finetune --set")
     args = parser.parse_args(argv)
@@ -133,6 +157,7 @@ def main(argv: list[str] | None = None) -> None:
     n_stages = len(read_recipe(args.recipe, args.budget).stages)
     at = [i * args.steps + args.warmup for i in range(n_stages)] if args.profile else None
     results: dict[str, list[dict[str, Any]]] = {}
+    syncs = _sync_counter() if args.sync_debug and torch.cuda.is_available() else None
     for student in [s.strip() for s in args.students.split(",") if s.strip()]:
         if student not in ("nha", "base"):
             raise SystemExit(f"--students takes nha and/or base, not {student!r}")
@@ -149,6 +174,10 @@ def main(argv: list[str] | None = None) -> None:
         for r in records:
             if "profile" in r:
                 print(f"\n=== profile: {student} student, stage {r['stage']}, one step\n{r.pop('profile')}")
+    if syncs is not None:
+        print(f"\n=== host-device synchronisations over the whole run: {sum(syncs.values())}; top sources")
+        for where, n in syncs.most_common(30):
+            print(f"{n:7d}  {where}")
     if args.json:
         payload = {"recipe": args.recipe, "budget": budget, "device": device, "steps": args.steps,
                    "warmup": args.warmup, "loss": os.environ.get("NHA_LOSS", "torch"), "torch": torch.__version__,

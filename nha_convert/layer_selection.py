@@ -8,18 +8,20 @@ Method (run by `convert` on the freshly converted, untrained model):
 2. The base model is the same network with every window unbounded (a window at least as long as the input gives
    back the original model exactly, and nothing ever reaches the slots), so no second copy is loaded: one pass
    with every layer full records the teacher's final hidden states and its answer loss.
-3. One pass with every layer NHA, then one pass per layer i with ONLY layer i full (the others NHA). Each pass
-   measures (a) the KL(base || model) of the next-token distributions of the text beyond the first window, and
-   (b) the cross-entropy of the retrieval answers.
-4. Score of layer i = mean of the two fractions of the gap to the base model that making layer i full closes:
-   (KL_nha - KL_i) / KL_nha and (CE_nha - CE_i) / (CE_nha - CE_base). Both are unitless, so they are averaged
-   with equal weights; the recall fraction is the one the window cannot fake (the answer is out of every
-   window), the KL one keeps general quality from being traded away.
-5. Keep the K best scores (top-K). Top-K and not greedy: a greedy search re-scores the remaining layers after
-   each choice and costs about K x L passes instead of L + 2; for the K << L this is used at (2 of 30, 4 of 32),
-   the layers that a retrieval needs are few and distinct (retrieval heads sit in a handful of layers), so the
-   single-layer gains are close to additive, while the budget (under 2 minutes for SmolLM2) allows one pass per
-   layer. The per-layer scores are saved, so a different choice can be made later from the config alone.
+3. One pass with every layer NHA, then one pass per layer i with ONLY layer i converted (every other layer full,
+   leave-one-out). Each pass measures (a) the KL(base || model) of the next-token distributions of the text beyond
+   the first window, and (b) the cross-entropy of the retrieval answers.
+4. Score of layer i = mean of the two fractions of the all-NHA gap that converting layer i alone opens:
+   KL_i / KL_nha and (CE_i - CE_base) / (CE_nha - CE_base). Both are unitless, so they are averaged with equal
+   weights; the recall fraction is the one the window cannot fake (the answer is out of every window), the KL one
+   keeps general quality from being traded away. A high score = the model cannot do without this layer's reach.
+5. Keep the K best scores (top-K). Why leave-one-out and not "only layer i full": SmolLM2's retrieval heads are
+   spread over ~10 layers (7, 8, 14, 17, 18, 21, 23: attention mass on the needle, benchmarks/recall_layers.py),
+   so one full layer among 29 windowed ones closes almost nothing and that score ranked noise (it chose layers 0,
+   1, 2, 11: untrained MQAR 4/10/9 % at 1K/2K/4K with 4 full layers, the same as none), while removing one
+   retrieval layer from the full model is measurable (6 full layers chosen so: MQAR 55/28/18 %; docs/results.md).
+   Greedy forward selection (K x L passes) was measured too and chose no better. The per-layer scores are saved,
+   so a different choice can be made later from the config alone.
 
 Cost: L + 2 forward passes (no backward) over N = (text_seqs + retrieval_docs) x seq_len tokens, plus the LM
 head on the scored positions. SmolLM2-135M (L = 30), N = 16 x 2048 = 32K tokens: 32 passes of ~9 TFLOP, seconds
@@ -167,10 +169,12 @@ def select_full_layers(model: Any, tokenizer: Any, k: int, *, seq_len: int = 204
             a.window = w
         kl_nha, ce_nha, _ = _measure(model, cal, batch_size, teacher, device)
         kl, ce = [None] * len(attns), [None] * len(attns)
+        for a in attns:  # leave-one-out: every layer full but the one scored
+            a.window = None
         for i in candidates:
-            attns[i].window = None
-            kl[i], ce[i], _ = _measure(model, cal, batch_size, teacher, device)
             attns[i].window = windows[i]
+            kl[i], ce[i], _ = _measure(model, cal, batch_size, teacher, device)
+            attns[i].window = None
     finally:
         for a, w in zip(attns, windows):
             a.window = w
@@ -190,7 +194,7 @@ def select_full_layers(model: Any, tokenizer: Any, k: int, *, seq_len: int = 204
     nha["full_layers_auto"] = k
     nha["full_layer_scores"] = scores
     nha["full_layer_selection"] = {
-        "method": "top-k of 0.5 * KL gap closed + 0.5 * answer-loss gap closed, one layer full at a time",
+        "method": "top-k of 0.5 * KL gap opened + 0.5 * answer-loss gap opened, one layer converted at a time",
         "kl": kl, "answer_ce": ce, "kl_all_nha": kl_nha, "answer_ce_all_nha": ce_nha, "answer_ce_base": ce_base,
         "seq_len": seq_len,
         "text_seqs": text_seqs, "retrieval_docs": retrieval_docs, "seconds": round(time.perf_counter() - t0, 2),
@@ -200,8 +204,9 @@ def select_full_layers(model: Any, tokenizer: Any, k: int, *, seq_len: int = 204
 
 
 def layer_score(kl_nha: float, kl_i: float, ce_nha: float, ce_i: float, ce_base: float) -> float:
-    """Mean of the KL gap and the answer-loss gap to the base model that one full layer closes (0 = none, 1 = all)."""
-    kl_gain = (kl_nha - kl_i) / kl_nha if kl_nha > 0 else 0.0
+    """Mean of the KL gap and the answer-loss gap to the base model that converting this layer alone opens, each as
+    a fraction of the all-NHA gap (0 = the model does not miss the layer's full reach, 1 = as bad as all-NHA)."""
+    kl_loss = kl_i / kl_nha if kl_nha > 0 else 0.0
     ce_gap = ce_nha - ce_base
-    ce_gain = (ce_nha - ce_i) / ce_gap if ce_gap > 1e-6 else 0.0
-    return 0.5 * kl_gain + 0.5 * ce_gain
+    ce_loss = (ce_i - ce_base) / ce_gap if ce_gap > 1e-6 else 0.0
+    return 0.5 * kl_loss + 0.5 * ce_loss

@@ -94,8 +94,10 @@ def test_recipe_accepts_auto_and_rejects_bad_k():
     assert str(e.value).startswith("r.yaml:2: model.nha:") and "\n" not in str(e.value)
 
 
-def test_layer_score_is_the_mean_gap_closed():
-    # KL 0.4 -> 0.1 closes 3/4 of its gap; answer CE 5 -> 3 with base 1 closes 1/2 of its gap
-    assert layer_score(0.4, 0.1, 5.0, 3.0, 1.0) == pytest.approx(0.625)
-    assert layer_score(0.4, 0.4, 5.0, 5.0, 1.0) == 0.0
-    assert layer_score(0.0, 0.0, 1.0, 1.0, 1.0) == 0.0  # nothing to close: no gain, no division by zero
+def test_layer_score_is_the_mean_gap_opened_by_converting_the_layer_alone():
+    # all-NHA: KL 0.4, answer CE 5 (base 1). Converting the layer alone: KL 0.1 opens 1/4 of the KL gap, CE 3 opens
+    # 2/4 of the answer-loss gap.
+    assert layer_score(0.4, 0.1, 5.0, 3.0, 1.0) == pytest.approx(0.375)
+    assert layer_score(0.4, 0.4, 5.0, 5.0, 1.0) == pytest.approx(1.0)  # as bad as converting every layer
+    assert layer_score(0.4, 0.0, 5.0, 1.0, 1.0) == 0.0  # the model does not miss the layer
+    assert layer_score(0.0, 0.0, 1.0, 1.0, 1.0) == 0.0  # no gap at all: no division by zero

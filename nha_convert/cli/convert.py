@@ -118,7 +118,7 @@ def _ratio(state: int, kv: int) -> str:
 
 
 def _auto_choice(nha: dict) -> str:
-    """The auto:K choice and the best per-layer scores (fraction of the gap to the base model closed)."""
+    """The auto:K choice and the best per-layer scores (fraction of the all-NHA gap opened by converting that layer alone)."""
     scores = nha["full_layer_scores"]
     ranked = sorted((i for i, s in enumerate(scores) if s is not None), key=lambda i: -scores[i])
     best = ", ".join(f"{i}: {scores[i]:.3f}" for i in ranked[: max(5, nha["full_layers_auto"])])

@@ -190,6 +190,11 @@ def select_full_layers(model: Any, tokenizer: Any, k: int, *, seq_len: int = 204
     for i in chosen:
         attns[i].window = None
         nha["windows"][i] = None
+        # A full layer has no slots to bias: drop the parameter, as a layer built full never has one (a saved one
+        # would come back as an unexpected key on loading).
+        if getattr(attns[i], "slot_bias", None) is not None:
+            del attns[i].slot_bias
+            attns[i].slot_bias = None
     nha["full_layers"] = chosen
     nha["full_layers_auto"] = k
     nha["full_layer_scores"] = scores

@@ -101,3 +101,21 @@ def test_layer_score_is_the_mean_gap_opened_by_converting_the_layer_alone():
     assert layer_score(0.4, 0.4, 5.0, 5.0, 1.0) == pytest.approx(1.0)  # as bad as converting every layer
     assert layer_score(0.4, 0.0, 5.0, 1.0, 1.0) == 0.0  # the model does not miss the layer
     assert layer_score(0.0, 0.0, 1.0, 1.0, 1.0) == 0.0  # no gap at all: no division by zero
+
+
+def test_auto_k_drops_the_slot_bias_of_the_layers_it_makes_full(tiny_folder, tmp_path, run_cli):
+    from safetensors import safe_open
+
+    out = tmp_path / "nha"
+    code, text = run(run_cli, str(tiny_folder), "-o", str(out), "--window", "16", "--slots", "8", "--slot-bias", "-8",
+                     "--full-layers", "auto:2", "--calibration-len", "256", "--calibration-seqs", "2")
+    assert code == 0, text
+    full = json.loads((out / "config.json").read_text())["nha"]["full_layers"]
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        biased = {int(k.split(".")[2]) for k in f.keys() if k.endswith("self_attn.slot_bias")}
+    assert biased == set(range(4)) - set(full)  # the windowed layers keep theirs; a full layer has no slots to bias
+
+    import nha_convert
+
+    model = nha_convert.load(out)
+    assert [layer.self_attn.slot_bias is None for layer in model.model.layers] == [i in full for i in range(4)]

@@ -7,8 +7,9 @@ from .cache import NHACache
 from .convert import convert, supported_model_types
 from .decode_graph import generate_fast
 from .errors import NHAError
-from .io import load, save
+from .io import save
 from .layer import NHAAttention
+from .loading import load
 from .modeling import ARCHITECTURES
 from .settings import NHASettings
 

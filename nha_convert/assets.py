@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from .backend import cache_root
 from .errors import NHAError
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ SMOLLM2_MAX_LENGTH = 8192  # max_position_embeddings; the GGUF tokenizer comes w
 
 def cache_dir() -> Path:
     """$NHA_CACHE, or ~/.cache/nha-convert; created on demand."""
-    root = Path(os.environ.get("NHA_CACHE") or Path.home() / ".cache" / "nha-convert").expanduser()
+    root = cache_root()
     root.mkdir(parents=True, exist_ok=True)
     return root
 

@@ -16,7 +16,7 @@ from transformers import PreTrainedModel
 from .errors import NHAError
 from .layer import NHAAttention
 from .modeling import ARCHITECTURES, ATTN_IMPLEMENTATION
-from .settings import NHASettings
+from .settings import NHASettings, ResolvedNHA
 
 
 def supported_model_types() -> list[str]:
@@ -48,14 +48,14 @@ def nha_config_for(base_config, settings: NHASettings):
 
 
 @torch.no_grad()
-def init_gate(g_proj: nn.Linear, k_proj: nn.Linear, num_kv_heads: int, head_dim: int, nha: dict) -> None:
+def init_gate(g_proj: nn.Linear, k_proj: nn.Linear, num_kv_heads: int, head_dim: int, nha: ResolvedNHA) -> None:
     """W_g per KV head: the head's key rows average-pooled down to m rows (tiled where m > d_k), or constant."""
-    m = nha["slots"]
+    m = nha.slots
     if m == 0:
         return
-    if nha["gate_init"] == "constant":
+    if nha.gate_init == "constant":
         # logsigmoid(b) / tau = log(decay)  =>  sigmoid(b) = decay ** tau
-        target = torch.tensor(nha["gate_decay"] ** nha["gate_temperature"], dtype=torch.float64)
+        target = torch.tensor(nha.gate_decay ** nha.gate_temperature, dtype=torch.float64)
         g_proj.weight.zero_()
         g_proj.bias.fill_(float(torch.logit(target)))
         return
@@ -87,10 +87,10 @@ def convert(model: PreTrainedModel, settings: NHASettings | None = None, tokeniz
     for module in model.modules():  # every submodule that shared the base config now shares the NHA one
         if getattr(module, "config", None) is old:
             module.config = cfg
+    resolved = ResolvedNHA.from_config(cfg)
     for i, layer in enumerate(model.model.layers):
-        base = layer.self_attn
-        nha = NHAAttention(base, cfg, i)
-        init_gate(nha.g_proj, nha.k_proj, nha.num_kv_heads, nha.head_dim, cfg.nha)
+        nha = NHAAttention(layer.self_attn, cfg, i, resolved)
+        init_gate(nha.g_proj, nha.k_proj, nha.num_kv_heads, nha.head_dim, resolved)
         layer.self_attn = nha
     model.__class__ = arch.model_class  # same weights and modules; NHA generation / cache behaviour
     k = settings.auto_full_layers()

@@ -1,4 +1,5 @@
-"""Saving and loading NHA checkpoints as standard Hugging Face folders, atomically."""
+"""Files, written atomically: NHA checkpoints as standard Hugging Face folders, single files (`atomic_write`), and
+checks that a folder or a checkpoint's weights are usable before any work starts. Loading is in loading.py."""
 
 from __future__ import annotations
 
@@ -9,10 +10,9 @@ import struct
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-import torch
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import PreTrainedModel
 
 from .errors import NHAError
 
@@ -67,6 +67,23 @@ def default_permissions(path: str | os.PathLike) -> Path:
         if not q.is_symlink():
             os.chmod(q, (0o777 if q.is_dir() else 0o666) & ~mask)
     return p
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Call write(tmp) on a temporary file beside `path`, then rename it into place: readers see the old file or
+    the whole new one, never a part."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        default_permissions(tmp)  # mkstemp made it 0600; others may read a results folder, as the umask says
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
 
 
 # --- weights --------------------------------------------------------------------------------------------
@@ -164,14 +181,3 @@ def save(model: PreTrainedModel, tokenizer: Any, out_dir: str | os.PathLike, ove
         raise
     return out
 
-
-def load(path_or_id: str | os.PathLike, dtype: torch.dtype | str | None = None, device: str | None = None,
-         **kwargs: Any) -> PreTrainedModel:
-    """Load a converted NHA checkpoint (local folder or hub id); same model as AutoModelForCausalLM gives."""
-    model = AutoModelForCausalLM.from_pretrained(str(path_or_id), dtype=dtype or "auto", **kwargs)
-    if not model.config.model_type.startswith("nha_"):
-        raise NHAError(f"{path_or_id} is a {model.config.model_type!r} model, not a converted NHA model; "
-                       "run nha-convert on it first")
-    if device is not None:
-        model = model.to(device)
-    return model.eval()

@@ -9,9 +9,6 @@ inside a row mark packed sequences (ops/packed.py, transformers' own rule), whic
 
 from __future__ import annotations
 
-import logging
-import os
-from types import ModuleType
 from typing import Any
 
 import torch
@@ -20,12 +17,12 @@ from torch import Tensor, nn
 from transformers.cache_utils import Cache
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from .backend import log_backend, triton_kernels
 from .compat import pop_cache
 from .errors import NHAError
 from .ops import NHAState, gate_log_alpha, nha_chunk
 from .ops.packed import cu_seqlens_of, flatten_rows, nha_chunk_varlen, unflatten_rows
-
-logger = logging.getLogger("nha_convert")
+from .settings import ResolvedNHA
 
 
 class NHAAttention(nn.Module):
@@ -33,19 +30,20 @@ class NHAAttention(nn.Module):
 
     ADOPTED = ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm")
 
-    def __init__(self, base: nn.Module, config: Any, layer_idx: int):
+    def __init__(self, base: nn.Module, config: Any, layer_idx: int, nha: ResolvedNHA | None = None):
+        """`nha`: the config's settings when the caller resolved them once for all layers."""
         super().__init__()
-        nha = config.nha
+        nha = nha or ResolvedNHA.from_config(config)
         self.config = config
         self.layer_idx = layer_idx
         self.head_dim = base.head_dim
         self.num_kv_heads = config.num_key_value_heads
         self.scaling = base.scaling
-        self.window: int | None = nha["windows"][layer_idx]
-        self.num_slots: int = nha["slots"]
-        self.num_sinks: int = nha["sinks"]
-        self.gate_temperature: float = nha["gate_temperature"]
-        self.chunk_size: int = nha["chunk_size"]
+        self.window: int | None = nha.windows[layer_idx]
+        self.num_slots = nha.slots
+        self.num_sinks = nha.sinks
+        self.gate_temperature = nha.gate_temperature
+        self.chunk_size = nha.chunk_size
         self.is_causal = True
         for name in self.ADOPTED:
             if hasattr(base, name):
@@ -55,10 +53,10 @@ class NHAAttention(nn.Module):
                                 device=w.device, dtype=w.dtype)
         # The optional slot-logit bias b_h per query head (NHA.md); absent from older configs = no bias. Only layers
         # with slots get one. A frozen bias is a buffer: saved with the weights, never handed to an optimizer.
-        bias, init = nha.get("slot_bias"), None
-        if bias is not None and self.window is not None and self.num_slots > 0:
-            init = torch.full((config.num_attention_heads,), float(bias), device=w.device, dtype=w.dtype)
-        if init is not None and not nha.get("slot_bias_trainable", True):
+        init = None
+        if nha.slot_bias is not None and self.window is not None and self.num_slots > 0:
+            init = torch.full((config.num_attention_heads,), float(nha.slot_bias), device=w.device, dtype=w.dtype)
+        if init is not None and not nha.slot_bias_trainable:
             self.register_buffer("slot_bias", init)
         else:
             self.slot_bias = None if init is None else nn.Parameter(init)
@@ -161,29 +159,11 @@ def padding_mask(attention_mask: Tensor | None, b: int, t: int, device: torch.de
     return attention_mask[:, -t:].bool()
 
 
-def triton_kernels(x: Tensor) -> ModuleType | None:
-    """The `nha_kernels` package when it should run on `x`: CUDA tensors and importable kernels, else None.
-
-    NHA_BACKEND=torch|triton forces one backend (triton fails loudly when the kernels are missing); the choice is
-    logged once per kind of call.
-    """
-    backend = os.environ.get("NHA_BACKEND", "auto")
-    if backend == "torch" or not x.is_cuda:
-        return None
-    try:
-        import nha_kernels  # type: ignore[import-not-found]
-    except ImportError:
-        if backend == "triton":
-            raise NHAError("NHA_BACKEND=triton but the Triton kernels are not importable; pip install -e '.[gpu]'")
-        return None
-    return nha_kernels
-
-
 def nha_forward(q, q_rot, k, k_rot, v, log_alpha, cu_seqlens: Tensor | None = None, **kwargs):
-    """The parallel NHA op (training, prefill): fused Triton kernels on CUDA, the torch reference elsewhere;
-    with `cu_seqlens` (B == 1), packed sequences, each on its own."""
+    """The parallel NHA op (training, prefill): fused Triton kernels on CUDA, the torch reference elsewhere (the
+    choice: backend.py); with `cu_seqlens` (B == 1), packed sequences, each on its own."""
     kernels = triton_kernels(q)
-    _log_backend("prefill: triton" if kernels else "prefill: torch")
+    log_backend("prefill: triton" if kernels else "prefill: torch")
     if kernels:
         return kernels.nha_chunk_triton(q, q_rot, k, k_rot, v, log_alpha, cu_seqlens=cu_seqlens, **kwargs)
     if cu_seqlens is not None:
@@ -195,16 +175,8 @@ def nha_decode_fn(q: Tensor):
     """The decode step: nha_kernels.nha_decode_step on CUDA (same contract as NHAState.step, updates the state in
     place), else NHAState.step."""
     kernels = triton_kernels(q)
-    _log_backend("decode: triton" if kernels else "decode: torch")
+    log_backend("decode: triton" if kernels else "decode: torch")
     if kernels:
         return kernels.nha_decode_step
     return lambda state, *args, **kw: state.step(*args, **kw)
 
-
-_logged: set[str] = set()
-
-
-def _log_backend(name: str) -> None:
-    if name not in _logged:
-        _logged.add(name)
-        logger.info("NHA attention backend: %s", name)

@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from .settings import ResolvedNHA
+
 FP32 = 4
 
 
@@ -37,6 +39,6 @@ def nha_layer_state_bytes(window: int | None, slots: int, sinks: int, num_kv_hea
 
 def nha_state_bytes(config: Any, seq_len: int, dtype: torch.dtype = torch.bfloat16) -> int:
     """Decode state of a whole NHA model for one sequence."""
-    nha = config.nha
-    n, h, d = _dims(config)
-    return sum(nha_layer_state_bytes(w, nha["slots"], nha["sinks"], h, d, seq_len, dtype) for w in nha["windows"])
+    nha = ResolvedNHA.from_config(config)
+    _, h, d = _dims(config)
+    return sum(nha_layer_state_bytes(w, nha.slots, nha.sinks, h, d, seq_len, dtype) for w in nha.windows)

@@ -32,6 +32,7 @@ from .cache import NHACache
 from .compat import CACHE_KWARG, pop_cache
 from .errors import NHAError
 from .layer import NHAAttention
+from .settings import ResolvedNHA
 
 ATTN_IMPLEMENTATION = "nha"
 
@@ -58,8 +59,9 @@ class NHAModelMixin:
 
     def __init__(self, config: Any, *args: Any, **kwargs: Any) -> None:
         super().__init__(config, *args, **kwargs)
+        nha = ResolvedNHA.from_config(config)  # read and validated once for all layers
         for i, layer in enumerate(self.model.layers):
-            layer.self_attn = NHAAttention(layer.self_attn, config, i)
+            layer.self_attn = NHAAttention(layer.self_attn, config, i, nha)
         self.config._attn_implementation = ATTN_IMPLEMENTATION
 
     def _check_and_adjust_attn_implementation(self, *args: Any, **kwargs: Any) -> str:

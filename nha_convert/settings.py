@@ -1,13 +1,14 @@
 """NHA hyper-parameters of one converted model, and the per-layer window schedule.
 
 The saved config stores the resolved form (`NHASettings.to_config()`): one window per layer, so a
-checkpoint describes itself completely and never depends on how the schedule was written.
+checkpoint describes itself completely and never depends on how the schedule was written. `ResolvedNHA` is
+that dict read back, typed and validated.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from .errors import NHAError
@@ -98,6 +99,11 @@ class NHASettings:
             d["full_layers"], d["full_layers_auto"] = [], k
         return d
 
+    @staticmethod
+    def from_config(config: Any) -> ResolvedNHA:
+        """The resolved settings a converted model's config holds, typed and validated (see ResolvedNHA)."""
+        return ResolvedNHA.from_config(config)
+
     def auto_full_layers(self) -> int | None:
         """K of full_layers "auto:K" (None for an explicit list); a malformed value is an NHAError."""
         if not isinstance(self.full_layers, str):
@@ -114,6 +120,53 @@ class NHASettings:
         return [] if self.auto_full_layers() is not None else list(self.full_layers)
 
 
-def layer_settings(nha: dict[str, Any], layer_idx: int) -> tuple[int | None, dict[str, Any]]:
-    """Window of one layer plus the shared settings, read from a saved `config.nha` dict."""
-    return nha["windows"][layer_idx], nha
+@dataclass(frozen=True)
+class ResolvedNHA:
+    """The typed, validated form of a saved `config.nha` dict: what layers, gates and memory formulas read.
+
+    Built from the dict on demand (`from_config`) rather than stored on the config: the dict stays the saved
+    format, and layer_selection.py edits it in place after conversion.
+    """
+
+    windows: tuple[int | None, ...]  # per layer; None = full attention
+    window: int
+    slots: int
+    sinks: int
+    full_layers: tuple[int, ...]
+    gate_temperature: float
+    gate_init: str
+    gate_decay: float
+    chunk_size: int
+    slot_bias: float | None  # absent from older configs: no bias
+    slot_bias_trainable: bool
+
+    @classmethod
+    def from_dict(cls, nha: dict[str, Any], num_layers: int | None = None) -> ResolvedNHA:
+        """Missing keys take NHASettings' defaults (configs written before the key existed)."""
+        if "windows" not in nha:
+            raise NHAError("config.nha has no per-layer 'windows'; re-convert the model with nha-convert")
+        windows = tuple(nha["windows"])
+        if num_layers is not None and len(windows) != num_layers:
+            raise NHAError(f"config.nha lists {len(windows)} layer windows for a model of {num_layers} layers; "
+                           "re-convert the model with nha-convert")
+        known = {k: nha[k] for k in _SETTING_FIELDS if k in nha and k not in ("full_layers", "full_every")}
+        settings = NHASettings(**known)
+        settings.validate(len(windows))
+        if any(w is not None and w < 0 for w in windows):
+            raise NHAError(f"config.nha windows must be >= 0 or null, got {list(windows)}")
+        return cls(windows=windows, window=settings.window, slots=settings.slots, sinks=settings.sinks,
+                   full_layers=tuple(i for i, w in enumerate(windows) if w is None),
+                   gate_temperature=settings.gate_temperature, gate_init=settings.gate_init,
+                   gate_decay=settings.gate_decay, chunk_size=settings.chunk_size, slot_bias=settings.slot_bias,
+                   slot_bias_trainable=settings.slot_bias_trainable)
+
+    @classmethod
+    def from_config(cls, config: Any) -> ResolvedNHA:
+        """The settings of an NHA model's config (NHAError when it has none)."""
+        nha = getattr(config, "nha", None)
+        if not nha:
+            raise NHAError(f"{type(config).__name__} has no NHA settings; convert the model with nha_convert first")
+        return cls.from_dict(nha, getattr(config, "num_hidden_layers", None))
+
+
+_SETTING_FIELDS = tuple(f.name for f in fields(NHASettings))

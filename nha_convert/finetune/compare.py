@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import shutil
 import time
 import traceback
@@ -25,7 +24,10 @@ from typing import Any
 
 import torch
 
+from ..backend import environment, use_backend
 from ..errors import NHAError
+from ..io import atomic_write
+from ..loading import load_converted
 from .recipe import read_recipe, stage_name
 
 
@@ -87,7 +89,6 @@ def main(argv: list[str] | None = None) -> None:
                          "its step counts with --set stages.NAME.steps=N). Lets one device call train one model.")
     args = ap.parse_args(argv)
 
-    import nha_convert
     from .models import build_models
     from .trainer import Trainer
 
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
                               "rows": []}
 
     def save() -> None:
-        (out / "compare.json").write_text(json.dumps(report, indent=1))
+        atomic_write(out / "compare.json", lambda p: p.write_text(json.dumps(report, indent=1)))
 
     def row(label: str, fn) -> Any:
         t0 = time.perf_counter()
@@ -123,15 +124,13 @@ def main(argv: list[str] | None = None) -> None:
         except Exception as e:  # one failing phase must not lose the others' numbers
             traceback.print_exc()
             result = {"error": f"{type(e).__name__}: {e}"}
-            if device.type == "cuda" and "NHA_BACKEND" not in os.environ:  # retry on the torch reference op
-                os.environ["NHA_BACKEND"] = "torch"
+            if device.type == "cuda" and environment().backend == "auto":  # retry on the torch reference op
                 try:
-                    result = {**fn(), "backend": "torch (after a kernel error)", "kernel_error": result["error"]}
+                    with use_backend("torch"):
+                        result = {**fn(), "backend": "torch (after a kernel error)", "kernel_error": result["error"]}
                 except Exception as e2:
                     traceback.print_exc()
                     result["retry_error"] = f"{type(e2).__name__}: {e2}"
-                finally:
-                    del os.environ["NHA_BACKEND"]
         rec = {"model": label, **result, "seconds": round(time.perf_counter() - t0, 1)}
         report["rows"].append(rec)
         save()
@@ -161,10 +160,7 @@ def main(argv: list[str] | None = None) -> None:
             t0 = time.perf_counter()
             final = Trainer(r, overwrite=True).run()
             train_s = time.perf_counter() - t0
-            model = nha_convert.load(final, dtype=torch.float32, device=str(device))
-            from transformers import AutoTokenizer
-
-            tok = AutoTokenizer.from_pretrained(final)
+            model, tok = load_converted(final, torch.float32, device)
             share_full_layers(model, settings)
             measured = measure(model.eval(), tok, args)
             metrics = work / run / "metrics.jsonl"

@@ -11,7 +11,6 @@ forward (no recomputation) with compiled / Triton elementwise work.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -20,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from ..backend import loss_choice
 from ..errors import NHAError
 from ..ops.packed import sequence_starts
 
@@ -83,9 +83,7 @@ def liger_losses(x: Tensor) -> "LigerLosses | None":
     NHA_LOSS=torch (the default) is the chunked torch form; auto uses liger where it can run; NHA_LOSS=liger fails
     loudly where liger cannot run. Not the default: on an H200 with torch 2.11 (2026-11-29) liger's fused JSD crashed
     in torch.compile's guards at its third recompile (the number of valid positions changes every packed step)."""
-    choice = os.environ.get("NHA_LOSS", "torch")
-    if choice not in ("auto", "torch", "liger"):
-        raise NHAError(f"NHA_LOSS={choice!r}: use auto, torch or liger")
+    choice = loss_choice()  # NHA_LOSS, read once (backend.py)
     if choice == "torch" or (choice == "auto" and not x.is_cuda):
         return None
     lib = import_liger()

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import re
 
-import torch
 from torch import nn
 
 from ..errors import NHAError
@@ -96,9 +95,3 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return trainable, total
-
-
-def cast_floating(model: nn.Module, dtype: torch.dtype) -> None:
-    for p in model.parameters():
-        if p.is_floating_point():
-            p.data = p.data.to(dtype)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 if not torch.cuda.is_available():
     pytest.skip("needs CUDA", allow_module_level=True)
 
+from nha_convert import backend as nha_backend  # noqa: E402
 from nha_convert.ops import nha_chunk, nha_recurrent  # noqa: E402
 from nha_convert.ops.recurrent import NHAState  # noqa: E402
 from nha_kernels import nha_chunk_triton  # noqa: E402
@@ -205,6 +206,7 @@ def test_model_backends_agree(monkeypatch):
     outs = {}
     for backend in ("torch", "triton"):
         monkeypatch.setenv("NHA_BACKEND", backend)
+        nha_backend.resolve()
         with torch.no_grad():
             full = model(ids, attention_mask=mask).logits
             cache = NHACache(model.config)

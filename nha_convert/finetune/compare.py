@@ -28,6 +28,7 @@ from ..backend import environment, use_backend
 from ..errors import NHAError
 from ..io import atomic_write
 from ..loading import load_converted
+from ..settings import ResolvedNHA
 from .recipe import read_recipe, stage_name
 
 
@@ -149,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
     def share_full_layers(model: Any, settings: dict | None) -> None:
         """auto:K: the baseline gets the layers the NHA conversion chose (same full layers, no slots)."""
         if settings is nha and isinstance(nha.get("full_layers"), str):
-            swa["full_layers"] = list(model.config.nha["full_layers"])
+            swa["full_layers"] = list(ResolvedNHA.from_config(model.config).full_layers)
             report["swa"] = swa
 
     def trained(settings: dict, run: str, extra: list[str]):

@@ -39,6 +39,22 @@ def smollm2_path() -> Path:
     return assets.smollm2_folder()
 
 
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory, smollm2_path) -> Path:
+    """A tiny random Llama (4 layers, hidden 64) saved with the real SmolLM2 tokenizer: a local model folder for the
+    command-line tests."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("tiny") / "llama"
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                                 num_key_value_heads=2, vocab_size=49152, max_position_embeddings=1024)
+                     ).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(smollm2_path).save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture
 def run_cli(monkeypatch, capsys):
     """Call a console-script `main(prog, *args)` in-process: returns (exit code, stdout, stderr)."""

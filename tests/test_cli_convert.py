@@ -3,30 +3,11 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM
 
-from nha_convert.cli.convert import main
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory, smollm2_path) -> Path:
-    """A tiny random Llama saved with the real SmolLM2 tokenizer."""
-    folder = tmp_path_factory.mktemp("tiny") / "llama"
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                                 num_key_value_heads=2, vocab_size=49152, max_position_embeddings=1024)
-                     ).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(smollm2_path).save_pretrained(folder)
-    return folder
-
-
-def run(run_cli, *args) -> tuple[int, str]:
-    code, out, err = run_cli(main, "nha-convert", *args)
-    return code, out + err
+from tests.helpers.cli import run_convert as run
 
 
 def test_converts_a_local_folder(tiny_folder, tmp_path, run_cli):

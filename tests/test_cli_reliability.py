@@ -22,7 +22,7 @@ import pytest
 from nha_convert.cli import convert as convert_cli
 from nha_convert.cli import eval as eval_cli
 from nha_convert.cli import finetune as finetune_cli
-from test_finetune_helpers import recipe_text, save_tiny_base, write_corpus
+from tests.helpers.finetune import recipe_text, save_tiny_base, write_corpus
 
 ROOT = Path(__file__).resolve().parent.parent
 MAINS = {"nha-convert": convert_cli.main, "nha-finetune": finetune_cli.main, "nha-eval": eval_cli.main}

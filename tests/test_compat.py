@@ -11,7 +11,7 @@ import torch
 from nha_convert import NHACache, NHAError, NHASettings, convert
 from nha_convert.compat import CACHE_KWARG, CACHE_KWARGS, output_cache
 from nha_convert.modeling import ARCHITECTURES
-from tests.test_model import ARCHS, batch, tiny
+from tests.helpers.models import ARCHS, batch, tiny
 
 
 def _nha(arch="llama"):

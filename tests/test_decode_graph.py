@@ -14,7 +14,7 @@ from nha_convert import NHACache, NHAError, NHASettings, convert, generate_fast
 from nha_convert.compat import output_cache
 from nha_convert.decode_graph import GraphedDecodeStep
 from nha_convert.ops.recurrent import FULL_GROW
-from tests.test_model import batch, max_diff, tiny
+from tests.helpers.models import batch, max_diff, tiny
 
 SCHEDULES = [
     NHASettings(window=4, slots=8, sinks=3, full_layers=[1]),

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from test_finetune_helpers import recipe_text, save_tiny_base, write_corpus
+from tests.helpers.finetune import recipe_text, save_tiny_base, write_corpus
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGES = """

@@ -13,7 +13,7 @@ from nha_convert.finetune.data import (
     teacher_documents, tokenize_documents,
 )
 from nha_convert.finetune.recipe import DataSpec, SourceSpec
-from test_finetune_helpers import byte_tokenizer, documents, tiny_llama
+from tests.helpers.finetune import byte_tokenizer, documents, tiny_llama
 
 
 def test_split_whole_documents_or_tails():

@@ -21,38 +21,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.test_finetune_helpers import recipe_text, save_tiny_base, write_corpus
+from tests.helpers.finetune import losses, recipe_text, save_tiny_base, stages_for, write_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
-
-STAGES = """
-stages:
-  - kind: distill
-    trains: lora
-    lora: {r: 4}
-    steps: 6
-    batch_size: 1
-    grad_accum: GA
-    seq_len: 48
-    lr: 5e-3
-    ce_weight: 0.3
-    warmup_steps: 1
-    eval_rows: 4
-  - kind: finetune
-    trains: attention
-    steps: 4
-    batch_size: BS
-    seq_len: 32
-    lr: 1e-3
-    eval_rows: 4
-"""
-
-
-def stages_for(processes: int) -> str:
-    """The same global batch of 2 rows: distill as 1 process x 2 accumulated micro-batches or 2 processes x 1;
-    finetune as 1 process x 2 rows or 2 processes x 1."""
-    return STAGES.replace("GA", str(2 // processes)).replace("BS", str(2 // processes))
-
 
 def _finetune(tmp: Path, name: str, *, processes: int, fsdp: bool = False, resume: bool = False) -> Path:
     base, data, recipe = tmp / "base", tmp / "data", tmp / f"{name}.yaml"
@@ -68,11 +39,6 @@ def _finetune(tmp: Path, name: str, *, processes: int, fsdp: bool = False, resum
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return tmp / name
-
-
-def losses(run: Path) -> list[tuple[str, int, float]]:
-    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    return [(r["stage"], r["step"], r["loss"]) for r in rows if "event" not in r and "loss" in r]
 
 
 def _weights(run: Path) -> dict[str, torch.Tensor]:

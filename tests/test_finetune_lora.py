@@ -9,7 +9,7 @@ import nha_convert
 from nha_convert.errors import NHAError
 from nha_convert.finetune.recipe import LoraSpec
 from nha_convert.finetune.trainables import merge_lora, select_trainables
-from test_finetune_helpers import tiny_llama
+from tests.helpers.finetune import tiny_llama
 
 
 def _nha(**kw):

@@ -20,7 +20,7 @@ from nha_convert.finetune.recipe import StageSpec, parse_recipe
 from nha_convert.finetune.trainer import StageLoss, Trainer, teacher_pass
 from nha_convert.ops import nha_chunk
 from nha_convert.ops.packed import cu_seqlens_of, flatten_rows, nha_chunk_varlen, sequence_starts, unflatten_rows
-from test_finetune_helpers import byte_tokenizer, recipe_text, save_tiny_base, tiny_llama, write_corpus
+from tests.helpers.finetune import byte_tokenizer, recipe_text, save_tiny_base, tiny_llama, write_corpus
 
 # --- rows --------------------------------------------------------------------------------------------
 

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from nha_convert.finetune.recipe import parse_recipe
 from nha_convert.finetune.trainer import Interrupted, Trainer, checkpoint_dirs
-from test_finetune_helpers import recipe_text, save_tiny_base, write_corpus
+from tests.helpers.finetune import recipe_text, save_tiny_base, write_corpus
 
 STAGES = """
 stages:

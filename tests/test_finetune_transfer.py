@@ -8,7 +8,7 @@ import torch
 
 from nha_convert.finetune.recipe import parse_recipe
 from nha_convert.finetune.trainer import Trainer, attention_modules, capture_attention, substitute_attention_inputs
-from test_finetune_helpers import byte_tokenizer, recipe_text, tiny_llama, write_corpus
+from tests.helpers.finetune import byte_tokenizer, recipe_text, tiny_llama, write_corpus
 
 STAGES = """
 stages:

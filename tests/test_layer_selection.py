@@ -3,35 +3,18 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
-
 import pytest
 import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from nha_convert import NHASettings, convert
-from nha_convert.cli.convert import main
 from nha_convert.errors import NHAError
 from nha_convert.finetune.recipe import parse_recipe
 from nha_convert.layer_selection import layer_score
+from tests.helpers.cli import run_convert as run
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-            num_key_value_heads=2, vocab_size=49152, max_position_embeddings=1024)
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory, smollm2_path) -> Path:
-    folder = tmp_path_factory.mktemp("tiny") / "llama"
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(**TINY)).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(smollm2_path).save_pretrained(folder)
-    return folder
-
-
-def run(run_cli, *args) -> tuple[int, str]:
-    code, out, err = run_cli(main, "nha-convert", *args)
-    return code, out + err
-
+            num_key_value_heads=2, vocab_size=49152, max_position_embeddings=1024)  # the conftest tiny_folder's shape
 
 def test_auto_k_through_the_cli_writes_k_full_layers_and_scores(tiny_folder, tmp_path, run_cli):
     out = tmp_path / "nha"

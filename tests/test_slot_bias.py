@@ -8,8 +8,8 @@ import json
 
 import pytest
 import torch
-from test_cli_convert import run, tiny_folder  # noqa: F401  (the tiny local model folder fixture)
-from test_model import batch, max_diff, tiny
+from tests.helpers.cli import run_convert as run
+from tests.helpers.models import batch, max_diff, tiny
 
 import nha_convert
 from nha_convert import NHACache, NHAError, NHASettings, convert

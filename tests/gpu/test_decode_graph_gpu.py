@@ -17,7 +17,7 @@ from nha_convert import NHACache, NHASettings, convert, generate_fast  # noqa: E
 from nha_convert.compat import output_cache  # noqa: E402
 from nha_convert.decode_graph import GraphedDecodeStep  # noqa: E402
 from nha_convert.eval import bench as B  # noqa: E402
-from tests.test_model import batch, tiny  # noqa: E402
+from tests.helpers.models import batch, tiny  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 

@@ -21,8 +21,8 @@ import torch
 if torch.cuda.device_count() < 2:
     pytest.skip("needs 2 CUDA devices", allow_module_level=True)
 
-from tests.test_finetune_distributed import losses, stages_for  # noqa: E402
-from tests.test_finetune_helpers import recipe_text, save_tiny_base, write_corpus  # noqa: E402
+from tests.helpers.finetune import losses, stages_for  # noqa: E402
+from tests.helpers.finetune import recipe_text, save_tiny_base, write_corpus  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 ROOT = Path(__file__).resolve().parents[2]

@@ -1,7 +1,8 @@
-"""Tiny models, tokenizer and recipes shared by the test_finetune_* modules (no tests here)."""
+"""Tiny models, tokenizer, recipes and run readers shared by the fine-tuning tests (CPU and GPU)."""
 
 from __future__ import annotations
 
+import json
 import textwrap
 from pathlib import Path
 
@@ -74,3 +75,37 @@ def recipe_text(base: Path, data: Path, out: Path, stages: str, nha: str = "{win
           log_every: 1
         seed: 3
         """) + textwrap.dedent(stages) + extra
+
+
+STAGES = """
+stages:
+  - kind: distill
+    trains: lora
+    lora: {r: 4}
+    steps: 6
+    batch_size: 1
+    grad_accum: GA
+    seq_len: 48
+    lr: 5e-3
+    ce_weight: 0.3
+    warmup_steps: 1
+    eval_rows: 4
+  - kind: finetune
+    trains: attention
+    steps: 4
+    batch_size: BS
+    seq_len: 32
+    lr: 1e-3
+    eval_rows: 4
+"""
+
+
+def stages_for(processes: int) -> str:
+    """The same global batch of 2 rows: distill as 1 process x 2 accumulated micro-batches or 2 processes x 1;
+    finetune as 1 process x 2 rows or 2 processes x 1."""
+    return STAGES.replace("GA", str(2 // processes)).replace("BS", str(2 // processes))
+
+
+def losses(run: Path) -> list[tuple[str, int, float]]:
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [(r["stage"], r["step"], r["loss"]) for r in rows if "event" not in r and "loss" in r]

@@ -1,0 +1,43 @@
+"""Tiny random models of every supported architecture and a left-padded batch, shared by the model tests."""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+SMALL = dict(hidden_size=96, intermediate_size=128, num_hidden_layers=3, num_attention_heads=6,
+             num_key_value_heads=2, vocab_size=256, max_position_embeddings=512)
+ARCHS = {
+    "llama": (LlamaConfig, LlamaForCausalLM),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+    "mistral": (MistralConfig, MistralForCausalLM),
+}
+
+
+def tiny(arch="llama", seed=0, **overrides):
+    torch.manual_seed(seed)
+    config_cls, model_cls = ARCHS[arch]
+    return model_cls(config_cls(**{**SMALL, **overrides})).eval()
+
+
+def batch(t=40, b=3, pad=(0, 7, 13), seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, SMALL["vocab_size"], (b, t), generator=g)
+    mask = torch.ones_like(ids)
+    for row, n in enumerate(pad):
+        mask[row, :n] = 0  # left padding
+    return ids, mask
+
+
+def max_diff(a, b, mask):
+    return ((a - b) * mask.bool()[..., None]).abs().max().item()

@@ -136,7 +136,10 @@ class NHAAttention(nn.Module):
         elif cache is None and (cu := cu_seqlens_of(kwargs.get("position_ids"), b)) is not None:
             # Packed rows (training): the sequences that the position ids delimit never see each other.
             flat = [flatten_rows(x) for x in (q, q_rot, k, k_rot, v, log_alpha)]
-            out, _ = nha_forward(*flat, valid=valid.reshape(1, -1), chunk_size=self.chunk_size, cu_seqlens=cu,
+            # No attention mask: every position is real, and valid=None lets the kernels share one layout across
+            # the layers of this forward (prep.make_layout) instead of rebuilding it in each.
+            packed_valid = None if attention_mask is None else valid.reshape(1, -1)
+            out, _ = nha_forward(*flat, valid=packed_valid, chunk_size=self.chunk_size, cu_seqlens=cu,
                                  **common)
             out = unflatten_rows(out, b)
         else:

@@ -3,7 +3,7 @@
 Two processes with one row each must follow the one-process run with two rows (or two accumulated micro-batches of
 one row) step for step: fp32 on CPU, the only difference is the order of the gradient sum. FSDP2 runs through accelerate's FSDP path, forced on CPU by
 tests/accelerate_on_cpu.py. A stage-start checkpoint under FSDP2 is where a resumed run could drift (the sharded
-optimizer save fills an empty AdamW with a step at lr 0, see trainer._forget_optimizer_state): resuming from one
+optimizer save fills an empty AdamW with a step at lr 0, see checkpoints.forget_optimizer_state): resuming from one
 must give the same final weights. The GPU twin of this file is tests/gpu/test_finetune_multi_gpu.py.
 About 45 s.
 """

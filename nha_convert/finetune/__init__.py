@@ -3,8 +3,11 @@
     from nha_convert.finetune import read_recipe, train
     final_folder = train(read_recipe("recipes/smollm2-135m.yaml", budget="cpu"))
 
-Modules: recipe (schema + validation), data (sources, rows, held-out split), losses, trainables (what trains),
-models (student / teacher), trainer (loop, checkpoints, resume, Ctrl-C), progress (display + metrics log).
+Modules: schema (the recipe's typed models) and recipe (YAML with lines, budgets, --set), data (sources, packed
+rows, held-out split) and retrieval_data, objectives (one class per stage kind: its loss, teacher pass, reported
+values) and losses, trainables (what trains), models (student / teacher), attention_hooks, distributed, budget
+(steps or minutes), checkpoints (save, verify, resume), probe (recall after each stage), trainer (the stage
+lifecycle, Ctrl-C), progress (display + metrics log), compare (the recipe against base and sliding window).
 """
 
 from .recipe import Recipe, parse_recipe, read_recipe

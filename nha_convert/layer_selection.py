@@ -45,6 +45,7 @@ import torch
 from torch import Tensor
 
 from .errors import NHAError
+from .settings import ResolvedNHA
 
 log = logging.getLogger("nha_convert")
 
@@ -150,7 +151,7 @@ def select_full_layers(model: Any, tokenizer: Any, k: int, *, seq_len: int = 204
         raise NHAError(f"full_layers auto:{k} asks for more full layers than the {len(candidates)} NHA layers; "
                        f"use auto:1 to auto:{len(candidates)}")
     seq_len = min(seq_len, getattr(model.config, "max_position_embeddings", seq_len) or seq_len)
-    window = nha["window"]
+    window = ResolvedNHA.from_config(model.config).window
     if seq_len <= 2 * window:
         raise NHAError(f"calibration length {seq_len} does not reach beyond twice the window ({window}); "
                        "raise it (--calibration-len) so that the scores measure what leaves the window")

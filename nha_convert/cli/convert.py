@@ -14,7 +14,7 @@ from ..convert import convert, nha_config_for
 from ..errors import NHAError
 from ..io import check_output_dir, check_weights, save
 from ..memory import kv_cache_bytes, nha_state_bytes
-from ..settings import AUTO, NHASettings
+from ..settings import AUTO, NHASettings, ResolvedNHA
 from .common import Steps, VersionOption, console, parse_dtype, run_app
 
 app = typer.Typer(add_completion=False, rich_markup_mode="rich")
@@ -128,15 +128,16 @@ def _auto_choice(nha: dict) -> str:
 
 def summary(model, base_params: int, name: str, output: Path, elapsed: float) -> Table:
     cfg, nha = model.config, model.config.nha
+    s = ResolvedNHA.from_config(cfg)  # the settings, typed; `nha` still holds the auto:K record (scores, timing)
     new = sum(layer.self_attn.g_proj.weight.numel() + layer.self_attn.g_proj.bias.numel()
               for layer in model.model.layers)
     table = Table(title=f"NHA conversion of {name} -> {output} ({elapsed:.1f} s)", show_header=False)
     table.add_column(style="bold")
     table.add_column()
-    table.add_row("layers", _layer_groups(nha["windows"]))
-    table.add_row("slots / sinks", f"m={nha['slots']} per KV head, {nha['sinks']} sinks")
-    table.add_row("gates", f"{nha['gate_init']} init, tau={nha['gate_temperature']}"
-                  + ("" if nha.get("slot_bias") is None else f", slot bias {nha['slot_bias']:g}"))
+    table.add_row("layers", _layer_groups(list(s.windows)))
+    table.add_row("slots / sinks", f"m={s.slots} per KV head, {s.sinks} sinks")
+    table.add_row("gates", f"{s.gate_init} init, tau={s.gate_temperature}"
+                  + ("" if s.slot_bias is None else f", slot bias {s.slot_bias:g}"))
     if nha.get("full_layer_scores"):
         table.add_row(f"full layers auto:{nha['full_layers_auto']}", _auto_choice(nha))
     table.add_row("new parameters", f"{new:,} ({100 * new / base_params:.2f}% of {base_params:,})")

@@ -86,8 +86,10 @@ class ParityReport:
 
 def prompt_length(model: Any) -> int:
     """Longest prompt: past the model's window (so tokens leave it for the slots), at most 1024 + 64 tokens."""
-    nha = getattr(model.config, "nha", None) or {}
-    windows = [w for w in (nha.get("windows") or [nha.get("window")]) if w is not None]
+    from ..settings import ResolvedNHA
+
+    nha = ResolvedNHA.from_config(model.config) if getattr(model.config, "nha", None) else None
+    windows = [w for w in nha.windows if w is not None] if nha else []
     return max(PROMPT_TOKENS, min(max(windows, default=0), 1024) + 64)
 
 

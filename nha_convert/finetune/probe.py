@@ -22,7 +22,9 @@ def retrieval_accuracy(model: Any, tokenizer: Any, length: int, n: int, seed: in
     from ..eval.recall import model_predictions, score
     from .retrieval_data import formats_for, probe_items, retrieval_documents
 
-    window = (getattr(model.config, "nha", None) or {}).get("window") or 0
+    from ..settings import ResolvedNHA
+
+    window = ResolvedNHA.from_config(model.config).window if getattr(model.config, "nha", None) else 0
     docs = retrieval_documents(tokenizer, n, split="eval", seed=seed, min_tokens=length, max_tokens=length,
                                min_distance=min(max(2 * window, 64), length // 2), formats=formats_for(length))
     items = probe_items(docs, tokenizer)

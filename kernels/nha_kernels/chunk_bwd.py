@@ -25,12 +25,13 @@ Math of the slot recurrence (one KV head, shifted positions, A = cumulative log 
 
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from nha_convert.backend import environment
 
 from .chunk_fwd import FAST_LIMIT, FwdOut, precisions, span_scan
 from .fwd_common import _band_block, _band_range, _mm_state, _seq_of_span, _slot_kv, _slot_writers
@@ -506,7 +507,7 @@ def _delta(do: Tensor, fwd: FwdOut) -> Tensor:
 def _bwd_kv_launches() -> tuple[int, ...]:
     """NHA_BWD_KV=split (default: the K and V sides as the two values of grid axis 2, one launch) or split2 (two
     launches, one per side: SIDE as a compile-time constant)."""
-    mode = os.environ.get("NHA_BWD_KV", "split")
+    mode = environment().bwd_kv
     if mode not in ("split", "split2"):
         raise ValueError(f"NHA_BWD_KV must be 'split' or 'split2', got {mode!r}")
     return (-1,) if mode == "split" else (0, 1)

@@ -27,7 +27,6 @@ token-by-token path (rare; the test suite forces it).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -35,6 +34,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from nha_convert.backend import environment
 
 from ._compat import interpreting
 from .fwd_common import _mm_state, _seq_of_span, _sinks_band_store, _slot_kv, _slot_writers
@@ -352,7 +353,7 @@ SMS = 132  # H100 streaming multiprocessors: below this many programs a pass lea
 def parallel_default() -> bool:
     """NHA_FWD=parallel|serial picks the forward main kernel. parallel (the default; fwd_parallel.py) runs one
     program per query block from chunk states walked out of span states; serial walks each span in one program."""
-    mode = os.environ.get("NHA_FWD", "parallel")
+    mode = environment().fwd
     if mode not in ("parallel", "serial"):
         raise ValueError(f"NHA_FWD must be 'parallel' or 'serial', got {mode!r}")
     return mode == "parallel"
@@ -364,9 +365,9 @@ def state_span(chunk: int, programs: Callable[[int], int], longest: int) -> int:
     NHA_FWD_STATE_SPAN=L overrides it (0: a scan over all chunks instead of the walk). Otherwise the longest span,
     shortened while the span passes would have fewer programs than SMs (H100, T = 32K, B = 1, w = 64: chunk states
     by a scan over 512 chunks 2.63 ms, walked from spans of 1024 2.01 ms)."""
-    env = os.environ.get("NHA_FWD_STATE_SPAN")
+    env = environment().fwd_state_span
     if env is not None:
-        span = int(env)
+        span = env
         if span and span % chunk:
             raise ValueError(f"NHA_FWD_STATE_SPAN={span} must be a multiple of the state chunk {chunk}")
         return span

@@ -41,17 +41,14 @@ PARALLEL = FwdConfig(rows=128, bn=64, span=64, cs=64, num_warps=8, num_stages=1,
 
 @contextlib.contextmanager
 def bwd_mode(mode: str | None):
-    """NHA_BWD_KV=mode (the slot K/V backward launches: split | split2) inside the block; None: as set."""
-    old = os.environ.get("NHA_BWD_KV")
-    if mode is not None:
-        os.environ["NHA_BWD_KV"] = mode
-    try:
+    """The slot K/V backward launches (NHA_BWD_KV: split | split2) inside the block; None: as set."""
+    from nha_convert import backend
+
+    if mode is None:
         yield
-    finally:
-        if old is None:
-            os.environ.pop("NHA_BWD_KV", None)
-        else:
-            os.environ["NHA_BWD_KV"] = old
+        return
+    with backend.overriding(bwd_kv=mode):
+        yield
 
 
 def check_against_reference(rows: list, bwd_modes: list[str]) -> dict:

@@ -19,6 +19,7 @@ from nha_convert import backend as nha_backend  # noqa: E402
 from nha_convert.ops import nha_chunk, nha_recurrent  # noqa: E402
 from nha_convert.ops.recurrent import NHAState  # noqa: E402
 from nha_kernels import nha_chunk_triton  # noqa: E402
+from tests.helpers.env import set_nha_env  # noqa: E402
 from nha_kernels.decode import nha_decode_step  # noqa: E402
 
 pytestmark = pytest.mark.gpu
@@ -227,7 +228,7 @@ def test_model_backends_agree(monkeypatch):
 @pytest.mark.parametrize("case", [CASES[0], CASES[3], CASES[6], CASES[7]])
 def test_slot_bias_forward_matches_reference(case, mode, monkeypatch):
     window, m, sinks, pad, hq, h, t, d, dtype = case
-    monkeypatch.setenv("NHA_FWD", mode)
+    set_nha_env(monkeypatch, "NHA_FWD", mode)
     xs, valid = make(2 if t <= 2048 else 1, hq, h, t, d, m, pad=pad, dtype=dtype, seed=t + hq)
     kw = dict(window=window, num_sinks=sinks, scale=d**-0.5, valid=valid)
     ref, _ = reference(xs, **kw, slot_bias=_bias(hq))

@@ -7,7 +7,8 @@ Modules: schema (the recipe's typed models) and recipe (YAML with lines, budgets
 rows, held-out split) and retrieval_data, objectives (one class per stage kind: its loss, teacher pass, reported
 values) and losses, trainables (what trains), models (student / teacher), attention_hooks, distributed, budget
 (steps or minutes), checkpoints (save, verify, resume), probe (recall after each stage), trainer (the stage
-lifecycle, Ctrl-C), progress (display + metrics log), compare (the recipe against base and sliding window).
+lifecycle, Ctrl-C), progress (display + metrics log).
+benchmarks/compare.py runs a recipe against the base model and sliding window.
 """
 
 from .recipe import Recipe, parse_recipe, read_recipe

@@ -1,6 +1,6 @@
 """Held-out perplexity before and after a recipe, next to sliding-window attention trained with the same budget.
 
-    python -m nha_convert.finetune.compare recipes/smollm2-135m.yaml --budget gpu -o out/compare
+    python benchmarks/compare.py recipes/smollm2-135m.yaml --budget gpu -o out/compare
 
 1. the base model; 2. the recipe's NHA conversion, untrained; 3. a sliding-window baseline (NHA with 0 slots and
 `--swa-sinks` sinks, same window), untrained; 4. the recipe trained; 5. the baseline trained with the recipe's
@@ -17,6 +17,7 @@ import argparse
 import copy
 import json
 import shutil
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -24,16 +25,18 @@ from typing import Any
 
 import torch
 
-from ..backend import environment, use_backend
-from ..errors import NHAError
-from ..io import atomic_write
-from ..loading import load_converted
-from ..settings import ResolvedNHA
-from .recipe import read_recipe, stage_name
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run by path from a checkout
+
+from nha_convert.backend import environment, use_backend
+from nha_convert.errors import NHAError
+from nha_convert.io import atomic_write
+from nha_convert.loading import load_converted
+from nha_convert.settings import ResolvedNHA
+from nha_convert.finetune.recipe import read_recipe, stage_name
 
 
 def heldout_ppl(model: Any, tokenizer: Any, seq_len: int, sequences: int) -> dict[str, Any]:
-    from ..eval.perplexity import perplexity_by_position
+    from nha_convert.eval.perplexity import perplexity_by_position
 
     model.eval()
     with torch.no_grad():
@@ -46,13 +49,13 @@ def measure(model: Any, tokenizer: Any, args: argparse.Namespace) -> dict[str, A
     out: dict[str, Any] = {"ppl": p["overall_ppl"], "ppl_by_position": dict(zip(p["buckets"], p["ppl"]))}
     lengths = [int(x) for x in args.recall_lengths.split(",") if x.strip()]
     if lengths:
-        from ..eval.recall import run_recall
+        from nha_convert.eval.recall import run_recall
 
         with torch.no_grad():
             out["recall"] = run_recall(model, tokenizer, lengths, n=args.recall_items)
     if args.tasks != "none":
-        from ..eval.lm_eval_runner import run_tasks
-        from ..eval.tasks import resolve_tasks
+        from nha_convert.eval.lm_eval_runner import run_tasks
+        from nha_convert.eval.tasks import resolve_tasks
 
         run = run_tasks(model, tokenizer, resolve_tasks(args.tasks), limit=args.task_limit, batch_size=8)
         out["tasks"] = run.scores
@@ -90,8 +93,8 @@ def main(argv: list[str] | None = None) -> None:
                          "its step counts with --set stages.NAME.steps=N). Lets one device call train one model.")
     args = ap.parse_args(argv)
 
-    from .models import build_models
-    from .trainer import Trainer
+    from nha_convert.finetune.models import build_models
+    from nha_convert.finetune.trainer import Trainer
 
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)

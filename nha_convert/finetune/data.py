@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from ..errors import NHAError
+from ..io import atomic_write
 from .recipe import DataSpec, SourceSpec
 
 log = logging.getLogger("nha_convert.finetune")
@@ -167,10 +168,8 @@ def load_documents(spec: DataSpec, *, teacher: Any = None, tokenizer: Any = None
             else:
                 part = teacher_documents(src, teacher, tokenizer, seed + 7919 * i)
                 if cached is not None:
-                    cached.parent.mkdir(parents=True, exist_ok=True)
-                    tmp = cached.with_suffix(".tmp")
-                    tmp.write_text("".join(json.dumps({"text": d}) + "\n" for d in part))
-                    tmp.replace(cached)
+                    text = "".join(json.dumps({"text": d}) + "\n" for d in part)
+                    atomic_write(cached, lambda tmp: tmp.write_text(text))
         if src.max_docs is not None:
             part = part[: src.max_docs]
         log.info("data source %d (%s): %d documents", i, src.kind, len(part))

@@ -11,6 +11,8 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from ..io import atomic_write
+
 
 class StageProgress:
     """Shows step, tokens/s, loss and ETA for one stage; silent on non-main processes."""
@@ -78,9 +80,7 @@ class MetricsLog:
             return
         keep = [line for line in self.path.read_text().splitlines()
                 if line.strip() and json.loads(line).get("global_step", 0) <= global_step]
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(line + "\n" for line in keep))
-        tmp.replace(self.path)
+        atomic_write(self.path, lambda tmp: tmp.write_text("".join(line + "\n" for line in keep)))
 
     def write(self, **record: Any) -> None:
         if not self.enabled:

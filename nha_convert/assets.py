@@ -75,7 +75,7 @@ def smollm2_folder() -> Path:
     Built once from the GGUF into the cache (45 s on 2 CPU cores, 270 MB), then reused. The result is a
     LlamaForCausalLM: 134.5M parameters, 30 layers, hidden 576, 9 query / 3 KV heads, head_dim 64,
     vocab 49152, rope_theta 1e5, tied embeddings; greedy fp32 decoding continues
-    "The capital of France is" with " Paris." (tests/test_assets.py checks both).
+    "The capital of France is" with " Paris." (tests/model/test_assets.py checks both).
 
     The build is atomic: it writes into a temporary folder beside the target and renames it, so the
     target exists only when complete. A lock file serialises concurrent builds; temporary folders

@@ -15,7 +15,7 @@ Kernel variants (kernels/nha_kernels reads them from here; all have tested defau
 - NHA_FWD_STATE_SPAN = L: the span of the forward's chunk-state walk, a multiple of the state chunk; 0 = one scan.
 - NHA_BWD_KV = split | split2: one launch for the K and V sides of the backward, or two (chunk_bwd.py).
 - NHA_TRITON_BWD = triton | reference: reference differentiates the torch op instead (a debug path; autograd.py).
-Tests only: NHA_TEST_FSDP (tests/test_finetune_distributed.py).
+Tests only: NHA_TEST_FSDP (tests/finetune/test_finetune_distributed.py).
 
 Nothing here writes os.environ: code that wants another backend for a while says so with `use_backend`.
 """

@@ -1,6 +1,6 @@
 """Decode-state size per sequence, computed from a config: what `nha-convert` and `nha-eval` report.
 
-tests/test_model.py checks these formulas against the bytes an NHACache really holds.
+tests/model/test_model.py checks these formulas against the bytes an NHACache really holds.
 """
 
 from __future__ import annotations

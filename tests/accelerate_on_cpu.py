@@ -1,4 +1,4 @@
-"""Launcher for tests/test_finetune_distributed.py: `nha-finetune` under torchrun on CPU, with accelerate's FSDP2 path.
+"""Launcher for tests/finetune/test_finetune_distributed.py: `nha-finetune` under torchrun on CPU, with accelerate's FSDP2 path.
 
 Run by torchrun with ACCELERATE_USE_CPU=true, accelerate makes a gloo process group and trains with DDP (MULTI_CPU).
 It refuses FSDP on CPU, while torch's `fully_shard` itself runs on gloo; with NHA_TEST_FSDP=1 this file turns the

@@ -1,5 +1,5 @@
 """The NHA op in plain torch: `naive` (dense ground truth), `chunk` (parallel, training/prefill),
-`recurrent` (decode). All three compute the same function; tests/test_ops.py holds them to it."""
+`recurrent` (decode). All three compute the same function; tests/ops/test_ops.py holds them to it."""
 
 from .chunk import SlotState, nha_chunk
 from .common import gate_log_alpha

@@ -3,7 +3,7 @@
 A tiny NHA model (random weights, byte tokenizer, local text) keeps the run short; what is checked is the
 multi-process machinery: data sharding, gradient reduction, the FSDP wrap / gather into an unsharded copy at each
 stage end, atomic checkpoints written by every process, and the final folder. The CPU twin (gloo, runs in CI) is
-tests/test_finetune_distributed.py. Needs 2 CUDA devices:
+tests/finetune/test_finetune_distributed.py. Needs 2 CUDA devices:
 `PYTHONPATH=$PWD:$PWD/kernels python -m pytest tests/gpu/test_finetune_multi_gpu.py -q` (nvidia-h200-x2).
 """
 

@@ -9,7 +9,7 @@ import pytest
 from nha_convert.errors import NHAError
 from nha_convert.finetune.recipe import parse_recipe, read_recipe
 
-RECIPES = sorted(p for p in (Path(__file__).parent.parent / "recipes").glob("*.yaml")
+RECIPES = sorted(p for p in (Path(__file__).parents[2] / "recipes").glob("*.yaml")
                  if not p.name.startswith("accelerate-"))
 
 GOOD = """\
@@ -126,7 +126,7 @@ def test_shipped_recipes_are_valid_in_every_budget(path):
 
 
 def test_default_recipe_has_cpu_and_gpu_budgets():
-    path = Path(__file__).parent.parent / "recipes" / "smollm2-135m.yaml"
+    path = Path(__file__).parents[2] / "recipes" / "smollm2-135m.yaml"
     cpu, gpu = read_recipe(path, budget="cpu"), read_recipe(path, budget="gpu")
     assert cpu.model.base is None and cpu.model.nha["window"] == cpu.model.nha["slots"] == 64
     assert all(s.steps is not None and s.steps <= 8 for s in cpu.stages)

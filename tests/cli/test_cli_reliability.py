@@ -24,7 +24,7 @@ from nha_convert.cli import eval as eval_cli
 from nha_convert.cli import finetune as finetune_cli
 from tests.helpers.finetune import recipe_text, save_tiny_base, write_corpus
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 MAINS = {"nha-convert": convert_cli.main, "nha-finetune": finetune_cli.main, "nha-eval": eval_cli.main}
 STAGES = """
 stages:

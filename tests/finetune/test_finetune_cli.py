@@ -14,7 +14,7 @@ import pytest
 
 from tests.helpers.finetune import recipe_text, save_tiny_base, write_corpus
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 STAGES = """
 stages:
   - kind: distill

@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 
 from tests.helpers.finetune import losses, recipe_text, save_tiny_base, stages_for, write_corpus
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 def _finetune(tmp: Path, name: str, *, processes: int, fsdp: bool = False, resume: bool = False) -> Path:
     base, data, recipe = tmp / "base", tmp / "data", tmp / f"{name}.yaml"

@@ -229,7 +229,7 @@ def test_cpu_budget_of_the_default_recipe_pads_at_most_5_percent():
 
     from nha_convert.hub import resolve_source
 
-    recipe = read_recipe(Path(__file__).parents[1] / "recipes" / "smollm2-135m.yaml", budget="cpu")
+    recipe = read_recipe(Path(__file__).parents[2] / "recipes" / "smollm2-135m.yaml", budget="cpu")
     corpus = build_corpus(recipe.data, AutoTokenizer.from_pretrained(resolve_source(recipe.model.base)), seed=recipe.seed)
     for idx, stage in enumerate(recipe.stages):
         rows = corpus.rows(stage.seq_len)
@@ -247,7 +247,7 @@ def test_benchmark_counts_real_tokens_after_the_warmup():
     from pathlib import Path
 
     spec = importlib.util.spec_from_file_location("bench_finetune",
-                                                  Path(__file__).parents[1] / "benchmarks" / "bench_finetune.py")
+                                                  Path(__file__).parents[2] / "benchmarks" / "bench_finetune.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     rows = [{"step": i + 1, "tokens": 1000 * (i + 1) - 10 * i, "time_s": 3.0 + 2.0 * i, "padding_frac": 0.01 * i,

@@ -3,24 +3,15 @@
 from __future__ import annotations
 
 import torch
-from transformers import (
-    LlamaConfig,
-    LlamaForCausalLM,
-    MistralConfig,
-    MistralForCausalLM,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-    Qwen3Config,
-    Qwen3ForCausalLM,
-)
+import transformers as tf
 
 SMALL = dict(hidden_size=96, intermediate_size=128, num_hidden_layers=3, num_attention_heads=6,
              num_key_value_heads=2, vocab_size=256, max_position_embeddings=512)
-ARCHS = {
-    "llama": (LlamaConfig, LlamaForCausalLM),
-    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
-    "qwen3": (Qwen3Config, Qwen3ForCausalLM),
-    "mistral": (MistralConfig, MistralForCausalLM),
+ARCHS = {  # the base architectures nha-convert supports: (config class, CausalLM class)
+    "llama": (tf.LlamaConfig, tf.LlamaForCausalLM),
+    "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM),
+    "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM),
+    "mistral": (tf.MistralConfig, tf.MistralForCausalLM),
 }
 
 

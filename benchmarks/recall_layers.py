@@ -7,8 +7,8 @@ Scores (all on the embedded SmolLM2 unless --model says otherwise):
 - `heads`: the base model's retrieval heads. On passkey and MQAR probes, the attention mass that each head puts,
   from the positions that predict an answer, on the tokens of that answer where the context states it; a layer
   scores its best head. One eager forward per probe item, no conversion.
-- `gain`: the library's auto:K score (layer_selection.py): the gap to the base closed when ONLY that layer is full.
-- `ablation`: the gap opened when only that layer is converted (every other layer full).
+- `gain`: session 4's auto:K score: the gap to the base closed when ONLY that layer is full.
+- `ablation`: the gap opened when only that layer is converted (every other layer full): auto:K since session 5.
 - `greedy`: layers added one at a time, each the one that lowers the answer loss of the hybrid most (K x L passes).
 For each score and K: passkey / MQAR accuracy of the untrained hybrid, with 0 slots (sliding window + sinks) and
 with the slots. The base and the all-windowed model frame the table.

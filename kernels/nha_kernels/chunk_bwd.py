@@ -451,13 +451,8 @@ def _unshift(x: Tensor, w: int, lay, dim: int = 2) -> Tensor:
         return x
     dev = x.device
     pos = torch.arange(t_len, device=dev)
-    if lay.varlen:
-        ends = torch.tensor([e for _, _, e in lay.seq_bounds], device=dev)
-        seq_end = ends[torch.searchsorted(ends, pos, right=True)]
-    else:
-        seq_end = torch.full_like(pos, t_len)
     src = pos + w
-    ok = src < seq_end
+    ok = src < lay.seq_end_at
     shape = [1] * x.dim()
     shape[dim] = t_len
     idx = torch.where(ok, src, 0).view(shape).expand_as(x)
@@ -471,9 +466,7 @@ def _revcumsum(x: Tensor, lay, dim: int = 2) -> Tensor:
     if not lay.varlen:
         return rc
     t_len = x.shape[dim]
-    pos = torch.arange(t_len, device=x.device)
-    ends = torch.tensor([e for _, _, e in lay.seq_bounds], device=x.device)
-    seq_end = ends[torch.searchsorted(ends, pos, right=True)]
+    seq_end = lay.seq_end_at
     shape = [1] * x.dim()
     shape[dim] = t_len
     nxt = torch.where(seq_end < t_len, seq_end, 0).view(shape).expand_as(x)
@@ -521,7 +514,7 @@ def _add_sink_grads(dx: Tensor, d_sink: Tensor, lay: Layout) -> None:
     position 0 of their row, which changes nothing."""
     b, hkv, t_len, p = dx.shape
     pos = lay.sink_pos.long()  # (n_seqs, SP)
-    rows = torch.tensor([r for r, _, _ in lay.seq_bounds], device=dx.device, dtype=torch.long)
+    rows = lay.seq_rows
     heads = torch.arange(hkv, device=dx.device)
     idx = (rows[:, None, None] * hkv + heads[None, :, None]) * t_len + pos.clamp(min=0)[:, None, :]  # (n, Hkv, SP)
     src = d_sink[..., :p] * (pos >= 0)[:, None, :, None]
@@ -646,14 +639,8 @@ def _shift(x: Tensor, w: int, lay, dim: int = 2) -> Tensor:
     if w == 0:
         return x
     dev = x.device
-    pos = torch.arange(t_len, device=dev)
-    if lay.varlen:
-        starts = torch.tensor([a for _, a, _ in lay.seq_bounds], device=dev)
-        seq_start = starts[torch.searchsorted(starts, pos, right=True) - 1]
-    else:
-        seq_start = torch.zeros_like(pos)
-    src = pos - w
-    ok = src >= seq_start
+    src = torch.arange(t_len, device=dev) - w
+    ok = src >= lay.seq_start_at
     shape = [1] * x.dim()
     shape[dim] = t_len
     idx = torch.where(ok, src, 0).view(shape).expand_as(x)

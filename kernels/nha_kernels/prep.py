@@ -37,6 +37,9 @@ class Layout:
     tok: Tensor  # (B, T): 2 * (real tokens of its sequence up to and including it) + is_real
     sink_pos: Tensor  # (n_seqs, SP): positions of the first num_sinks real tokens, -1 where absent
     sink_pad: int  # SP
+    seq_rows: Tensor  # (n_seqs,) long: the batch row of each sequence
+    seq_start_at: Tensor  # (T,) long: start of the sequence that position t belongs to (0 in dense mode)
+    seq_end_at: Tensor  # (T,) long: its end (exclusive; T in dense mode)
 
 
 # Layouts of all-real inputs (valid None), by boundaries and shape: every layer of a forward and its backward hands
@@ -84,10 +87,13 @@ def _build_layout(valid: Tensor | None, cu_seqlens: Tensor | None, batch: int, s
         per_row = -(-seq_len // span)
         n_spans = batch * per_row
         span_table = seq_table = None
+        seq_rows = torch.arange(batch, device=device)
+        seq_start_at = torch.zeros(seq_len, dtype=torch.long, device=device)
+        seq_end_at = torch.full((seq_len,), seq_len, dtype=torch.long, device=device)
     else:
         if batch != 1:
             raise ValueError("packed sequences (cu_seqlens) need batch size 1")
-        cu = [int(x) for x in cu_seqlens.tolist()]
+        cu = [int(x) for x in cu_seqlens.tolist()]  # cu_seqlens_of keeps it on the host: no sync
         if cu[0] != 0 or cu[-1] != seq_len or any(a > b for a, b in zip(cu, cu[1:])):
             raise ValueError(f"cu_seqlens must rise from 0 to T={seq_len}, got {cu}")
         bounds = [(0, a, b) for a, b in zip(cu, cu[1:])]
@@ -95,6 +101,11 @@ def _build_layout(valid: Tensor | None, cu_seqlens: Tensor | None, batch: int, s
         lens = torch.tensor([b - a for a, b in zip(cu, cu[1:])], device=device, dtype=torch.long)
         before = torch.where(starts > 0, gc[0, (starts - 1).clamp(min=0)], torch.zeros_like(starts, dtype=torch.int32))
         cv = gc - torch.repeat_interleave(before, lens, output_size=seq_len)[None]
+        # Per-position sequence bounds for the backward's shifts and scans, built here once per layout rather than
+        # from the host list in every backward call (each such copy was a host sync, per layer, per step).
+        seq_rows = torch.zeros(len(cu) - 1, dtype=torch.long, device=device)
+        seq_start_at = torch.repeat_interleave(starts, lens, output_size=seq_len)
+        seq_end_at = torch.repeat_interleave(starts + lens, lens, output_size=seq_len)
         rows, seqs = [], []
         for n, (_, a, b) in enumerate(bounds):
             first = len(rows)
@@ -126,7 +137,8 @@ def _build_layout(valid: Tensor | None, cu_seqlens: Tensor | None, batch: int, s
     return Layout(
         batch=batch, seq_len=seq_len, span=span, n_seqs=len(bounds), n_spans=n_spans, spans_per_row=per_row,
         varlen=cu_seqlens is not None, span_table=span_table, seq_table=seq_table, seq_bounds=bounds,
-        tok=tok, sink_pos=sink_pos.contiguous(), sink_pad=sp,
+        tok=tok, sink_pos=sink_pos.contiguous(), sink_pad=sp, seq_rows=seq_rows, seq_start_at=seq_start_at,
+        seq_end_at=seq_end_at,
     )
 
 

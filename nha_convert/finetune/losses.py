@@ -167,9 +167,11 @@ def direct_kl(student_logits: Tensor, teacher_logits: Tensor, targets: Tensor, t
 
 def attention_mse(student: list[Tensor], teacher: list[Tensor], attention_mask: Tensor) -> Tensor:
     """(L,) per-layer sums over real tokens of the mean squared difference over the hidden features (fp32)."""
-    real = attention_mask.bool()
+    # Selected with where rather than a boolean index (a host sync, one per layer per step); the where comes before
+    # the square so that whatever padded positions hold never reaches the loss or its gradient.
+    real = attention_mask.bool()[..., None]
     out = []
     for s, t in zip(student, teacher):
-        diff = (s.float() - t.float())[real]
+        diff = torch.where(real, s.float() - t.float(), 0.0)
         out.append(diff.pow(2).mean(-1).sum())
     return torch.stack(out)

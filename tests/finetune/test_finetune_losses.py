@@ -76,3 +76,15 @@ def test_attention_mse_counts_real_tokens_only():
     t = [torch.ones(2, 3, 4), torch.ones(2, 3, 4)]
     mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
     assert attention_mse(s, t, mask).tolist() == [3.0, 0.0]
+
+
+def test_attention_mse_ignores_whatever_padding_holds():
+    """Padded positions never reach the loss or its gradient, even as NaN (the mask selects before the square)."""
+    s = torch.zeros(1, 3, 4, requires_grad=True)
+    t = torch.ones(1, 3, 4)
+    t[0, 2] = float("nan")
+    mask = torch.tensor([[1, 1, 0]])
+    loss = attention_mse([s], [t], mask)
+    loss.sum().backward()
+    assert loss.tolist() == [2.0]
+    assert torch.isfinite(s.grad).all() and s.grad[0, 2].abs().sum() == 0

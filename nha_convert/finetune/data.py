@@ -182,12 +182,43 @@ def load_documents(spec: DataSpec, *, teacher: Any = None, tokenizer: Any = None
 # --- tokens, split, rows ---------------------------------------------------------------------------
 
 
+class WeightedTokens(list):
+    """Token ids with a loss weight per token: the weight of predicting that token. Slices keep their weights, so
+    the held-out split and the cutting into pieces carry them along unchanged."""
+
+    def __init__(self, ids: Any, weights: Any):
+        super().__init__(ids)
+        self.weights = list(weights)
+        if len(self.weights) != len(self):
+            raise ValueError(f"{len(self)} tokens but {len(self.weights)} weights")
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return WeightedTokens(list.__getitem__(self, i), self.weights[i])
+        return list.__getitem__(self, i)
+
+
 def tokenize_documents(docs: list[str], tokenizer: Any) -> list[list[int]]:
-    """Each document as token ids, with the tokenizer's own special tokens and an end-of-text token."""
+    """Each document as token ids, with the tokenizer's own special tokens and an end-of-text token. Documents that
+    mark answers (retrieval_data.AnswerText) come back as WeightedTokens: their answer tokens weigh
+    `answer_weight` in the training loss, every other token 1."""
     eos = tokenizer.eos_token_id
+    marked = any(hasattr(d, "answer_spans") for d in docs)
+    if marked and not getattr(tokenizer, "is_fast", False):
+        raise NHAError("answer_weight needs a fast tokenizer (character offsets); set answer_weight: 1 in the "
+                       "retrieval source or use the model's fast tokenizer")
+    enc = tokenizer(docs, add_special_tokens=True, verbose=False, return_offsets_mapping=marked)
     out = []
-    for ids in tokenizer(docs, add_special_tokens=True, verbose=False)["input_ids"]:
-        out.append(list(ids) + ([eos] if eos is not None and (not ids or ids[-1] != eos) else []))
+    for n, ids in enumerate(enc["input_ids"]):
+        tail = [eos] if eos is not None and (not ids or ids[-1] != eos) else []
+        doc = docs[n]
+        if not hasattr(doc, "answer_spans"):
+            out.append(list(ids) + tail)
+            continue
+        # A token belongs to an answer when its characters overlap the answer's (special tokens have no characters).
+        weights = [doc.answer_weight if e > s and any(s < b and e > a for a, b in doc.answer_spans) else 1.0
+                   for s, e in enc["offset_mapping"][n]]
+        out.append(WeightedTokens(list(ids) + tail, weights + [1.0] * len(tail)))
     return out
 
 
@@ -211,11 +242,13 @@ def split_documents(docs: list[list[int]], held_out: float, seed: int) -> tuple[
 @dataclass
 class Rows:
     """Packed rows of seq_len positions: input_ids (N, L); attention_mask (N, L), 1 at real tokens (for losses
-    and counts, never handed to the model); position_ids (N, L), restarting at 0 at every piece."""
+    and counts, never handed to the model); position_ids (N, L), restarting at 0 at every piece; loss_weight
+    (N, L) float, the weight of predicting each token (None: all 1; see WeightedTokens)."""
 
     input_ids: Tensor
     attention_mask: Tensor
     position_ids: Tensor
+    loss_weight: Tensor | None = None
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -262,6 +295,8 @@ def make_rows(docs: list[list[int]], seq_len: int, pad_id: int, min_chunk: int) 
     ids = torch.full((len(packed), seq_len), pad_id, dtype=torch.long)
     mask = torch.zeros((len(packed), seq_len), dtype=torch.long)
     pos = torch.zeros((len(packed), seq_len), dtype=torch.long)
+    weighted = any(isinstance(p, WeightedTokens) for p in pieces)
+    weight = torch.ones((len(packed), seq_len), dtype=torch.float32) if weighted else None
     for r, members in enumerate(packed):
         at = 0
         for i in members:
@@ -269,11 +304,13 @@ def make_rows(docs: list[list[int]], seq_len: int, pad_id: int, min_chunk: int) 
             ids[r, at:at + len(p)] = torch.tensor(p, dtype=torch.long)
             mask[r, at:at + len(p)] = 1
             pos[r, at:at + len(p)] = torch.arange(len(p))
+            if weight is not None and isinstance(p, WeightedTokens):
+                weight[r, at:at + len(p)] = torch.tensor(p.weights, dtype=torch.float32)
             at += len(p)
         if at < seq_len:  # padding continues the last piece's positions: after its real tokens, never seen by them
             start = int(pos[r, at - 1]) + 1
             pos[r, at:] = torch.arange(start, start + seq_len - at)
-    return Rows(ids, mask, pos)
+    return Rows(ids, mask, pos, weight)
 
 
 def step_rows(num_rows: int, global_batch: int, step: int, seed: int) -> list[int]:

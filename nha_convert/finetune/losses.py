@@ -39,38 +39,46 @@ def next_token_targets(input_ids: Tensor, attention_mask: Tensor, position_ids: 
 
 
 def _kl_ce_chunk(h: Tensor, th: Tensor | None, tgt: Tensor, head: Head, teacher_head: Head | None,
-                 temperature: float, want_kl: bool, want_ce: bool) -> Tensor:
+                 temperature: float, want_kl: bool, want_ce: bool, wt: Tensor | None = None) -> Tensor:
     logits = head(h).float()
     out = []
     if want_kl:
         with torch.no_grad():
             t_logp = F.log_softmax(teacher_head(th).float() / temperature, dim=-1)
         s_logp = F.log_softmax(logits / temperature, dim=-1)
-        kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1).sum() * temperature**2
-        out.append(kl)
+        kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1)
+        out.append((kl if wt is None else kl * wt).sum() * temperature**2)
     else:
         out.append(logits.new_zeros(()))
-    out.append(F.cross_entropy(logits, tgt, reduction="sum") if want_ce else logits.new_zeros(()))
+    if not want_ce:
+        out.append(logits.new_zeros(()))
+    elif wt is None:
+        out.append(F.cross_entropy(logits, tgt, reduction="sum"))
+    else:
+        out.append((F.cross_entropy(logits, tgt, reduction="none") * wt).sum())
     return torch.stack(out)
 
 
 def chunked_lm_loss(hidden: Tensor, targets: Tensor, head: Head, *, teacher_hidden: Tensor | None = None,
                     teacher_head: Head | None = None, temperature: float = 1.0, want_kl: bool = False,
-                    want_ce: bool = True, chunk: int = 1024) -> tuple[Tensor, Tensor, int]:
+                    want_ce: bool = True, chunk: int = 1024,
+                    target_weight: Tensor | None = None) -> tuple[Tensor, Tensor, int]:
     """(KL sum, CE sum, number of positions) over positions with a target.
 
     KL is the forward KL(teacher || student) of the temperature-softened distributions, times T^2 (Hinton), so
-    its gradient scale does not change with the temperature.
+    its gradient scale does not change with the temperature. `target_weight` (shaped like targets): each
+    position's term is multiplied by it (the sums become weighted sums; the count stays the number of positions).
     """
     pos = (targets != -100).flatten().nonzero().squeeze(1)
     h = hidden.flatten(0, 1).index_select(0, pos)
     th = teacher_hidden.flatten(0, 1).index_select(0, pos) if want_kl else None
     tgt = targets.flatten().index_select(0, pos)
+    wt = None if target_weight is None else target_weight.flatten().index_select(0, pos).float()
     total = hidden.new_zeros(2, dtype=torch.float32)
     for start in range(0, pos.numel(), chunk):
         sl = slice(start, start + chunk)
         args = (h[sl], th[sl] if th is not None else None, tgt[sl], head, teacher_head, temperature, want_kl,
-                want_ce)
+                want_ce, wt[sl] if wt is not None else None)
         if torch.is_grad_enabled() and h.requires_grad:
             total = total + checkpoint(_kl_ce_chunk, *args, use_reentrant=False)
         else:
@@ -119,17 +127,21 @@ def _weight_of(head: Head | None) -> Tensor | None:
 
 def lm_objective(hidden: Tensor, targets: Tensor, head: Head, *, teacher_hidden: Tensor | None = None,
                  teacher_head: Head | None = None, temperature: float = 1.0, ce_weight: float = 1.0,
-                 want_kl: bool = False, chunk: int = 1024) -> tuple[Tensor, Tensor, Tensor, int]:
+                 want_kl: bool = False, chunk: int = 1024,
+                 target_weight: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, int]:
     """(loss sum, KL sum, CE sum, positions): loss = (1 - ce_weight) * KL + ce_weight * CE with KL as in
     `chunked_lm_loss`; without want_kl the loss is the CE sum. KL and CE come back detached (statistics).
-    The fused form runs only where it pays: CUDA, a gradient wanted, bias-free linear heads."""
-    lib = liger_losses(hidden) if torch.is_grad_enabled() and hidden.requires_grad else None
+    The fused form runs only where it pays: CUDA, a gradient wanted, bias-free linear heads, no per-position
+    weights (liger's losses take none: weighted batches use the torch form)."""
+    fusable = torch.is_grad_enabled() and hidden.requires_grad and target_weight is None
+    lib = liger_losses(hidden) if fusable else None
     w, tw = _weight_of(head), _weight_of(teacher_head) if want_kl else None
     if lib is not None and w is not None and (tw is not None or not want_kl):
         return fused_lm_objective(lib, hidden, targets, w, teacher_hidden=teacher_hidden, teacher_weight=tw,
                                   temperature=temperature, ce_weight=ce_weight, want_kl=want_kl, chunk=chunk)
     kl, ce, n = chunked_lm_loss(hidden, targets, head, teacher_hidden=teacher_hidden, teacher_head=teacher_head,
-                                temperature=temperature, want_kl=want_kl, want_ce=True, chunk=chunk)
+                                temperature=temperature, want_kl=want_kl, want_ce=True, chunk=chunk,
+                                target_weight=target_weight)
     loss = (1 - ce_weight) * kl + ce_weight * ce if want_kl else ce
     return loss, kl.detach(), ce.detach(), n
 

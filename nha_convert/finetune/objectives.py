@@ -137,14 +137,20 @@ class _LanguageModel(Objective):
         return {"teacher_hidden": hidden}
 
     def forward(self, student: nn.Module, teacher: nn.Module | None, input_ids: Tensor, attention_mask: Tensor,
-                position_ids: Tensor, teacher_hidden: Tensor | None = None, **_: Any) -> tuple[Tensor, Tensor]:
+                position_ids: Tensor, teacher_hidden: Tensor | None = None, loss_weight: Tensor | None = None,
+                **_: Any) -> tuple[Tensor, Tensor]:
+        """`loss_weight` (B, T): the weight of predicting each token (data.Rows), None for all 1."""
         lm, s, kl_on = causal_lm(student), self.stage, self.want_kl
         hidden = lm.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
         targets = next_token_targets(input_ids, attention_mask, position_ids)
+        target_weight = None
+        if loss_weight is not None:  # position t predicts token t + 1
+            target_weight = torch.ones_like(loss_weight)
+            target_weight[:, :-1] = loss_weight[:, 1:]
         loss, kl, ce, n = lm_objective(hidden, targets, lm.get_output_embeddings(), teacher_hidden=teacher_hidden,
                                        teacher_head=teacher.get_output_embeddings() if kl_on else None,
                                        temperature=s.temperature, ce_weight=s.ce_weight if kl_on else 1.0,
-                                       want_kl=kl_on, chunk=s.loss_chunk)
+                                       want_kl=kl_on, chunk=s.loss_chunk, target_weight=target_weight)
         return loss, torch.stack([kl, ce, kl.new_tensor(float(n))])
 
     def denominator(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor) -> float:

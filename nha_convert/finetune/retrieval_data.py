@@ -326,15 +326,32 @@ def retrieval_documents(tokenizer: Any, n: int, *, split: str = "train", seed: i
     return docs
 
 
+class AnswerText(str):
+    """A document's text with its answers' character spans and the loss weight they get (data.py turns them into
+    per-token weights)."""
+
+    answer_spans: tuple[tuple[int, int], ...]
+    answer_weight: float
+
+    def __new__(cls, text: str, spans: Sequence[tuple[int, int]], weight: float) -> "AnswerText":
+        out = super().__new__(cls, text)
+        out.answer_spans, out.answer_weight = tuple(spans), float(weight)
+        return out
+
+
 def source_documents(src: Any, tokenizer: Any, seed: int) -> list[str]:
-    """The texts of a recipe's `kind: retrieval` data source (always the train split)."""
+    """The texts of a recipe's `kind: retrieval` data source (always the train split); with an `answer_weight`
+    other than 1, as AnswerText carrying where the answers are."""
     if tokenizer is None:
         raise NHAError("retrieval data needs the model's tokenizer to measure lengths")
     # Two tokens of room for the BOS / EOS tokens that tokenization adds, so a document fits a max_tokens row.
     docs = retrieval_documents(tokenizer, src.samples, split="train", seed=seed, min_tokens=src.min_tokens - 2,
                                max_tokens=src.max_tokens - 2, min_distance=src.min_distance,
                                formats=src.formats or FORMATS)
-    return [d.text for d in docs]
+    weight = getattr(src, "answer_weight", 1.0)
+    if weight == 1.0:
+        return [d.text for d in docs]
+    return [AnswerText(d.text, [(qa.answer_start, qa.answer_end) for qa in d.qas], weight) for d in docs]
 
 
 def token_spans(doc: RetrievalDoc, tokenizer: Any) -> tuple[list[int], list[tuple[int, int]]]:

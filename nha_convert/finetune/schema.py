@@ -116,7 +116,7 @@ class TeacherSpec(Spec):
 SOURCE_FIELDS = {"shakespeare": (), "boolq": (), "text": ("path",), "jsonl": ("path", "field"),
                  "hub": ("name", "config", "split", "field"),
                  "teacher": ("samples", "max_new_tokens", "temperature", "top_p", "prompts"),
-                 "retrieval": ("samples", "min_tokens", "max_tokens", "min_distance", "formats")}
+                 "retrieval": ("samples", "min_tokens", "max_tokens", "min_distance", "formats", "answer_weight")}
 
 
 class SourceSpec(Spec):
@@ -129,7 +129,9 @@ class SourceSpec(Spec):
     - teacher: `samples` texts sampled from the teacher (`max_new_tokens`, `temperature`, `top_p`),
       started from `prompts` (default: the beginning-of-text token);
     - retrieval: `samples` generated retrieval documents (finetune/retrieval_data.py): `min_tokens`-`max_tokens`
-      long, every question more than `min_distance` tokens after its fact, in `formats` (default all).
+      long, every question more than `min_distance` tokens after its fact, in `formats` (default all);
+      `answer_weight` multiplies the training loss of the answer tokens (1: plain; the answers are ~0.1 % of the
+      tokens, so their retrieval signal is faint without it).
     max_docs caps the documents taken from this source."""
 
     kind: Literal["shakespeare", "boolq", "text", "jsonl", "hub", "teacher", "retrieval"]
@@ -148,6 +150,7 @@ class SourceSpec(Spec):
     max_tokens: Int = 2048
     min_distance: Int = 256
     formats: Optional[list[str]] = None
+    answer_weight: Num = Field(1.0, gt=0)
 
     @model_validator(mode="after")
     def _check(self) -> SourceSpec:

@@ -362,6 +362,8 @@ class Trainer:
         for m, sel in enumerate(micro):
             ids, mask, pos = (x[sel].to(self.device) for x in (data.input_ids, data.attention_mask, data.position_ids))
             extra = run.objective.teacher_pass(teacher, ids, pos, autocast) if teacher is not None else {}
+            if data.loss_weight is not None:  # answer tokens weighted up (retrieval answer_weight); training only
+                extra["loss_weight"] = data.loss_weight[sel].to(self.device)
             sync = contextlib.nullcontext() if m == len(micro) - 1 else acc.no_sync(module)
             with sync:
                 with autocast():

@@ -88,3 +88,22 @@ def test_attention_mse_ignores_whatever_padding_holds():
     loss.sum().backward()
     assert loss.tolist() == [2.0]
     assert torch.isfinite(s.grad).all() and s.grad[0, 2].abs().sum() == 0
+
+
+def test_weighted_lm_loss_is_the_weighted_sum_of_per_position_terms():
+    hidden, t_hidden, ids, mask, head, t_head = _batch()
+    targets = next_token_targets(ids, mask)
+    keep = targets != -100
+    weight = torch.rand(targets.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64) * 9 + 1
+    kw = dict(teacher_hidden=t_hidden, teacher_head=t_head, temperature=2.0, want_kl=True, want_ce=True, chunk=4)
+    plain = chunked_lm_loss(hidden, targets, head, **kw)
+    ones = chunked_lm_loss(hidden, targets, head, target_weight=torch.ones_like(weight), **kw)
+    torch.testing.assert_close(torch.stack(ones[:2]), torch.stack(plain[:2]))
+    kl, ce, n = chunked_lm_loss(hidden, targets, head, target_weight=weight, **kw)
+    t = F.log_softmax(t_head(t_hidden)[keep] / 2.0, -1)
+    s = F.log_softmax(head(hidden)[keep] / 2.0, -1)
+    ref_kl = ((t.exp() * (t - s)).sum(-1) * weight[keep]).sum() * 4.0
+    ref_ce = (F.cross_entropy(head(hidden)[keep], targets[keep], reduction="none") * weight[keep]).sum()
+    assert n == int(keep.sum())
+    torch.testing.assert_close(kl, ref_kl.float(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ce, ref_ce.float(), rtol=1e-6, atol=1e-6)

@@ -70,3 +70,25 @@ def test_step_budget_feeds_the_lr_schedule():
     tokens = StepBudget(StageSpec(kind="finetune", tokens=1000, batch_size=2, grad_accum=2, seq_len=100), world=2)
     assert tokens.planned == tokens.steps == 2  # ceil(1000 / (2 * 2 * 2 * 100))
     assert not tokens.past_deadline()  # no max_minutes
+
+
+def test_loss_weight_of_a_token_scales_the_term_that_predicts_it():
+    """Rows.loss_weight[t] weighs the prediction OF token t, made at position t - 1 (and within its own piece)."""
+    from tests.helpers.finetune import tiny_llama
+
+    model = tiny_llama(layers=1).double()
+    objective = objective_for(StageSpec(kind="finetune"))
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 256, (2, 12), generator=g)
+    mask = torch.ones_like(ids)
+    pos = torch.cat([torch.arange(5), torch.arange(7)]).expand(2, 12)  # two packed pieces per row
+    plain, _ = objective.forward(model, None, ids, mask, pos)
+    weight = torch.ones(2, 12, dtype=torch.float64)
+    ones, _ = objective.forward(model, None, ids, mask, pos, loss_weight=weight)
+    torch.testing.assert_close(ones, plain)
+    weight[1, 3] = 4.0  # token 3 of row 1: predicted at position 2
+    weight[0, 5] = 9.0  # the first token of a piece: nothing predicts it, no change
+    weighted, _ = objective.forward(model, None, ids, mask, pos, loss_weight=weight)
+    logits = model(input_ids=ids, position_ids=pos).logits
+    ce = torch.nn.functional.cross_entropy(logits[1, 2], ids[1, 3])
+    torch.testing.assert_close(weighted - plain, 3.0 * ce.float())

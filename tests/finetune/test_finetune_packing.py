@@ -258,3 +258,31 @@ def test_benchmark_counts_real_tokens_after_the_warmup():
     assert r["positions_per_s"] == 500.0 and r["padding_frac"] == 0.035 and r["final_loss"] == 1 / 6
     with pytest.raises(SystemExit, match="raise --steps"):
         bench.summarise("distill", "distill", rows[:2], warmup=2, global_batch=1, seq_len=1000)
+
+
+def test_answer_weight_reaches_the_training_loss_but_not_the_held_out_one(tmp_path):
+    """A retrieval source with answer_weight: the first step's logged loss exceeds the unweighted run's (the same
+    rows, init and model; the answer terms count more), while the held-out loss before training is the same."""
+    base = save_tiny_base(tmp_path / "base")
+    stages = """
+    stages:
+      - kind: finetune
+        trains: gates
+        steps: 1
+        batch_size: 2
+        seq_len: 512
+        eval_rows: 2
+    """
+    runs = {}
+    for weight in (1, 6):
+        source = ("data:\n  sources:\n    - {kind: retrieval, samples: 6, min_tokens: 400, max_tokens: 500, "
+                  f"min_distance: 64, formats: [passkey], answer_weight: {weight}}}\n  held_out: 0.34\n")
+        text = recipe_text(base, tmp_path, tmp_path / f"run{weight}", stages)
+        text = text[:text.index("data:")] + source + text[text.index("output:"):]
+        Trainer(parse_recipe(text, "t.yaml")).run()
+        lines = [json.loads(x) for x in (tmp_path / f"run{weight}" / "metrics.jsonl").read_text().splitlines()]
+        runs[weight] = ([x["loss"] for x in lines if "loss" in x and "event" not in x],
+                        [x["val_loss"] for x in lines if x.get("event") == "eval"])
+    (plain, plain_eval), (weighted, weighted_eval) = runs[1], runs[6]
+    assert weighted[0] > plain[0]
+    assert weighted_eval[0] == plain_eval[0]

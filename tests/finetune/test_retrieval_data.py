@@ -127,3 +127,43 @@ def test_recall_probe_runs_on_an_nha_folder(tok, tmp_path):
 def test_source_spec_defaults_fit_the_default_seq_len():
     s = SourceSpec(kind="retrieval")
     assert s.min_distance < s.min_tokens <= s.max_tokens == 2048
+
+
+def test_answer_weight_marks_exactly_the_answer_tokens(tok):
+    """answer_weight: the weighted tokens of each document decode to its answers, and they survive the held-out
+    split and the packing into rows (the weight of predicting token t sits at t in Rows.loss_weight)."""
+    from nha_convert.finetune.data import WeightedTokens, make_rows, split_documents, tokenize_documents
+
+    src = SourceSpec(kind="retrieval", samples=4, min_tokens=400, max_tokens=500, min_distance=128, answer_weight=8)
+    texts = rd.source_documents(src, tok, seed=1)
+    plain = rd.source_documents(SourceSpec(kind="retrieval", samples=4, min_tokens=400, max_tokens=500,
+                                           min_distance=128), tok, seed=1)
+    assert texts == plain and all(isinstance(t, rd.AnswerText) for t in texts)
+    assert not any(isinstance(t, rd.AnswerText) for t in plain)
+    docs = tokenize_documents(texts, tok)
+    assert [list(d) for d in docs] == tokenize_documents(plain, tok)  # same tokens, weights beside them
+    for text, ids in zip(texts, docs):
+        assert isinstance(ids, WeightedTokens)
+        marked = [i for i, w in zip(ids, ids.weights) if w == 8.0]
+        answers = "".join(text[a:b] for a, b in text.answer_spans)
+        assert tok.decode(marked).replace(" ", "") == answers.replace(" ", "")
+        assert set(ids.weights) == {1.0, 8.0}
+    train, held = split_documents(docs, 0.5, seed=0)  # whole documents
+    assert all(isinstance(d, WeightedTokens) for d in train + held)
+    tails = split_documents(docs[:1], 0.5, seed=0)  # fewer documents than 1/held_out: cut inside each
+    assert [w for part in tails for w in part[0].weights] == docs[0].weights
+    rows = make_rows(docs + [[1, 2, 3, 4, 5]], seq_len=256, pad_id=0, min_chunk=4)
+    assert rows.loss_weight is not None
+    assert int((rows.loss_weight == 8.0).sum()) == sum(w == 8.0 for d in docs for w in d.weights)
+    assert (rows.loss_weight[rows.attention_mask == 0] == 1.0).all()
+    from collections import Counter  # the weighted positions hold exactly the answer tokens
+
+    assert Counter(rows.input_ids[rows.loss_weight == 8.0].tolist()) == Counter(
+        i for d in docs for i, w in zip(d, d.weights) if w == 8.0)
+
+
+def test_answer_weight_belongs_to_retrieval_sources_and_is_positive():
+    with pytest.raises(Exception, match="answer_weight"):
+        SourceSpec(kind="shakespeare", answer_weight=4)
+    with pytest.raises(Exception, match="greater than 0"):
+        SourceSpec(kind="retrieval", answer_weight=0)

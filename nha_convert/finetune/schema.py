@@ -208,7 +208,8 @@ class StageSpec(Spec):
     global batch per step); minutes = a time budget, turned into a step count after timing steps 2-5 (the count is
     stored in checkpoints, so a resumed run keeps it). Setting one of the three in a budget or with --set clears
     the others. max_minutes stops a stage early without changing its schedule (a safety cap). batch_size is per
-    device and micro-step; the global batch is batch_size x grad_accum x devices.
+    device and micro-step; the global batch is batch_size x grad_accum x devices. windows: train each step with a
+    window drawn from this list in every windowed NHA layer (finetune/windows.py); evaluation keeps the model's.
 
     Rules that need the rest of the recipe (the amount, the teacher, the kind-specific fields) are checked by
     Recipe, so that a stage built alone in code or tests may leave its amount unset."""
@@ -238,6 +239,7 @@ class StageSpec(Spec):
     eval_every: Optional[Int] = None
     eval_rows: Positive = 32
     max_minutes: Optional[Num] = Field(None, gt=0)
+    windows: Optional[list[Positive]] = Field(None, min_length=1)
 
 
 class OutputSpec(Spec):

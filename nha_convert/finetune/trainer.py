@@ -42,6 +42,7 @@ from .probe import stage_end_probe
 from .progress import MetricsLog, StageProgress
 from .recipe import Recipe, StageSpec, stage_name
 from .trainables import causal_lm, count_parameters, is_gate, merge_lora, select_trainables
+from .windows import check_windows, draw_window, training_window, windowed_layers
 
 # Where callers found them before the stage objectives, hooks and checkpoints had their own modules.
 from .attention_hooks import attention_modules, capture_attention, substitute_attention_inputs  # noqa: F401
@@ -230,6 +231,7 @@ class Trainer:
         train, held = corpus.rows(stage.seq_len, "train"), corpus.rows(stage.seq_len, "held_out")
         if objective.needs_teacher and teacher is None:
             raise NHAError(f"stage {name} ({stage.kind}) needs a teacher")
+        check_windows(student, name, stage.windows)
 
         student = select_trainables(student, stage.trains, stage.lora,
                                     fp32_trainables=recipe.model.dtype == "bfloat16")
@@ -284,7 +286,9 @@ class Trainer:
                            recipe.output.log_every) as bar:
             while budget.left(pos.step) > 0:
                 rows = step_rows(len(run.train), run.global_batch, pos.step, seed)
-                stats, step_tokens, denom = self._train_step(run, teacher, rows, autocast)
+                window = draw_window(stage.windows, seed, pos.step) if stage.windows else None
+                with training_window(windowed_layers(run.student) if window else [], window):
+                    stats, step_tokens, denom = self._train_step(run, teacher, rows, autocast)
                 run.scheduler.step()
                 pos.step += 1
                 pos.global_step += 1

@@ -162,6 +162,15 @@ def fused_lm_objective(lib: LigerLosses, hidden: Tensor, targets: Tensor, weight
         ce = lib.cross_entropy(h, weight, tgt, reduction="sum")
         return ce, zero, ce.detach().float(), n
     th = teacher_hidden.flatten(0, 1).index_select(0, pos)
+    # Rows padded to a multiple of the chunk with ignored targets: liger cuts the rows into n // chunk pieces with
+    # torch.chunk, so each new n of a packed step gave new chunk shapes, a torch.compile recompile, and under torch
+    # 2.11 a crash in its guards at the third (H200, 2026-11-29). Padded rows are masked out of both losses and of
+    # liger's count of valid rows, so the sums do not change.
+    pad = -n % chunk
+    if pad:
+        h = torch.cat([h, h.new_zeros(pad, h.shape[-1])])
+        th = torch.cat([th, th.new_zeros(pad, th.shape[-1])])
+        tgt = torch.cat([tgt, tgt.new_full((pad,), -100)])
     # liger returns means over the n positions: (w_hard * CE + w_soft * KL) / n, then KL / n and CE / n unweighted.
     # beta = 0 is the forward KL(teacher || student); the T^2 factor goes into the soft weight.
     mean, kl_mean, ce_mean = lib.jsd(h, weight, th, teacher_weight.detach(), tgt, None, None, ce_weight,

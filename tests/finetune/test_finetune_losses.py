@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -107,3 +108,28 @@ def test_weighted_lm_loss_is_the_weighted_sum_of_per_position_terms():
     assert n == int(keep.sum())
     torch.testing.assert_close(kl, ref_kl.float(), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(ce, ref_ce.float(), rtol=1e-6, atol=1e-6)
+
+
+def test_fused_loss_pads_rows_to_whole_chunks_without_changing_the_sums():
+    """liger's chunked JSD (eager, on the CPU): the rows padded to a multiple of the chunk give the chunked torch
+    loss's sums and gradients for counts of valid positions that are and are not multiples of the chunk."""
+    pytest.importorskip("liger_kernel")
+    from nha_convert.finetune.losses import fused_lm_objective, import_liger
+
+    lib = import_liger()
+    for t in (9, 10, 11):  # t + 6 positions with a target: 15, 16 (two whole chunks), 17
+        hidden, t_hidden, ids, mask, head, t_head = _batch(seed=t, t=t, v=40)
+        hidden, t_hidden, head, t_head = hidden.float(), t_hidden.float(), head.float(), t_head.float()
+        targets = next_token_targets(ids, mask)
+        h1, h2 = hidden.clone().requires_grad_(True), hidden.clone().requires_grad_(True)
+        loss, kl, ce, n = fused_lm_objective(lib, h1, targets, head.weight, teacher_hidden=t_hidden,
+                                             teacher_weight=t_head.weight, temperature=2.0, ce_weight=0.3,
+                                             want_kl=True, chunk=8, compiled=False)
+        ref_kl, ref_ce, ref_n = chunked_lm_loss(h2, targets, head, teacher_hidden=t_hidden, teacher_head=t_head,
+                                                temperature=2.0, want_kl=True, want_ce=True, chunk=8)
+        assert n == ref_n
+        torch.testing.assert_close(kl, ref_kl.detach(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ce, ref_ce.detach(), rtol=1e-5, atol=1e-5)
+        loss.backward()
+        (0.7 * ref_kl + 0.3 * ref_ce).backward()
+        torch.testing.assert_close(h1.grad, h2.grad, rtol=1e-4, atol=1e-6)

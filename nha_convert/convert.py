@@ -47,9 +47,23 @@ def nha_config_for(base_config, settings: NHASettings):
     return cfg
 
 
+# gate_init "multiscale": the memory horizons 1 / (1 - decay) of a head's slots at W_g x = 0, log-uniform over this
+# range. pooled-k's zero bias gives every slot a mean decay of 0.5 ** (1 / tau) (0.917 at tau = 8: a horizon of
+# ~12 tokens), so at the start nothing stays in the slots for the thousands of tokens a retrieval needs.
+MULTISCALE_HORIZONS = (16.0, 16384.0)
+
+
+def multiscale_gate_bias(m: int, tau: float) -> torch.Tensor:
+    """(m,) biases b_j with exp(logsigmoid(b_j) / tau) = 1 - 1 / H_j, H_j log-uniform over MULTISCALE_HORIZONS."""
+    lo, hi = (torch.tensor(h, dtype=torch.float64).log() for h in MULTISCALE_HORIZONS)
+    horizons = torch.exp(torch.linspace(float(lo), float(hi), m, dtype=torch.float64)) if m > 1 else lo.exp()[None]
+    return torch.logit((1 - 1 / horizons) ** tau)
+
+
 @torch.no_grad()
 def init_gate(g_proj: nn.Linear, k_proj: nn.Linear, num_kv_heads: int, head_dim: int, nha: ResolvedNHA) -> None:
-    """W_g per KV head: the head's key rows average-pooled down to m rows (tiled where m > d_k), or constant."""
+    """W_g per KV head: the head's key rows average-pooled down to m rows (tiled where m > d_k), or constant;
+    multiscale adds per-slot biases of long and short memory horizons to the pooled rows."""
     m = nha.slots
     if m == 0:
         return
@@ -69,6 +83,8 @@ def init_gate(g_proj: nn.Linear, k_proj: nn.Linear, num_kv_heads: int, head_dim:
         g_proj.bias.copy_(pooled_b.reshape(-1))
     else:
         g_proj.bias.zero_()
+    if nha.gate_init == "multiscale":
+        g_proj.bias.add_(multiscale_gate_bias(m, nha.gate_temperature).to(g_proj.bias).repeat(num_kv_heads))
 
 
 def convert(model: PreTrainedModel, settings: NHASettings | None = None, tokenizer: Any = None,

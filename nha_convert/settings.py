@@ -13,7 +13,7 @@ from typing import Any
 
 from .errors import NHAError
 
-GATE_INITS = ("pooled-k", "constant")
+GATE_INITS = ("pooled-k", "constant", "multiscale")
 AUTO = "auto"  # full_layers "auto:K"
 
 
@@ -27,7 +27,9 @@ class NHASettings:
     full_layers / full_every: layers that keep full attention (window = None = unbounded); full_layers may be
         "auto:K": K layers chosen from data at conversion (nha_convert/layer_selection.py).
     gate_temperature: tau in log(alpha) = logsigmoid(W_g x) / tau.
-    gate_init: "pooled-k" (W_g pooled from W_k) or "constant" (W_g = 0, bias giving `gate_decay`).
+    gate_init: "pooled-k" (W_g pooled from W_k), "constant" (W_g = 0, bias giving `gate_decay`) or "multiscale"
+        (pooled-k weights, and biases that give the m slots of a head mean memory horizons 1 / (1 - decay) spread
+        log-uniformly from 16 to 16384 tokens: convert.MULTISCALE_HORIZONS).
     chunk_size: query block of the chunked parallel form (memory vs speed; never changes results).
     slot_bias: initial slot-logit bias b_h of every query head (NHA.md); None = no bias (the paper's layer). Very
         negative (e.g. -10) starts the model as sliding-window attention; training opens the slots.

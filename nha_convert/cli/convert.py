@@ -46,7 +46,8 @@ def convert_command(
     full_layers: Annotated[str, typer.Option(help="Layers that keep full attention, e.g. 0,15,31; or auto:K to "
                                                 "choose the K best from calibration data.")] = "",
     full_every: Annotated[int | None, typer.Option(help="Keep full attention in layers 0, k, 2k, ...")] = None,
-    gate_init: Annotated[str, typer.Option(help="Gate init: pooled-k (from W_k) or constant.")] = "pooled-k",
+    gate_init: Annotated[str, typer.Option(help="Gate init: pooled-k (from W_k), constant, or multiscale (pooled-k "
+                                           "with slot memory horizons from 16 to 16384 tokens).")] = "pooled-k",
     gate_decay: Annotated[float, typer.Option(help="Mean slot decay of the constant gate init.")] = 0.99,
     gate_temperature: Annotated[float, typer.Option(help="tau in log(alpha) = logsigmoid(W_g x) / tau.")] = 8.0,
     slot_bias: Annotated[float | None, typer.Option(

@@ -156,6 +156,14 @@ def test_gate_inits():
     alpha = torch.exp(torch.nn.functional.logsigmoid(g.bias) / 8.0)
     assert g.weight.abs().max() == 0 and torch.allclose(alpha, torch.full_like(alpha, 0.95))
 
+    multi = convert(tiny(), NHASettings(window=4, slots=8, gate_init="multiscale"))
+    g = multi.model.layers[0].self_attn.g_proj
+    assert torch.allclose(g.weight[0], k_rows[:2].mean(0), atol=1e-6)  # the pooled-k rows, unchanged
+    horizons = 1 / (1 - torch.exp(torch.nn.functional.logsigmoid(g.bias.double()) / 8.0))
+    expected = torch.logspace(4, 14, 8, base=2, dtype=torch.float64)  # 16 ... 16384, log-uniform
+    torch.testing.assert_close(horizons[:8], expected, rtol=1e-3, atol=0)  # fp32 bias: ~1e-4 at 16384
+    torch.testing.assert_close(horizons[8:], horizons[:8])  # the same horizons in every KV head
+
 
 @pytest.mark.parametrize("settings,match", [
     (NHASettings(window=-1), "window must be >= 0"),

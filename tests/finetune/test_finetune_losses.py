@@ -133,3 +133,29 @@ def test_fused_loss_pads_rows_to_whole_chunks_without_changing_the_sums():
         loss.backward()
         (0.7 * ref_kl + 0.3 * ref_ce).backward()
         torch.testing.assert_close(h1.grad, h2.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_fused_loss_hands_liger_the_same_shapes_at_every_step():
+    """liger compiles its chunk step over the whole target tensor: packed steps with different numbers of valid
+    positions must reach it with one shape (a new length each step recompiled, and crashed torch 2.11's guards)."""
+    from nha_convert.finetune.losses import LigerLosses, fused_lm_objective
+
+    seen = []
+
+    def jsd(h, w, th, tw, tgt, *rest):
+        seen.append((tuple(h.shape), tuple(th.shape), tuple(tgt.shape), int((tgt != -100).sum())))
+        z = h.sum() * 0
+        return z, z.detach(), z.detach()
+
+    lib = LigerLosses(jsd=jsd, cross_entropy=None)
+    hidden, t_hidden, ids, mask, head, t_head = _batch(seed=0, t=12, v=40)
+    for cut in (12, 9, 5):  # fewer and fewer valid positions
+        m = mask.clone()
+        m[:, cut:] = 0
+        targets = next_token_targets(ids, m)
+        _, _, _, n = fused_lm_objective(lib, hidden.float(), targets, head.weight.float(), teacher_hidden=t_hidden,
+                                        teacher_weight=t_head.weight, temperature=1.0, ce_weight=0.5, want_kl=True,
+                                        chunk=8, compiled=False)
+        assert n == seen[-1][3] == int((targets != -100).sum())
+    assert len({s[:3] for s in seen}) == 1 and seen[0][0][0] % 8 == 0
+    assert len({s[3] for s in seen}) == 3

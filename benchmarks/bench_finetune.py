@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import traceback
 import os
 import sys
 from pathlib import Path
@@ -157,12 +158,17 @@ def main(argv: list[str] | None = None) -> None:
     n_stages = len(read_recipe(args.recipe, args.budget).stages)
     at = [i * args.steps + args.warmup for i in range(n_stages)] if args.profile else None
     results: dict[str, list[dict[str, Any]]] = {}
+    failed: dict[str, str] = {}
     syncs = _sync_counter() if args.sync_debug and torch.cuda.is_available() else None
     for student in [s.strip() for s in args.students.split(",") if s.strip()]:
         if student not in ("nha", "base"):
             raise SystemExit(f"--students takes nha and/or base, not {student!r}")
-        results[student] = run(args.recipe, args.budget, args.steps, args.warmup, Path(args.out) / student, student,
-                               args.overrides, at)
+        try:
+            results[student] = run(args.recipe, args.budget, args.steps, args.warmup, Path(args.out) / student,
+                                   student, args.overrides, at)
+        except Exception as err:  # one student's crash must not lose the other's figures (session 7: liger)
+            traceback.print_exc()
+            failed[student] = (f"{type(err).__name__}: {err}".splitlines() or [""])[0][:300]
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -170,6 +176,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\n{args.recipe} (budget {budget}), {args.steps} steps per stage, first {args.warmup} not timed; "
           f"{device}; loss {os.environ.get('NHA_LOSS', 'auto')}\n")
     print(table(results))
+    for student, why in failed.items():
+        print(f"{student} student failed: {why}")
     for student, records in results.items():
         for r in records:
             if "profile" in r:
@@ -181,9 +189,15 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         payload = {"recipe": args.recipe, "budget": budget, "device": device, "steps": args.steps,
                    "warmup": args.warmup, "loss": os.environ.get("NHA_LOSS", "auto"), "torch": torch.__version__,
-                   "results": results}
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(payload, indent=1) + "\n")
+                   "results": results, "failed": failed}
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(payload, indent=1) + "\n")
+        tmp.replace(path)
+    if failed:
+        raise SystemExit(f"bench_finetune: the {' and '.join(failed)} student failed (traceback above); the table "
+                         "holds what finished")
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from torch import Tensor
 from nha_convert.backend import environment
 
 from .chunk_fwd import FAST_LIMIT, FwdOut, precisions, span_scan
+from .gate_grad import gate_grad_triton
 from .fwd_common import _band_block, _band_range, _mm_state, _seq_of_span, _slot_kv, _slot_writers
 from .prep import Layout, next_pow2
 from .triton_utils import expm1, group_rows, pick_col, pick_row, rows_of, slot_bias_rows, sum_heads
@@ -506,6 +507,15 @@ def _bwd_kv_launches() -> tuple[int, ...]:
     return (-1,) if mode == "split" else (0, 1)
 
 
+def _gate_grad_mode() -> str:
+    """NHA_GATE_GRAD=torch (default: the measured path) or triton (gate_grad.py: two passes instead of ~25 torch
+    ops; equal to torch in the CPU interpreter tests, not yet timed on the GPU)."""
+    mode = environment().gate_grad
+    if mode not in ("torch", "triton"):
+        raise ValueError(f"NHA_GATE_GRAD must be 'torch' or 'triton', got {mode!r}")
+    return mode
+
+
 def _add_sink_grads(dx: Tensor, d_sink: Tensor, lay: Layout) -> None:
     """dx (B, Hkv, T, P) += each sequence's sink gradients d_sink (n_seqs, Hkv, SP, P) at its sink positions.
 
@@ -612,15 +622,10 @@ def nha_bwd(fwd: FwdOut, do: Tensor, q, q_rot, k, k_rot, v, log_alpha, *, window
                 *args, G=g, GP=gp, BM=bm, D=d, DV=dv, M=m, DP=dp_, DVP=dvp, MP=mp, MC=mc, SPLIT=split,
                 VARLEN=lay.varlen, PREC=prec, PREC_SLOT=prec_slot, FAST_LIMIT=FAST_LIMIT, SIDE=side,
                 num_warps=cfg.num_warps, num_stages=1)
-        dss = dss[0].add_(dss[1])
-        # Gates: shifted log decays la' (0 where a token does not write), then dL/dla'.
-        cv, real = lay.tok >> 1, (lay.tok & 1) == 1
-        writes = real & (cv > num_sinks)
-        la_w = torch.where(writes[:, None, :, None], la, torch.zeros((), device=dev))
-        la_s = _shift(la_w, w_eff, lay)
-        s_s = -torch.expm1(la_s)
-        dla_s = _revcumsum(xg - s_s * dss, lay) - torch.exp(la_s) * dss
-        dla = _unshift(dla_s, w_eff, lay) * writes[:, None, :, None]
+        if _gate_grad_mode() == "triton":
+            dla = gate_grad_triton(xg, dss, la, lay, w_eff, num_sinks)
+        else:
+            dla = gate_grad_torch(xg, dss, la, lay, w_eff, num_sinks)
         dk = _unshift(dks, w_eff, lay)[..., :d].to(k.dtype)
         dv32 = dv32 + _unshift(dvs, w_eff, lay)
     else:
@@ -631,6 +636,19 @@ def nha_bwd(fwd: FwdOut, do: Tensor, q, q_rot, k, k_rot, v, log_alpha, *, window
             dbias = torch.zeros_like(slot_bias)
     return (dq, dq_rot, dk, dk_rot32[..., :d].to(k_rot.dtype), dv32[..., :dv].to(v.dtype),
             dla.to(log_alpha.dtype), None if slot_bias is None else dbias)
+
+
+def gate_grad_torch(xg: Tensor, dss: Tensor, la: Tensor, lay: Layout, w: int, num_sinks: int) -> Tensor:
+    """dL/d log alpha (B, H, T, M) in torch ops: the reference of `gate_grad.gate_grad_triton` (math there)."""
+    dss = dss[0] + dss[1]
+    # Gates: shifted log decays la' (0 where a token does not write), then dL/dla'.
+    cv, real = lay.tok >> 1, (lay.tok & 1) == 1
+    writes = real & (cv > num_sinks)
+    la_w = torch.where(writes[:, None, :, None], la, torch.zeros((), device=la.device))
+    la_s = _shift(la_w, w, lay)
+    s_s = -torch.expm1(la_s)
+    dla_s = _revcumsum(xg - s_s * dss, lay) - torch.exp(la_s) * dss
+    return _unshift(dla_s, w, lay) * writes[:, None, :, None]
 
 
 def _shift(x: Tensor, w: int, lay, dim: int = 2) -> Tensor:

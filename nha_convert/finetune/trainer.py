@@ -282,12 +282,13 @@ class Trainer:
         budget.start()
         logged = [0, 0]  # real tokens, positions since the last log line (its padding_frac)
         run.module.train()
+        layers = windowed_layers(run.student) if stage.windows else []  # once a stage: the model does not change
         with StageProgress(self.console, f"{run.idx}:{name}", pos.total or 0, pos.step, self.main,
                            recipe.output.log_every) as bar:
             while budget.left(pos.step) > 0:
                 rows = step_rows(len(run.train), run.global_batch, pos.step, seed)
                 window = draw_window(stage.windows, seed, pos.step) if stage.windows else None
-                with training_window(windowed_layers(run.student) if window else [], window):
+                with training_window(layers, window):
                     stats, step_tokens, denom = self._train_step(run, teacher, rows, autocast)
                 run.scheduler.step()
                 pos.step += 1

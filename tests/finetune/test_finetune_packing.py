@@ -286,3 +286,32 @@ def test_answer_weight_reaches_the_training_loss_but_not_the_held_out_one(tmp_pa
     (plain, plain_eval), (weighted, weighted_eval) = runs[1], runs[6]
     assert weighted[0] > plain[0]
     assert weighted_eval[0] == plain_eval[0]
+
+
+def test_benchmark_keeps_one_students_figures_when_the_other_fails(tmp_path, monkeypatch, capsys):
+    """A crash of one student (session 7: the base under liger) prints the other's table, writes the JSON with the
+    failure named, and exits non-zero with one line."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("bench_finetune",
+                                                  Path(__file__).parents[2] / "benchmarks" / "bench_finetune.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    record = {"stage": "distill", "kind": "distill", "global_batch": 2, "seq_len": 8, "real_tokens_per_s": 10.0,
+              "s_per_step": 1.0, "padding_frac": 0.0, "peak_mem_gib": 1.0}
+
+    def fake_run(recipe, budget, steps, warmup, out, student, extra, at):
+        if student == "base":
+            raise RuntimeError("guard crash\nsecond line")
+        return [record]
+
+    monkeypatch.setattr(bench, "run", fake_run)
+    out = tmp_path / "b.json"
+    with pytest.raises(SystemExit, match="the base student failed"):
+        bench.main(["--budget", "cpu", "--json", str(out), "--out", str(tmp_path / "runs")])
+    printed = capsys.readouterr().out
+    assert "| distill | distill | 2 x 8 | 10.0 | - |" in printed and "base student failed: RuntimeError: guard crash" in printed
+    saved = json.loads(out.read_text())
+    assert saved["results"]["nha"] == [record] and saved["failed"] == {"base": "RuntimeError: guard crash"}

@@ -259,3 +259,34 @@ def test_slot_bias_gradients_match_reference(case):
     assert all(e <= TOL[dtype] for e in errs.values()), errs
 
 
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_gate_gradient_kernel_equals_its_torch_form(packed):
+    """gate_grad.py (NHA_GATE_GRAD=triton) against the torch form at the recipe's training size: 64K positions in
+    one packed row of uneven documents (or 16 dense rows of 4096), 3 KV heads, m = 64, w = 64, 4 sinks."""
+    from nha_kernels.chunk_bwd import gate_grad_torch
+    from nha_kernels.gate_grad import gate_grad_triton
+    from nha_kernels.prep import make_layout
+
+    g = torch.Generator(device=DEV).manual_seed(7)
+    if packed:
+        lens = [700, 1500, 33, 1024, 4096, 3] * 8  # 58,848 positions, then one document of 6,688
+        lens.append(65536 - sum(lens))
+        cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
+        b, t_len = 1, 65536
+    else:
+        cu, b, t_len = None, 16, 4096
+    lay = make_layout(None, cu, b, t_len, num_sinks=4, span=1024, device=torch.device(DEV))
+    xg = torch.randn(b, 3, t_len, 64, generator=g, device=DEV)
+    la = F.logsigmoid(2 + 2 * torch.randn(b, 3, t_len, 64, generator=g, device=DEV)) / 8
+    dss = torch.randn(2, b, 3, t_len, 64, generator=g, device=DEV)
+    ref = gate_grad_torch(xg, dss, la, lay, 64, 4)
+    out = gate_grad_triton(xg, dss, la, lay, 64, 4)
+    assert (out - ref).abs().max() <= 1e-4 * ref.abs().max()
+
+
+def test_gradients_with_the_gate_gradient_kernel(monkeypatch):
+    set_nha_env(monkeypatch, "NHA_GATE_GRAD", "triton")
+    test_packed_sequence_gradients()
+    test_gradients_match_reference(*GRAD_CASES[0])

@@ -428,3 +428,36 @@ def test_slot_bias_packed_sequences():
         ref, _ = nha_chunk(*[x[:, :, a:b] for x in xs], window=4, num_sinks=2, scale=0.3, valid=valid[:, a:b],
                            slot_bias=bias)
         assert rel(out[:, :, a:b], ref, 1.0) <= 1e-4
+
+
+# The gate gradient as two Triton passes (gate_grad.py, NHA_GATE_GRAD=triton) against its torch form, directly on
+# layouts whose sequences start and end inside and across chunks, then through the whole backward.
+@pytest.mark.parametrize("packed,w,sinks,m", [(True, 3, 2, 16), (True, 0, 0, 5), (False, 4, 1, 16), (False, 7, 0, 20)])
+def test_gate_gradient_kernel_equals_its_torch_form(packed, w, sinks, m):
+    from nha_kernels.chunk_bwd import gate_grad_torch
+    from nha_kernels.gate_grad import gate_grad_triton
+    from nha_kernels.prep import make_layout
+
+    g = torch.Generator().manual_seed(m + w)
+    if packed:  # sequences ending inside a chunk, exactly at a chunk edge, and spanning three chunks of 16
+        cu, b, t_len, valid = torch.tensor([0, 5, 16, 17, 60, 70], dtype=torch.int32), 1, 70, None
+    else:
+        cu, b, t_len = None, 2, 45
+        valid = torch.ones(b, t_len, dtype=torch.bool)
+        valid[1, :6] = False  # left padding: those positions never write
+    lay = make_layout(valid, cu, b, t_len, num_sinks=sinks, span=16, device=torch.device("cpu"))
+    h = 2
+    xg, la = (torch.randn(b, h, t_len, m, generator=g) for _ in range(2))
+    la = -F.softplus(la)  # log decays are <= 0
+    dss = torch.randn(2, b, h, t_len, m, generator=g)
+    ref = gate_grad_torch(xg, dss, la, lay, w, sinks)
+    for chunk in (16, 32):
+        out = gate_grad_triton(xg, dss, la, lay, w, sinks, chunk=chunk)
+        assert (out - ref).abs().max() <= 1e-5 * ref.abs().max(), chunk
+
+
+def test_gradients_with_the_gate_gradient_kernel_match_reference(monkeypatch):
+    set_nha_env(monkeypatch, "NHA_GATE_GRAD", "triton")
+    for case in (GRAD_CASES[0], GRAD_CASES[1], GRAD_CASES[2], GRAD_CASES[5]):
+        test_gradients_match_reference(*case)
+    test_packed_sequence_gradients()

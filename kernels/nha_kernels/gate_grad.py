@@ -37,10 +37,10 @@ def _y_tile(xg, dss, la, tok, seq_start_at, bh, b, T, BHTM, t, mm, w, num_sinks,
     tk = tl.load(tok + b * T + j, mask=src, other=0)
     writes = src & ((tk & 1) == 1) & ((tk >> 1) > num_sinks)
     ok_m = mm < M
-    row = (bh * T + t).to(tl.int64)[:, None] * M + mm[None, :]
+    base = bh.to(tl.int64) * T  # int64 before the products: B * H * T * M can pass 2^31
+    row = (base + t)[:, None] * M + mm[None, :]
     okt = ok_t[:, None] & ok_m[None, :]
-    la_s = tl.load(la + (bh * T + j).to(tl.int64)[:, None] * M + mm[None, :], mask=writes[:, None] & ok_m[None, :],
-                   other=0.0)
+    la_s = tl.load(la + (base + j)[:, None] * M + mm[None, :], mask=writes[:, None] & ok_m[None, :], other=0.0)
     d = tl.load(dss + row, mask=okt, other=0.0) + tl.load(dss + BHTM + row, mask=okt, other=0.0)
     y = tl.load(xg + row, mask=okt, other=0.0) + expm1(la_s) * d  # the write weight is s = -expm1(la_s)
     return y, tl.exp(la_s), d, writes
@@ -70,7 +70,7 @@ def _gate_grad_kernel(xg, dss, la, tok, seq_start_at, seq_end_at, head, carry, d
         out = (r - ea * d) * writes[:, None].to(tl.float32)
         # Only where j = t - w is in t's sequence (writes implies it): the rest of dla stays zero.
         ok = writes[:, None] & (mm < M)[None, :]
-        tl.store(dla + (bh * T + t - w).to(tl.int64)[:, None] * M + mm[None, :], out, mask=ok)
+        tl.store(dla + (bh.to(tl.int64) * T + t - w)[:, None] * M + mm[None, :], out, mask=ok)
 
 
 def gate_grad_triton(xg: Tensor, dss: Tensor, la: Tensor, lay: Layout, w: int, num_sinks: int,

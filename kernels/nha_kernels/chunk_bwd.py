@@ -14,7 +14,8 @@ Kernels (all GQA-native: the G query heads of a KV head are rows of one tile):
                          decays) arriving at each span end from later spans.
 - `_bwd_slot_kv_kernel`  reverse sweep per span and side (K or V, grid axis 2): gradients of the slot tokens'
                          k, v and write weights s (ds = K part + V part).
-Then, in torch: dlog_alpha = reverse-cumsum(X - s * ds) - alpha * ds (per sequence), undo the token shift.
+Then dlog_alpha = reverse-cumsum(X - s * ds) - alpha * ds (per sequence), the token shift undone: in torch
+(`gate_grad_torch`, the default) or in two Triton passes (`gate_grad.py`, NHA_GATE_GRAD=triton).
 
 Math of the slot recurrence (one KV head, shifted positions, A = cumulative log decay, s = 1 - alpha):
     K~_t = sum_{j<=t} exp(A_t - A_j) s_j k_j^T,   l_t = scale K~_t q_t,   dK~_t = scale sum_g dl_t q_t^T
@@ -34,8 +35,8 @@ from torch import Tensor
 from nha_convert.backend import environment
 
 from .chunk_fwd import FAST_LIMIT, FwdOut, precisions, span_scan
-from .gate_grad import gate_grad_triton
 from .fwd_common import _band_block, _band_range, _mm_state, _seq_of_span, _slot_kv, _slot_writers
+from .gate_grad import gate_grad_triton
 from .prep import Layout, next_pow2
 from .triton_utils import expm1, group_rows, pick_col, pick_row, rows_of, slot_bias_rows, sum_heads
 

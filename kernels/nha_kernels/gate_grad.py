@@ -2,7 +2,8 @@
 
 What it computes, per KV head and slot (the torch form is `gate_grad_torch`, the reference this is tested against):
 token j enters the slots at the shifted position t = j + w, with la_s[t] = log alpha_j where j writes (a real token
-past the sinks), else 0. With xg = dL/d(write weight)-side terms and dss = the two slot-state adjoint parts,
+past the sinks), else 0. With xg[t] = rowdot(dK~_t, K~_t) + rowdot(dV~_t, V~_t) and dss[t] = the gradient of the
+write weight s_t (its K and V parts; chunk_bwd.py's docstring has the recurrence),
 
     y[t]      = xg[t] - (1 - exp(la_s[t])) * dss[t]
     dla_s[t]  = sum_{t <= t' < seq_end(t)} y[t']  -  exp(la_s[t]) * dss[t]

@@ -195,7 +195,7 @@ def test_main_without_cuda_exits_with_one_line(monkeypatch):
                             "nothing was measured")
 
 
-@pytest.mark.parametrize("script", ["bench_kernels.py", "gpu_check.py", "compile_check.py"])
+@pytest.mark.parametrize("script", ["bench_kernels.py", "gpu_check.py", "compile_check.py", "profile_training.py"])
 def test_tools_run_by_path_from_anywhere(script, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     p = subprocess.run([sys.executable, str(TOOLS / script), "--help"], cwd=tmp_path, env=env, capture_output=True,

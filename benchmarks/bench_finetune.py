@@ -20,7 +20,6 @@ import argparse
 import gc
 import json
 import traceback
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -152,6 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.warmup < 1:
         raise SystemExit("--warmup must be at least 1 (the first step compiles and autotunes)")
+    from nha_convert.backend import loss_choice
     from nha_convert.finetune.recipe import read_recipe
 
     budget = read_recipe(args.recipe, args.budget).budget or "none"
@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
             torch.cuda.empty_cache()
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     print(f"\n{args.recipe} (budget {budget}), {args.steps} steps per stage, first {args.warmup} not timed; "
-          f"{device}; loss {os.environ.get('NHA_LOSS', 'auto')}\n")
+          f"{device}; loss {loss_choice()}\n")
     print(table(results))
     for student, why in failed.items():
         print(f"{student} student failed: {why}")
@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{n:7d}  {where}")
     if args.json:
         payload = {"recipe": args.recipe, "budget": budget, "device": device, "steps": args.steps,
-                   "warmup": args.warmup, "loss": os.environ.get("NHA_LOSS", "auto"), "torch": torch.__version__,
+                   "warmup": args.warmup, "loss": loss_choice(), "torch": torch.__version__,
                    "results": results, "failed": failed}
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -95,8 +95,7 @@ def gate_grad_triton(xg: Tensor, dss: Tensor, la: Tensor, lay: Layout, w: int, n
     ends = lay.seq_end_at[c1 - 1]
     k = torch.div(ends - 1, chunk, rounding_mode="floor")
     rcs = torch.cat([head.flip(1).cumsum(1).flip(1), head.new_zeros(b * h, 1, mp)], dim=1)
-    idx = torch.arange(nc, device=dev)
-    carry = torch.where((ends > c1)[None, :, None], rcs[:, torch.clamp(idx + 1, max=nc)] - rcs[:, k + 1], 0.0)
+    carry = torch.where((ends > c1)[None, :, None], rcs[:, 1:] - rcs[:, k + 1], 0.0)
     dla = torch.zeros(b, h, t_len, m, dtype=torch.float32, device=dev)
     _gate_grad_kernel[grid](*args, head, carry.contiguous(), dla, t_len, h, nc, bhtm, w, num_sinks, CT=chunk, M=m,
                             MP=mp, HEAD_PASS=False, num_warps=4)

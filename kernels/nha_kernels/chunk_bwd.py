@@ -15,7 +15,7 @@ Kernels (all GQA-native: the G query heads of a KV head are rows of one tile):
 - `_bwd_slot_kv_kernel`  reverse sweep per span and side (K or V, grid axis 2): gradients of the slot tokens'
                          k, v and write weights s (ds = K part + V part).
 Then dlog_alpha = reverse-cumsum(X - s * ds) - alpha * ds (per sequence), the token shift undone: in torch
-(`gate_grad_torch`, the default) or in two Triton passes (`gate_grad.py`, NHA_GATE_GRAD=triton).
+in two Triton passes (`gate_grad.py`, the default) or in torch (`gate_grad_torch`, its reference; NHA_GATE_GRAD=torch).
 
 Math of the slot recurrence (one KV head, shifted positions, A = cumulative log decay, s = 1 - alpha):
     K~_t = sum_{j<=t} exp(A_t - A_j) s_j k_j^T,   l_t = scale K~_t q_t,   dK~_t = scale sum_g dl_t q_t^T
@@ -509,8 +509,8 @@ def _bwd_kv_launches() -> tuple[int, ...]:
 
 
 def _gate_grad_mode() -> str:
-    """NHA_GATE_GRAD=torch (default: the measured path) or triton (gate_grad.py: two passes instead of ~25 torch
-    ops; equal to torch in the CPU interpreter tests, not yet timed on the GPU)."""
+    """NHA_GATE_GRAD=triton (default: gate_grad.py, two passes instead of ~25 torch ops; equal to the torch form in
+    the interpreter and GPU tests, faster on the H200) or torch (`gate_grad_torch`, the reference)."""
     mode = environment().gate_grad
     if mode not in ("torch", "triton"):
         raise ValueError(f"NHA_GATE_GRAD must be 'torch' or 'triton', got {mode!r}")

@@ -263,7 +263,7 @@ def test_slot_bias_gradients_match_reference(case):
 
 @pytest.mark.parametrize("packed", [True, False])
 def test_gate_gradient_kernel_equals_its_torch_form(packed):
-    """gate_grad.py (NHA_GATE_GRAD=triton) against the torch form at the recipe's training size: 64K positions in
+    """gate_grad.py (the default) against the torch form at the recipe's training size: 64K positions in
     one packed row of uneven documents (or 16 dense rows of 4096), 3 KV heads, m = 64, w = 64, 4 sinks."""
     from nha_kernels.chunk_bwd import gate_grad_torch
     from nha_kernels.gate_grad import gate_grad_triton
@@ -286,7 +286,7 @@ def test_gate_gradient_kernel_equals_its_torch_form(packed):
     assert (out - ref).abs().max() <= 1e-4 * ref.abs().max()
 
 
-def test_gradients_with_the_gate_gradient_kernel(monkeypatch):
-    set_nha_env(monkeypatch, "NHA_GATE_GRAD", "triton")
+def test_gradients_with_the_torch_gate_gradient(monkeypatch):
+    set_nha_env(monkeypatch, "NHA_GATE_GRAD", "torch")
     test_packed_sequence_gradients()
     test_gradients_match_reference(*GRAD_CASES[0])

@@ -430,8 +430,9 @@ def test_slot_bias_packed_sequences():
         assert rel(out[:, :, a:b], ref, 1.0) <= 1e-4
 
 
-# The gate gradient as two Triton passes (gate_grad.py, NHA_GATE_GRAD=triton) against its torch form, directly on
-# layouts whose sequences start and end inside and across chunks, then through the whole backward.
+# The gate gradient as two Triton passes (gate_grad.py, the default) against its torch form, directly on layouts
+# whose sequences start and end inside and across chunks; the other gradient tests run it through the whole backward,
+# and the last test runs the torch form (NHA_GATE_GRAD=torch) through it too.
 @pytest.mark.parametrize("packed,w,sinks,m", [(True, 3, 2, 16), (True, 0, 0, 5), (False, 4, 1, 16), (False, 7, 0, 20)])
 def test_gate_gradient_kernel_equals_its_torch_form(packed, w, sinks, m):
     from nha_kernels.chunk_bwd import gate_grad_torch
@@ -456,8 +457,8 @@ def test_gate_gradient_kernel_equals_its_torch_form(packed, w, sinks, m):
         assert (out - ref).abs().max() <= 1e-5 * ref.abs().max(), chunk
 
 
-def test_gradients_with_the_gate_gradient_kernel_match_reference(monkeypatch):
-    set_nha_env(monkeypatch, "NHA_GATE_GRAD", "triton")
+def test_gradients_with_the_torch_gate_gradient_match_reference(monkeypatch):
+    set_nha_env(monkeypatch, "NHA_GATE_GRAD", "torch")
     for case in (GRAD_CASES[0], GRAD_CASES[1], GRAD_CASES[2], GRAD_CASES[5]):
         test_gradients_match_reference(*case)
     test_packed_sequence_gradients()

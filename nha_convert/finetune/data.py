@@ -141,39 +141,45 @@ def teacher_documents(src: SourceSpec, teacher: Any, tokenizer: Any, seed: int, 
     return [d for d in docs if d.strip()]
 
 
+def source_documents(i: int, src: SourceSpec, *, teacher: Any = None, tokenizer: Any = None, seed: int = 0,
+                     cache_dir: Path | None = None) -> list[str]:
+    """The documents of source i of a recipe (max_docs applied). Teacher samples are cached in `cache_dir` (if
+    given), so a resumed run reuses them instead of sampling again."""
+    if src.kind == "shakespeare":
+        part = shakespeare_documents()
+    elif src.kind == "boolq":
+        part = boolq_documents()
+    elif src.kind == "retrieval":
+        from .retrieval_data import source_documents as retrieval_source
+
+        part = retrieval_source(src, tokenizer, seed + 7919 * i)
+    elif src.kind == "text":
+        part = text_documents(src.path)
+    elif src.kind == "jsonl":
+        part = jsonl_documents(src.path, src.field)
+    elif src.kind == "hub":
+        part = hub_documents(src)
+    else:
+        cached = cache_dir / f"teacher_samples_{i}.jsonl" if cache_dir is not None else None
+        if cached is not None and cached.is_file():
+            part = [json.loads(line)["text"] for line in cached.read_text().splitlines() if line]
+        else:
+            part = teacher_documents(src, teacher, tokenizer, seed + 7919 * i)
+            if cached is not None:
+                text = "".join(json.dumps({"text": d}) + "\n" for d in part)
+                atomic_write(cached, lambda tmp: tmp.write_text(text))
+    if src.max_docs is not None:
+        part = part[: src.max_docs]
+    log.info("data source %d (%s): %d documents", i, src.kind, len(part))
+    return part
+
+
 def load_documents(spec: DataSpec, *, teacher: Any = None, tokenizer: Any = None, seed: int = 0,
                    cache_dir: Path | None = None) -> list[str]:
-    """All documents of all sources, in recipe order. Teacher samples are cached in `cache_dir` (if given),
-    so a resumed run reuses them instead of sampling again."""
+    """All documents of all sources, in recipe order."""
     docs: list[str] = []
     for i, src in enumerate(spec.sources):
-        if src.kind == "shakespeare":
-            part = shakespeare_documents()
-        elif src.kind == "boolq":
-            part = boolq_documents()
-        elif src.kind == "retrieval":
-            from .retrieval_data import source_documents
-
-            part = source_documents(src, tokenizer, seed + 7919 * i)
-        elif src.kind == "text":
-            part = text_documents(src.path)
-        elif src.kind == "jsonl":
-            part = jsonl_documents(src.path, src.field)
-        elif src.kind == "hub":
-            part = hub_documents(src)
-        else:
-            cached = cache_dir / f"teacher_samples_{i}.jsonl" if cache_dir is not None else None
-            if cached is not None and cached.is_file():
-                part = [json.loads(line)["text"] for line in cached.read_text().splitlines() if line]
-            else:
-                part = teacher_documents(src, teacher, tokenizer, seed + 7919 * i)
-                if cached is not None:
-                    text = "".join(json.dumps({"text": d}) + "\n" for d in part)
-                    atomic_write(cached, lambda tmp: tmp.write_text(text))
-        if src.max_docs is not None:
-            part = part[: src.max_docs]
-        log.info("data source %d (%s): %d documents", i, src.kind, len(part))
-        docs += part
+        docs += source_documents(i, src, teacher=teacher, tokenizer=tokenizer, seed=seed, cache_dir=cache_dir)
     if not docs:
         raise NHAError("the data sources gave no documents")
     return docs
@@ -353,12 +359,96 @@ class Corpus:
         return cache[key]
 
 
+# --- the tokenised sources, cached ----------------------------------------------------------------
+
+# Sources built from the embedded assets and the source's own settings alone: their tokens are a pure function of
+# (settings, seed, tokenizer, this code), so they are cached across runs and resumes. Building the retrieval
+# documents of a recipe took minutes (docs/performance.md, session 9); files and hub data can change under the same
+# settings, and teacher samples are cached in the run folder instead.
+CACHED_KINDS = ("shakespeare", "boolq", "retrieval")
+_CODE_FILES = ("data.py", "retrieval_data.py")
+
+
+def _tokenizer_fingerprint(tokenizer: Any) -> bytes | None:
+    """The whole fast tokenizer (vocabulary, merges, normaliser, special-token template) as bytes, or None."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or not getattr(tokenizer, "is_fast", False):
+        return None
+    return backend.to_str().encode() + repr((tokenizer.eos_token_id, tokenizer.pad_token_id)).encode()
+
+
+def token_cache_path(i: int, src: SourceSpec, tokenizer: Any, seed: int) -> Path | None:
+    """Where source i's token ids are cached ($NHA_CACHE/corpus), or None when they are not cacheable
+    (NHA_CORPUS_CACHE=0 turns the cache off)."""
+    import hashlib
+
+    from .. import assets
+    from ..backend import environment
+
+    if src.kind not in CACHED_KINDS or not environment().corpus_cache:
+        return None
+    fingerprint = _tokenizer_fingerprint(tokenizer)
+    if fingerprint is None:
+        return None
+    h = hashlib.sha256(fingerprint)
+    h.update(json.dumps({"source": src.model_dump(mode="json"), "index": i, "seed": seed}, sort_keys=True).encode())
+    for name in _CODE_FILES:
+        h.update((Path(__file__).parent / name).read_bytes())
+    return assets.cache_dir() / "corpus" / f"{src.kind}-{h.hexdigest()[:20]}.pt"
+
+
+def _save_tokens(path: Path, docs: list[list[int]]) -> None:
+    weighted = any(isinstance(d, WeightedTokens) for d in docs)
+    blob = {"ids": torch.tensor([t for d in docs for t in d], dtype=torch.int32),
+            "lengths": torch.tensor([len(d) for d in docs], dtype=torch.int64),
+            "weights": torch.tensor([w for d in docs for w in (d.weights if isinstance(d, WeightedTokens)
+                                                                else [1.0] * len(d))], dtype=torch.float32)
+            if weighted else None}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: torch.save(blob, tmp))
+
+
+def _load_tokens(path: Path) -> list[list[int]] | None:
+    """The cached documents, or None when the file is unreadable (then they are built again)."""
+    try:
+        blob = torch.load(path, weights_only=True)
+        lengths = blob["lengths"].tolist()
+        ids = [t.tolist() for t in torch.split(blob["ids"], lengths)]
+        if blob["weights"] is None:
+            return ids
+        return [WeightedTokens(d, w.tolist()) for d, w in zip(ids, torch.split(blob["weights"], lengths))]
+    except Exception as e:  # a damaged cache file must not stop training: rebuild it
+        log.warning("ignoring the damaged token cache %s (%s); building again", path, e)
+        return None
+
+
+def load_tokens(spec: DataSpec, tokenizer: Any, *, seed: int = 0, teacher: Any = None,
+                cache_dir: Path | None = None) -> list[list[int]]:
+    """tokenize_documents(load_documents(...)), source by source, reading and writing the token cache."""
+    tokens: list[list[int]] = []
+    for i, src in enumerate(spec.sources):
+        path = token_cache_path(i, src, tokenizer, seed)
+        part = _load_tokens(path) if path is not None and path.is_file() else None
+        if part is None:
+            docs = source_documents(i, src, teacher=teacher, tokenizer=tokenizer, seed=seed, cache_dir=cache_dir)
+            part = tokenize_documents(docs, tokenizer) if docs else []
+            if path is not None:
+                _save_tokens(path, part)
+        else:
+            log.info("data source %d (%s): %d documents from %s", i, src.kind, len(part), path)
+        tokens += part
+    if not tokens:
+        raise NHAError("the data sources gave no documents")
+    return tokens
+
+
 def build_corpus(spec: DataSpec, tokenizer: Any, *, seed: int, teacher: Any = None,
                  cache_dir: Path | None = None,
                  documents: Callable[[], list[str]] | None = None) -> Corpus:
-    docs = documents() if documents else load_documents(spec, teacher=teacher, tokenizer=tokenizer, seed=seed,
-                                                        cache_dir=cache_dir)
-    tokens = tokenize_documents(docs, tokenizer)
+    if documents is not None:
+        tokens = tokenize_documents(documents(), tokenizer)
+    else:
+        tokens = load_tokens(spec, tokenizer, seed=seed, teacher=teacher, cache_dir=cache_dir)
     train, held = split_documents(tokens, spec.held_out, seed)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     return Corpus(train, held, pad, spec.min_chunk)

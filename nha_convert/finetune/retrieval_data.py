@@ -178,24 +178,31 @@ def _numbers(rng: random.Random, split: str, digits: tuple[int, int], n: int) ->
 # --- token-exact filler ----------------------------------------------------------------------------
 
 
-class _Builder:
-    """One document's tokenizer, random stream and filler. `memo` (shared by the documents of one
-    retrieval_documents call) holds each filler passage's token ids: tokenising them again for every use was
-    three quarters of the generation time (docs/performance.md, session 9)."""
+# Token ids of each split's filler passages per tokenizer, as the filler joins them ("\n\n" in front). Tokenising
+# them again for every use was three quarters of the generation time (docs/performance.md, session 9). Keyed by the
+# tokenizer's id, with the tokenizer kept in the entry so that the id cannot be reused; a few tokenizers at most.
+_POOL_IDS: dict[tuple[int, str], tuple[Any, dict[str, list[int]]]] = {}
 
-    def __init__(self, tokenizer: Any, split: str, rng: random.Random, memo: dict[str, list[int]] | None = None):
+
+def _pool_ids(tokenizer: Any, split: str) -> dict[str, list[int]]:
+    key = (id(tokenizer), split)
+    if key not in _POOL_IDS:
+        if len(_POOL_IDS) >= 4:
+            _POOL_IDS.pop(next(iter(_POOL_IDS)))
+        pool = filler_passages(split)
+        enc = tokenizer(["\n\n" + p for p in pool], add_special_tokens=False)["input_ids"]  # one batch: all cores
+        _POOL_IDS[key] = (tokenizer, dict(zip(pool, enc)))
+    return _POOL_IDS[key][1]
+
+
+class _Builder:
+    """One document's tokenizer, random stream and filler."""
+
+    def __init__(self, tokenizer: Any, split: str, rng: random.Random):
         self.tk, self.rng, self.split = tokenizer, rng, split
         self.pool = filler_passages(split)
         self.used: list[str] = []
-        self.memo = {} if memo is None else memo
-
-    def passage_ids(self, passage: str) -> list[int]:
-        """Token ids of a passage as the filler joins it ("\n\n" in front); the whole pool in one batch call the
-        first time (the fast tokenizers encode a batch on all cores)."""
-        if not self.memo:
-            enc = self.tk(["\n\n" + p for p in self.pool], add_special_tokens=False)["input_ids"]
-            self.memo.update(zip(self.pool, enc))
-        return self.memo[passage]
+        self.pool_ids = _pool_ids(tokenizer, split)
 
     def count(self, text: str) -> int:
         return len(self.tk(text, add_special_tokens=False)["input_ids"])
@@ -206,7 +213,7 @@ class _Builder:
         while n > 0:
             p = self.rng.choice(self.pool)
             self.used.append(p)
-            ids = self.passage_ids(p)
+            ids = self.pool_ids[p]
             if len(ids) <= n:
                 parts.append("\n\n" + p)
                 n -= len(ids)
@@ -331,11 +338,11 @@ def retrieval_documents(tokenizer: Any, n: int, *, split: str = "train", seed: i
         raise NHAError(f"unknown retrieval format {bad[0] if bad else '(none)'}; choose from {', '.join(FORMATS)}")
     if not 0 < min_tokens <= max_tokens:
         raise NHAError(f"retrieval lengths need 0 < min_tokens <= max_tokens, got {min_tokens} and {max_tokens}")
-    docs, memo = [], {}
+    docs = []
     for i in range(n):
         rng = random.Random(f"retrieval-{split}-{seed}-{i}")
         length = rng.randint(min_tokens, max_tokens)
-        docs.append(BUILDERS[formats[i % len(formats)]](_Builder(tokenizer, split, rng, memo), length, min_distance))
+        docs.append(BUILDERS[formats[i % len(formats)]](_Builder(tokenizer, split, rng), length, min_distance))
     return docs
 
 

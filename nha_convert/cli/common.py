@@ -203,8 +203,47 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`timeout`, `kill`, a scheduler's preemption) where the command has no handler of its own: it unwinds
+    like Ctrl-C, so partial outputs are removed on the way, and the command exits 143. nha-finetune's training loop
+    has its own (it saves a checkpoint); before and after it, this one applies."""
+
+
+_terminated: list[bool] = []  # set by the handler: typer and click turn the exception into Exit(130) or Abort
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    _terminated.append(True)
+    raise Terminated
+
+
+@contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    try:
+        old = signal.signal(signal.SIGTERM, _terminate)
+    except ValueError:  # not the main thread (a test runner): leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
 def run(app: typer.Typer, prog: str, args: list[str] | None = None) -> int:
     """Run a typer app and return its exit code; every failure the user can cause is one line on stderr."""
+    _terminated.clear()
+    with _sigterm_unwinds():
+        code = _run(app, prog, args)
+    if _terminated and code in (1, 130):
+        console.print("terminated", highlight=False)
+        return 143
+    if code == 130:
+        console.print("interrupted", highlight=False)
+    return code
+
+
+def _run(app: typer.Typer, prog: str, args: list[str] | None) -> int:
     quiet_libraries()
     click_exception = _exception_classes("ClickException")
     no_args = _exception_classes("NoArgsIsHelpError")
@@ -228,8 +267,6 @@ def run(app: typer.Typer, prog: str, args: list[str] | None = None) -> int:
         code = 130
     except BrokenPipeError:  # `nha-eval ... | head`
         return 1
-    if code == 130:
-        console.print("interrupted", highlight=False)
     return code if isinstance(code, int) else 0
 
 
@@ -238,8 +275,9 @@ def run_app(app: typer.Typer, prog: str) -> Callable[[], None]:
 
     def main() -> None:
         code = run(app, prog)
-        if code == 130:  # a further Ctrl-C while Python exits would land in an atexit hook as a traceback
+        if code in (130, 143):  # a further signal while Python exits would land in an atexit hook as a traceback
             signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         sys.exit(code)
 
     return main

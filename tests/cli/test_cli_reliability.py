@@ -317,27 +317,29 @@ class Proc:
             assert time.monotonic() < deadline, f"no {marker!r} in {''.join(self.lines)}"
             time.sleep(0.02)
 
-    def interrupt(self, times: int = 1) -> tuple[int, str]:
+    def interrupt(self, times: int = 1, sig: int = signal.SIGINT) -> tuple[int, str]:
         for _ in range(times):
-            self.p.send_signal(signal.SIGINT)
+            self.p.send_signal(sig)
             time.sleep(0.05)
         self.p.wait(timeout=60)
         self._t.join(timeout=10)
         return self.p.returncode, "".join(self.lines)
 
 
-def _interrupted(code: int, err: str, marker: str) -> None:
-    assert code == 130, err
-    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+def _interrupted(code: int, err: str, marker: str, sig: int = signal.SIGINT) -> None:
+    assert code == 128 + sig, err  # 130 after Ctrl-C, 143 after SIGTERM, as a shell reports them
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err and "Terminated" not in err
     after = err[err.index(marker):].splitlines()[1:]
-    assert after == ["interrupted"], err  # one line after the marker
+    assert after == ["interrupted" if sig == signal.SIGINT else "terminated"], err  # one line after the marker
 
 
-def test_convert_sigint_while_loading(smollm2_path, tmp_path):
+# SIGTERM (`timeout`, `kill`) unwinds like Ctrl-C: the same cleanup, exit 143 (cli/common.py, Terminated).
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["sigint", "sigterm"])
+def test_convert_signal_while_loading(smollm2_path, tmp_path, sig):
     proc = Proc("nha_convert.cli.convert", smollm2_path, "-o", tmp_path / "out")
     proc.wait_for("loading base model")
-    code, err = proc.interrupt()
-    _interrupted(code, err, "loading base model")
+    code, err = proc.interrupt(sig=sig)
+    _interrupted(code, err, "loading base model", sig)
     assert list(tmp_path.iterdir()) == []  # no output, no partial folder
 
 
@@ -364,12 +366,13 @@ def test_eval_sigint_while_loading_and_while_working(smollm2_path, eval_folder, 
     assert list(tmp_path.iterdir()) == []  # no report from an interrupted run
 
 
-def test_finetune_sigint_while_loading_leaves_no_run_folder(tiny, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["sigint", "sigterm"])
+def test_finetune_signal_while_loading_leaves_no_run_folder(tiny, tmp_path, sig):
     run = tmp_path / "run"
     proc = Proc("nha_convert.cli.finetune", tiny / "r.yaml", "-o", run)
     proc.wait_for("loading models")
-    code, err = proc.interrupt()
-    _interrupted(code, err, "loading models")
+    code, err = proc.interrupt(sig=sig)
+    _interrupted(code, err, "loading models", sig)
     assert list(tmp_path.iterdir()) == []  # neither an empty run folder nor a lock file
 
 

@@ -56,8 +56,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     for b, t in args.shapes:
         xs = [flatten_rows(x).contiguous().requires_grad_(True) for x in inputs(b, s.hq, s.hkv, t, s.d, s.m, seed=4)]
         cu = torch.tensor(packed_cu_seqlens(b, t, args.docs_per_row), dtype=torch.int32)
-        valid = torch.ones(1, b * t, dtype=torch.bool, device="cuda")
-        kw = dict(window=s.window, num_sinks=s.sinks, scale=s.d**-0.5, valid=valid, cu_seqlens=cu)
+        # valid=None, as the layer passes it in training: the layout is built once and shared (prep.make_layout)
+        kw = dict(window=s.window, num_sinks=s.sinks, scale=s.d**-0.5, valid=None, cu_seqlens=cu)
         grad = torch.randn(1, s.hq, b * t, s.d, device="cuda", dtype=torch.bfloat16)
         step = fwd_bwd(lambda: nha_chunk_triton(*xs, **kw)[0], xs, grad)
         for _ in range(args.warmup):

@@ -23,6 +23,7 @@ EXAMPLES = """
   nha-eval out/smollm2-nha --compare smollm2-135m --baseline swa-sinks --tasks commonsense,lambada
   nha-eval smollm2-135m --tasks mmlu --limit 20 --out eval-out
   nha-eval out/smollm2-nha --tasks none --recall --recall-lengths 1024,4096 --ppl
+  nha-eval out/smollm2-nha --compare smollm2-135m --tasks none --recall-file my-needles.jsonl
   nha-eval llama-3-8b-random --bench --window 64 --slots 64 --full-every 8 --bench-contexts 4096,32768
   nha-eval out/smollm2-nha --tasks piqa --limit 200 --check expected.json --tolerance 0.01
   nha-eval out/smollm2-nha --parity
@@ -125,6 +126,10 @@ def nha_eval(
     recall_n: Annotated[int, typer.Option(help="Items per probe and length.")] = 20,
     recall_probes: Annotated[str, typer.Option(help="passkey, mqar or both.")] = "passkey,mqar",
     recall_pairs: Annotated[int, typer.Option(help="Word-number pairs per MQAR item (chance = 1/pairs).")] = 16,
+    recall_file: Annotated[Optional[list[Path]], typer.Option(
+        "--recall-file", help="Recall items of your own: a JSON-lines file of {\"prompt\": ..., \"answer\": ...}, "
+        "scored like the built-in probes (greedy answer under teacher forcing), reported by length (next power "
+        "of two). Repeatable; runs with or without --recall.", show_default=False)] = None,
     ppl: Annotated[bool, typer.Option("--ppl", help="Perplexity by position on held-out Shakespeare.")] = False,
     ppl_len: Annotated[Optional[int], typer.Option(help="Sequence length for --ppl, in tokens. Default: 2048, or "
                                                         "the models' context length if shorter.",
@@ -192,8 +197,9 @@ def nha_eval(
             batch_size=_batch_size(batch_size), device=device, dtype=parse_dtype(dtype), data=data,
             mmlu_split=mmlu_split, seed=seed, parity=parity, parity_tolerance=parity_tolerance,
             command="nha-eval " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
-            recall=RecallRequest(lengths=lengths, n=recall_n, probes=_words(recall_probes), pairs=recall_pairs)
-            if recall else None,
+            recall=RecallRequest(lengths=lengths, n=recall_n, probes=_words(recall_probes) if recall else [],
+                                 pairs=recall_pairs, files=list(recall_file or []))
+            if recall or recall_file else None,
             ppl=PerplexityRequest(seq_len=ppl_len, sequences=ppl_seqs) if ppl else None,
             bench=BenchRequest(
                 slots=slots, sinks=sinks, full_layers=_ints(full_layers, "--full-layers"), full_every=full_every,

@@ -7,7 +7,7 @@ from typing import Any
 
 from .files import atomic_write
 from .results import ResultsLike, as_dict
-from .tables import is_lower_better, labels, task_rows
+from .tables import is_lower_better, labels, recall_probes, task_rows
 
 
 def _plt() -> Any:
@@ -61,7 +61,7 @@ def _length_ticks(ax: Any, values: list[int]) -> None:
 
 def recall_chart(results: dict[str, Any], path: Path) -> Path | None:
     rec = results.get("recall") or {}
-    probes = [p for p in ("passkey", "mqar") if any(r.get(p) for r in rec.values())]
+    probes = [p for p in recall_probes(rec) if any(r.get(p) for r in rec.values())]
     if not probes:
         return None
     plt = _plt()

@@ -6,7 +6,7 @@ import math
 from typing import Any
 
 from .results import ResultsLike, as_dict
-from .tables import is_lower_better, labels, recovered, task_rows
+from .tables import is_lower_better, labels, recall_probes, recovered, task_rows
 from .training import GPU_RESULTS, is_smoke
 
 
@@ -64,12 +64,13 @@ def recall_markdown(results: dict[str, Any]) -> str | None:
     if not rec:
         return None
     lines = []
-    for probe in ("passkey", "mqar"):
+    for probe in recall_probes(rec):
         lengths = sorted({int(L) for r in rec.values() for L in (r.get(probe) or {})})
         if not lengths:
             continue
         chance = next((r["chance"][probe] for r in rec.values() if probe in r.get("chance", {})), None)
-        header = [f"{probe} (chance {_f(chance, '.3g')})", *[str(L) for L in lengths]]
+        title = f"{probe} (chance {_f(chance, '.3g')})" if chance is not None else f"{probe} (tokens up to)"
+        header = [title, *[str(L) for L in lengths]]
         body = [[lab, *[_f(rec[lab].get(probe, {}).get(str(L)), ".2f") for L in lengths]]
                 for lab in labels(results) if lab in rec]
         lines.append(_md_table(header, body))

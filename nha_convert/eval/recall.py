@@ -14,6 +14,7 @@ from __future__ import annotations
 import random
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
@@ -201,6 +202,76 @@ def make_items(probe: str, tokenizer: Any, length: int, n: int, seed: int = 0, *
 
 # ---------------------------------------------------------------- scoring
 
+# ---------------------------------------------------------------- items of your own (--recall-file)
+
+@dataclass
+class FileQuestion:
+    """One line of a recall file: a prompt that ends where the answer starts, and the answer."""
+
+    prompt: str
+    answer: str
+    line: int
+
+
+def read_recall_file(path: str | Path) -> tuple[str, list[FileQuestion]]:
+    """(probe name, questions) of a JSON-lines file of {"prompt": ..., "answer": ...}, checked without a model.
+
+    The probe is named after the file (`needles.jsonl` -> needles); every line must hold a non-empty prompt and
+    answer. Any other key is ignored, so richer files (a "depth", a "source") can carry their own notes.
+    """
+    import json
+
+    path = Path(path)
+    name = path.stem
+    if name in (*PROBES, "chance"):
+        raise NHAError(f"--recall-file {path}: the name {name!r} is a built-in probe's; rename the file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise NHAError(f"--recall-file {path}: cannot read it ({e.strerror or e}); give a JSON-lines file of "
+                       '{"prompt": ..., "answer": ...}') from None
+    questions = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as e:
+            raise NHAError(f"{path}:{n}: not JSON ({e.msg}); each line must be one object like "
+                           '{"prompt": "... The code is", "answer": " 4417"}') from None
+        if not isinstance(row, dict) or not all(isinstance(row.get(k), str) and row[k].strip()
+                                                for k in ("prompt", "answer")):
+            raise NHAError(f'{path}:{n}: needs "prompt" and "answer", both non-empty strings')
+        questions.append(FileQuestion(row["prompt"], row["answer"], n))
+    if not questions:
+        raise NHAError(f"--recall-file {path} holds no questions; give one JSON object per line")
+    return name, questions
+
+
+def length_bucket(n_tokens: int) -> int:
+    """The column an item of n tokens reports in: the next power of two (items of 600 and 1000 tokens: 1024)."""
+    return 1 << max(0, n_tokens - 1).bit_length()
+
+
+def file_items(name: str, questions: Sequence[FileQuestion], tokenizer: Any,
+               limit: int | None = None) -> dict[int, list[ProbeItem]]:
+    """The questions as probe items, by length bucket: the tokenizer's start tokens, the prompt, then the answer,
+    tokenized apart (an answer that follows a word should start with a space, as the built-in probes' do).
+    An item longer than `limit` (the model's context length) is an error naming its line."""
+    t = _Tok(tokenizer)
+    start = t.start()
+    out: dict[int, list[ProbeItem]] = {}
+    for q in questions:
+        head, a_ids = start + t.enc(q.prompt), t.enc(q.answer)
+        ids = head + a_ids
+        if limit is not None and len(ids) > limit:
+            raise NHAError(f"{name}, line {q.line}: {len(ids)} tokens, more than the context length of the model "
+                           f"({limit}); shorten it or leave it out")
+        item = ProbeItem(name, ids, [(len(head), len(ids))], [q.answer], q.prompt, [])
+        out.setdefault(length_bucket(len(ids)), []).append(item)
+    return dict(sorted(out.items()))
+
+
 def _norm(s: str) -> str:
     return s.strip().rstrip(".").strip()
 
@@ -293,12 +364,16 @@ def _tail_logits(model: Any, ids: torch.Tensor, keep: int) -> torch.Tensor:
 
 def run_recall(model: Any, tokenizer: Any, lengths: Sequence[int], probes: Sequence[str] = PROBES,
                n: int = 20, seed: int = 0, batch_size: int = 1, n_pairs: int = 16,
-               progress: Callable[[str, int], Callable[[int], None]] | None = None) -> dict[str, Any]:
-    """Accuracy by probe and length: {"passkey": {"1024": 1.0, ...}, "mqar": {...}, "chance": {...}}.
+               progress: Callable[[str, int], Callable[[int], None]] | None = None,
+               files: Sequence[tuple[str, Sequence[FileQuestion]]] = ()) -> dict[str, Any]:
+    """Accuracy by probe and length: {"passkey": {"1024": 1.0, ...}, "mqar": {...}, "chance": {...}}; each recall
+    file (read_recall_file) adds {name: {bucket: accuracy}} (bucket: length_bucket of its items).
 
     progress(description, items) gives the callback advanced once per scored item (a bar per probe and length).
     """
-    check_lengths(lengths, context_length(model), type(model).__name__)
+    limit = context_length(model)
+    if probes:
+        check_lengths(lengths, limit, type(model).__name__)
     res: dict[str, Any] = {p: {} for p in probes}
     res["chance"] = {}
     for probe in probes:
@@ -308,4 +383,9 @@ def run_recall(model: Any, tokenizer: Any, lengths: Sequence[int], probes: Seque
             items = make_items(probe, tokenizer, L, n, seed, **kw)
             cb = progress(f"{probe} @ {L} tokens", len(items)) if progress else None
             res[probe][str(L)] = score(items, model_predictions(model, tokenizer, items, batch_size, cb))
+    for name, questions in files:
+        res[name] = {}
+        for bucket, items in file_items(name, questions, tokenizer, limit).items():
+            cb = progress(f"{name} @ <= {bucket} tokens", len(items)) if progress else None
+            res[name][str(bucket)] = score(items, model_predictions(model, tokenizer, items, 1, cb))
     return res

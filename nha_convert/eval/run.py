@@ -48,6 +48,7 @@ class RecallRequest:
     n: int = 20
     probes: list[str] = field(default_factory=lambda: ["passkey", "mqar"])
     pairs: int = 16
+    files: list[Path] = field(default_factory=list)  # --recall-file: JSON lines of {"prompt", "answer"} (recall.py)
 
 
 @dataclass(kw_only=True)
@@ -224,6 +225,15 @@ def evaluate(req: EvalRequest, progress: Progress) -> EvalResults:
         if s is not None and M.folder_config(s):
             check_weights(Path(s).expanduser())
     recall_lengths, ppl_len = _lengths(req, loaded_specs, progress) if recall_or_ppl else (None, None)
+    recall_files = []
+    if req.recall is not None:
+        from .recall import read_recall_file
+
+        recall_files = [read_recall_file(f) for f in req.recall.files]
+        names = [name for name, _ in recall_files]
+        if len(set(names)) < len(names):
+            raise NHAError(f"two --recall-file files share a name ({', '.join(names)}): their columns would mix; "
+                           "rename one")
     manager, data = None, req.data
     if task_list:  # one task index for all models, and unknown names fail before any model loads
         data = lm_eval_runner.choose_data_mode(data)
@@ -264,7 +274,7 @@ def evaluate(req: EvalRequest, progress: Progress) -> EvalResults:
                 results.recall[label] = run_recall(
                     loaded.model, loaded.tokenizer, recall_lengths, req.recall.probes, n=req.recall.n,
                     seed=req.seed, n_pairs=req.recall.pairs,
-                    progress=lambda desc, total: bars(f"{label} {desc}", total))
+                    progress=lambda desc, total: bars(f"{label} {desc}", total), files=recall_files)
         if req.ppl is not None:
             from .perplexity import perplexity_by_position
 

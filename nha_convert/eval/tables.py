@@ -54,3 +54,9 @@ def recovered(value: float | None, ref: float | None, metric: str) -> float | No
     if value is None or ref is None or value == 0 or ref == 0:
         return None
     return 100.0 * (ref / value if is_lower_better(metric) else value / ref)
+
+
+def recall_probes(rec: dict[str, Any]) -> list[str]:
+    """The probes of recall results in order: the built-in ones first, then --recall-file's."""
+    found = list(dict.fromkeys(p for r in rec.values() for p in r if p != "chance"))
+    return [p for p in ("passkey", "mqar") if p in found] + [p for p in found if p not in ("passkey", "mqar")]

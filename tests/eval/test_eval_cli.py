@@ -68,6 +68,21 @@ def test_side_by_side_with_baseline_and_gate(tiny_folders, tmp_path, run_cli):
     assert code == 1 and "FAIL piqa/acc" in err
 
 
+def test_recall_file_alone(tiny_folders, tmp_path, run_cli):
+    """--recall-file without --recall: only the file's probe, in results.json, the report, the chart and the gate."""
+    rows = [{"prompt": "The code is 4417. " + "Filler text. " * n + "The code is", "answer": " 4417"} for n in (2, 90)]
+    (tmp_path / "codes.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    code, err = _run(run_cli, tiny_folders / "nha", "--compare", tiny_folders / "base", "--tasks", "none",
+                     "--recall-file", tmp_path / "codes.jsonl", "--out", out, "--write-expected", tmp_path / "e.json")
+    assert code == 0, err
+    res = json.loads((out / "results.json").read_text())
+    for lab in ("base", "nha"):
+        assert set(res["recall"][lab]) == {"codes", "chance"} and set(res["recall"][lab]["codes"]) == {"32", "512"}
+    assert "codes (tokens up to)" in (out / "report.md").read_text() and (out / "recall.png").is_file()
+    assert {"recall/codes/32", "recall/codes/512"} <= set(json.loads((tmp_path / "e.json").read_text())["metrics"])
+
+
 def test_bench_cli_writes_rows_and_chart(tmp_path, run_cli):
     code, err = _run(run_cli, "tiny-random", "--bench", "--bench-contexts", "32,64",
                      "--bench-batches", "1,2", "--bench-steps", 1, "--window", 8, "--slots", 4,
@@ -87,6 +102,7 @@ def test_bench_cli_writes_rows_and_chart(tmp_path, run_cli):
     (["{nha}", "--baseline", "swa-sinks", "--tasks", "piqa"], "--compare BASE"),
     (["{base}", "--tasks", "no_such_task_xyz", "--limit", "1"], "unknown task"),
     ([], "name at least one model"),
+    (["{base}", "--tasks", "none", "--recall-file", "no-such-file.jsonl"], "--recall-file no-such-file.jsonl: cannot"),
 ])
 def test_bad_input_is_one_line(tiny_folders, run_cli, args, message):
     args = [a.format(base=tiny_folders / "base", nha=tiny_folders / "nha") for a in args]

@@ -102,3 +102,67 @@ def test_real_smollm2_finds_a_short_passkey(smollm2_path):
     model = AutoModelForCausalLM.from_pretrained(smollm2_path, dtype=torch.float32).eval()
     items = R.passkey_items(tok, 256, 3)
     assert R.score(items, R.model_predictions(model, tok, items)) == 1.0
+
+
+# --- --recall-file: recall items of the user's own -------------------------------------------------------------
+
+CITIES = ("Alice lives in Paris. Bob lives in Rome. Carol lives in Oslo. Dan lives in Lima.\n"
+          "Question: where does {who} live?\nAnswer: {who} lives in")
+
+
+def _write(path, rows):
+    import json
+
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def test_recall_file_is_checked_line_by_line(tmp_path):
+    name, qs = R.read_recall_file(_write(tmp_path / "cities.jsonl", [
+        {"prompt": "p1", "answer": " a", "depth": 0.5}, "", {"prompt": "p2", "answer": " b"}]))
+    assert name == "cities" and [(q.prompt, q.answer, q.line) for q in qs] == [("p1", " a", 1), ("p2", " b", 3)]
+    cases = [
+        (["{not json"], "bad.jsonl:1: not JSON"),
+        ([{"prompt": "p"}], 'bad.jsonl:1: needs "prompt" and "answer"'),
+        ([{"prompt": "p", "answer": "x"}, {"prompt": "", "answer": "y"}], 'bad.jsonl:2: needs "prompt"'),
+        ([], "holds no questions"),
+    ]
+    for rows, want in cases:
+        with pytest.raises(NHAError, match=want):
+            R.read_recall_file(_write(tmp_path / "bad.jsonl", rows))
+    with pytest.raises(NHAError, match="built-in probe"):
+        R.read_recall_file(_write(tmp_path / "passkey.jsonl", [{"prompt": "p", "answer": "a"}]))
+    with pytest.raises(NHAError, match="cannot read it"):
+        R.read_recall_file(tmp_path / "missing.jsonl")
+
+
+def test_recall_file_items_put_the_answer_last_and_bucket_by_length(tok, tmp_path):
+    _, qs = R.read_recall_file(_write(tmp_path / "c.jsonl", [
+        {"prompt": CITIES.format(who="Bob"), "answer": " Rome"},
+        {"prompt": "filler. " * 200 + CITIES.format(who="Dan"), "answer": " Lima"}]))
+    by_bucket = R.file_items("c", qs, tok)
+    assert list(by_bucket) == [64, 512] and [R.length_bucket(n) for n in (1, 64, 65, 1024)] == [1, 64, 128, 1024]
+    for items in by_bucket.values():
+        (it,) = items
+        (s, e), = it.answer_spans
+        assert e == len(it.ids) and tok.decode(it.ids[s:e]) == it.answers[0]
+    with pytest.raises(NHAError, match="c, line 2: .* more than the context length"):
+        R.file_items("c", qs, tok, limit=256)
+
+
+def test_real_smollm2_answers_a_recall_file(smollm2_path, tmp_path):
+    """Formats that are not the project's own: the base model reads each fact back."""
+    from transformers import AutoModelForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(smollm2_path)
+    model = AutoModelForCausalLM.from_pretrained(smollm2_path, dtype=torch.float32).eval()
+    rows = [("Note for the trip: the hotel room number is 4417. Bring a jacket, it will be cold.\nQuestion: what is the "
+             "hotel room number?\nAnswer: the hotel room number is", " 4417"),
+            ("Mira keeps her bicycle in a blue shed behind the library. The shed has a green door.\nQuestion: what "
+             "colour is the shed?\nAnswer: the shed is", " blue"),
+            ("The meeting was moved to Thursday because the room was booked on Monday.\nWhich day is the meeting "
+             "now? The meeting is on", " Thursday")]
+    path = _write(tmp_path / "notes.jsonl", [{"prompt": p, "answer": a} for p, a in rows])
+    res = R.run_recall(model, tok, [], probes=[], files=[R.read_recall_file(path)])
+    assert set(res) == {"chance", "notes"} and res["chance"] == {}
+    assert res["notes"] and all(acc == 1.0 for acc in res["notes"].values()), res

@@ -11,6 +11,7 @@ scorer grades a model, an oracle that copies the answer from the prompt (100%) a
 
 from __future__ import annotations
 
+import json
 import random
 import re
 from dataclasses import dataclass, field
@@ -219,8 +220,6 @@ def read_recall_file(path: str | Path) -> tuple[str, list[FileQuestion]]:
     The probe is named after the file (`needles.jsonl` -> needles); every line must hold a non-empty prompt and
     answer. Any other key is ignored, so richer files (a "depth", a "source") can carry their own notes.
     """
-    import json
-
     path = Path(path)
     name = path.stem
     if name in (*PROBES, "chance"):

@@ -404,7 +404,6 @@ def _save_tokens(path: Path, docs: list[list[int]]) -> None:
             "weights": torch.tensor([w for d in docs for w in (d.weights if isinstance(d, WeightedTokens)
                                                                 else [1.0] * len(d))], dtype=torch.float32)
             if weighted else None}
-    path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda tmp: torch.save(blob, tmp))
 
 

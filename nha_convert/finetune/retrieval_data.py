@@ -30,6 +30,15 @@ SPLITS = ("train", "eval")
 FORMATS = ("passkey", "kv_list", "fact")
 EVAL_SHARE = 5  # one item in 5 (by hash) belongs to the eval split
 MARGIN = 8  # tokens of slack kept beyond min_distance: the whole text may tokenize a little differently
+KV_PAIRS = (4, 16)  # pairs in a kv_list document, drawn in [lo, hi]; fewer make an easier curriculum
+KV_MAX_PAIRS = 16  # at most 16 keys in one list, as MQAR asks (eval/recall.py)
+
+
+def check_kv_pairs(kv_pairs: Sequence[int]) -> tuple[int, int]:
+    """(lo, hi) from a recipe's `kv_pairs`, or a one-line error."""
+    if len(kv_pairs) != 2 or not 1 <= kv_pairs[0] <= kv_pairs[1] <= KV_MAX_PAIRS:
+        raise NHAError(f"kv_pairs must be [lo, hi] with 1 <= lo <= hi <= {KV_MAX_PAIRS}, got {list(kv_pairs)}")
+    return int(kv_pairs[0]), int(kv_pairs[1])
 
 INTROS = ("", "", "Read the following text carefully.\n\n", "Below is a long document. Some details in it "
           "matter later.\n\n", "Excerpts:\n\n", "Pay attention to any names and numbers in this text.\n\n")
@@ -198,8 +207,8 @@ def _pool_ids(tokenizer: Any, split: str) -> dict[str, list[int]]:
 class _Builder:
     """One document's tokenizer, random stream and filler."""
 
-    def __init__(self, tokenizer: Any, split: str, rng: random.Random):
-        self.tk, self.rng, self.split = tokenizer, rng, split
+    def __init__(self, tokenizer: Any, split: str, rng: random.Random, kv_pairs: tuple[int, int] = KV_PAIRS):
+        self.tk, self.rng, self.split, self.kv_pairs = tokenizer, rng, split, kv_pairs
         self.pool = filler_passages(split)
         self.used: list[str] = []
         self.pool_ids = _pool_ids(tokenizer, split)
@@ -280,7 +289,7 @@ def _passkey(b: _Builder, length: int, min_distance: int) -> RetrievalDoc:
 def _kv_list(b: _Builder, length: int, min_distance: int) -> RetrievalDoc:
     rng = b.rng
     _, key_pool, _, _ = _names(b.split)
-    n = rng.randint(4, 16)
+    n = rng.randint(*b.kv_pairs)
     keys = rng.sample(key_pool, n)
     values = _numbers(rng, b.split, (3, 6), n)
     line = rng.choice(KV_LINES)
@@ -329,10 +338,12 @@ BUILDERS = {"passkey": _passkey, "kv_list": _kv_list, "fact": _fact}
 
 
 def retrieval_documents(tokenizer: Any, n: int, *, split: str = "train", seed: int = 0, min_tokens: int = 1024,
-                        max_tokens: int = 8192, min_distance: int = 512,
-                        formats: Sequence[str] = FORMATS) -> list[RetrievalDoc]:
-    """n documents, lengths drawn uniformly in [min_tokens, max_tokens], formats in turn; deterministic."""
+                        max_tokens: int = 8192, min_distance: int = 512, formats: Sequence[str] = FORMATS,
+                        kv_pairs: Sequence[int] = KV_PAIRS) -> list[RetrievalDoc]:
+    """n documents, lengths drawn uniformly in [min_tokens, max_tokens], formats in turn; deterministic.
+    `kv_pairs` (lo, hi): how many key-value pairs a kv_list document holds, drawn in [lo, hi]."""
     _check_split(split)
+    lo, hi = check_kv_pairs(kv_pairs)
     bad = [f for f in formats if f not in BUILDERS]
     if bad or not formats:
         raise NHAError(f"unknown retrieval format {bad[0] if bad else '(none)'}; choose from {', '.join(FORMATS)}")
@@ -342,7 +353,7 @@ def retrieval_documents(tokenizer: Any, n: int, *, split: str = "train", seed: i
     for i in range(n):
         rng = random.Random(f"retrieval-{split}-{seed}-{i}")
         length = rng.randint(min_tokens, max_tokens)
-        docs.append(BUILDERS[formats[i % len(formats)]](_Builder(tokenizer, split, rng), length, min_distance))
+        docs.append(BUILDERS[formats[i % len(formats)]](_Builder(tokenizer, split, rng, (lo, hi)), length, min_distance))
     return docs
 
 
@@ -367,7 +378,7 @@ def source_documents(src: Any, tokenizer: Any, seed: int) -> list[str]:
     # Two tokens of room for the BOS / EOS tokens that tokenization adds, so a document fits a max_tokens row.
     docs = retrieval_documents(tokenizer, src.samples, split="train", seed=seed, min_tokens=src.min_tokens - 2,
                                max_tokens=src.max_tokens - 2, min_distance=src.min_distance,
-                               formats=src.formats or FORMATS)
+                               formats=src.formats or FORMATS, kv_pairs=src.kv_pairs or KV_PAIRS)
     weight = getattr(src, "answer_weight", 1.0)
     if weight == 1.0:
         return [d.text for d in docs]

@@ -116,7 +116,8 @@ class TeacherSpec(Spec):
 SOURCE_FIELDS = {"shakespeare": (), "boolq": (), "text": ("path",), "jsonl": ("path", "field"),
                  "hub": ("name", "config", "split", "field"),
                  "teacher": ("samples", "max_new_tokens", "temperature", "top_p", "prompts"),
-                 "retrieval": ("samples", "min_tokens", "max_tokens", "min_distance", "formats", "answer_weight")}
+                 "retrieval": ("samples", "min_tokens", "max_tokens", "min_distance", "formats", "answer_weight",
+                               "kv_pairs")}
 
 
 class SourceSpec(Spec):
@@ -131,7 +132,8 @@ class SourceSpec(Spec):
     - retrieval: `samples` generated retrieval documents (finetune/retrieval_data.py): `min_tokens`-`max_tokens`
       long, every question more than `min_distance` tokens after its fact, in `formats` (default all);
       `answer_weight` multiplies the training loss of the answer tokens (1: plain; the answers are ~0.1 % of the
-      tokens, so their retrieval signal is faint without it).
+      tokens, so their retrieval signal is faint without it); `kv_pairs` [lo, hi]: pairs per key-value list
+      (default [4, 16]; fewer make an easier curriculum).
     max_docs caps the documents taken from this source."""
 
     kind: Literal["shakespeare", "boolq", "text", "jsonl", "hub", "teacher", "retrieval"]
@@ -151,6 +153,7 @@ class SourceSpec(Spec):
     min_distance: Int = 256
     formats: Optional[list[str]] = None
     answer_weight: Num = Field(1.0, gt=0)
+    kv_pairs: Optional[list[int]] = None
 
     @model_validator(mode="after")
     def _check(self) -> SourceSpec:
@@ -165,13 +168,18 @@ class SourceSpec(Spec):
         if self.kind == "hub" and not self.name:
             raise RuleError("a hub source needs `name` (a data set id)")
         if self.kind == "retrieval":
-            from .retrieval_data import FORMATS  # lazily: the generator is not needed to read a recipe
+            from .retrieval_data import FORMATS, check_kv_pairs  # lazily: the generator is not needed to read a recipe
 
             if not 0 < self.min_distance < self.min_tokens <= self.max_tokens:
                 raise RuleError("a retrieval source needs 0 < min_distance < min_tokens <= max_tokens")
             bad = [f for f in self.formats or [] if f not in FORMATS]
             if bad:
                 raise RuleError(f"unknown retrieval format {bad[0]!r}; choose from {', '.join(FORMATS)}")
+            if self.kv_pairs is not None:
+                try:
+                    check_kv_pairs(self.kv_pairs)
+                except NHAError as e:
+                    raise RuleError(str(e), "kv_pairs", label="") from None
         return self
 
 

@@ -167,3 +167,48 @@ def test_answer_weight_belongs_to_retrieval_sources_and_is_positive():
         SourceSpec(kind="shakespeare", answer_weight=4)
     with pytest.raises(Exception, match="greater than 0"):
         SourceSpec(kind="retrieval", answer_weight=0)
+
+
+# --- kv_pairs: how many pairs a key-value list holds (an easier curriculum with fewer) ----------------------------
+
+
+def test_kv_pairs_bounds_the_pairs_of_every_list(tok):
+    docs = rd.retrieval_documents(tok, 12, seed=5, min_tokens=600, max_tokens=800, min_distance=256,
+                                  formats=["kv_list"], kv_pairs=(1, 2))
+    assert {len(d.keys) for d in docs} <= {1, 2} and len({len(d.keys) for d in docs}) == 2
+    for doc in docs:  # still answerable: every asked key's line is in the text before its question
+        for qa in doc.qas:
+            assert qa.key in doc.keys and _statement_found(doc, qa)
+            assert doc.text[qa.answer_start: qa.answer_end] == " " + qa.answer
+
+
+def test_default_kv_pairs_keep_the_documents_of_before(tok):
+    """The default draws 4-16 pairs exactly as before the knob existed: same texts from the same seed."""
+    kw = dict(seed=5, min_tokens=600, max_tokens=800, min_distance=256, formats=["kv_list"])
+    a = rd.retrieval_documents(tok, 4, **kw)
+    b = rd.retrieval_documents(tok, 4, kv_pairs=(4, 16), **kw)
+    assert [d.text for d in a] == [d.text for d in b]
+    assert all(4 <= len(d.keys) <= 16 for d in a)
+
+
+@pytest.mark.parametrize("bad", [[0, 2], [3, 2], [3], [1, 17]])
+def test_bad_kv_pairs_is_one_line(bad):
+    text = ("data:\n  sources:\n    - {kind: retrieval, samples: 3, min_tokens: 400, max_tokens: 512, min_distance: 128,"
+            f" kv_pairs: {bad}}}\nstages:\n  - {{kind: finetune, steps: 1, seq_len: 512}}\n")
+    with pytest.raises(NHAError) as e:
+        parse_recipe(text, "r.yaml", budget=None)
+    msg = str(e.value)
+    assert msg.startswith("r.yaml:3: ") and "\n" not in msg, msg
+    assert f"kv_pairs must be [lo, hi] with 1 <= lo <= hi <= 16, got {bad}" in msg
+    with pytest.raises(NHAError, match="kv_pairs must be"):
+        rd.check_kv_pairs(bad)
+    with pytest.raises(Exception, match="kv_pairs"):
+        SourceSpec(kind="boolq", kv_pairs=[1, 2])
+
+
+def test_kv_pairs_in_a_recipe_reach_the_generator(tok):
+    src = SourceSpec(kind="retrieval", samples=3, min_tokens=600, max_tokens=800, formats=["kv_list"], kv_pairs=[1, 1])
+    texts = rd.source_documents(src, tok, seed=0)
+    docs = rd.retrieval_documents(tok, 3, seed=0, min_tokens=598, max_tokens=798, min_distance=256,
+                                  formats=["kv_list"], kv_pairs=(1, 1))
+    assert texts == [d.text for d in docs] and all(len(d.keys) == 1 for d in docs)

@@ -271,6 +271,12 @@ def _layout(b: _Builder, head: str, facts: list[str], tail: list[tuple[str, str]
     return text, fact_ends, spans
 
 
+def filler_text(tokenizer: Any, split: str, rng: random.Random, n_tokens: int) -> str:
+    """About n_tokens of real text from one split's filler passages (for needles in other formats than these)."""
+    _check_split(split)
+    return _Builder(tokenizer, split, rng).filler(n_tokens)
+
+
 # --- the three formats -----------------------------------------------------------------------------
 
 

@@ -34,7 +34,8 @@ WINDOW = 4
 
 
 def batch(n: int, pairs: int, length: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """(n, length) tokens: `pairs` adjacent (key, value) pairs in the first half among filler, then a queried key last."""
+    """(n, length) tokens: `pairs` adjacent (key, value) pairs in the first half among filler, a queried key last;
+    and the value each row must predict."""
     x = torch.randint(KEYS + VALUES, VOCAB, (n, length), generator=g)
     keys = torch.stack([torch.randperm(KEYS, generator=g)[:pairs] for _ in range(n)])
     values = torch.randint(KEYS, KEYS + VALUES, (n, pairs), generator=g)
@@ -115,7 +116,8 @@ def main() -> None:
     ap.add_argument("--every", type=int, default=50)
     ap.add_argument("--full", action="store_true", help="the second layer with full attention: the reference")
     a = ap.parse_args()
-    print(f"second layer: {'full attention' if a.full else f'window {WINDOW} + slots'}; lr {a.lr}, {a.rows} rows a step")
+    second = "full attention" if a.full else f"window {WINDOW} + slots"
+    print(f"second layer: {second}; lr {a.lr}, {a.rows} rows a step")
     print("| pairs | slots | seed | steps to 90 % | accuracy at the end | seconds |\n|---|---|---|---|---|---|")
     for m in map(int, a.slots.split(",")):
         for p in map(int, a.pairs.split(",")):

@@ -40,6 +40,7 @@ def check_kv_pairs(kv_pairs: Sequence[int]) -> tuple[int, int]:
         raise NHAError(f"kv_pairs must be [lo, hi] with 1 <= lo <= hi <= {KV_MAX_PAIRS}, got {list(kv_pairs)}")
     return int(kv_pairs[0]), int(kv_pairs[1])
 
+
 INTROS = ("", "", "Read the following text carefully.\n\n", "Below is a long document. Some details in it "
           "matter later.\n\n", "Excerpts:\n\n", "Pay attention to any names and numbers in this text.\n\n")
 
@@ -359,7 +360,8 @@ def retrieval_documents(tokenizer: Any, n: int, *, split: str = "train", seed: i
     for i in range(n):
         rng = random.Random(f"retrieval-{split}-{seed}-{i}")
         length = rng.randint(min_tokens, max_tokens)
-        docs.append(BUILDERS[formats[i % len(formats)]](_Builder(tokenizer, split, rng, (lo, hi)), length, min_distance))
+        builder = _Builder(tokenizer, split, rng, (lo, hi))
+        docs.append(BUILDERS[formats[i % len(formats)]](builder, length, min_distance))
     return docs
 
 

@@ -193,8 +193,8 @@ def test_default_kv_pairs_keep_the_documents_of_before(tok):
 
 @pytest.mark.parametrize("bad", [[0, 2], [3, 2], [3], [1, 17]])
 def test_bad_kv_pairs_is_one_line(bad):
-    text = ("data:\n  sources:\n    - {kind: retrieval, samples: 3, min_tokens: 400, max_tokens: 512, min_distance: 128,"
-            f" kv_pairs: {bad}}}\nstages:\n  - {{kind: finetune, steps: 1, seq_len: 512}}\n")
+    text = ("data:\n  sources:\n    - {kind: retrieval, samples: 3, min_tokens: 400, max_tokens: 512,"
+            f" min_distance: 128, kv_pairs: {bad}}}\nstages:\n  - {{kind: finetune, steps: 1, seq_len: 512}}\n")
     with pytest.raises(NHAError) as e:
         parse_recipe(text, "r.yaml", budget=None)
     msg = str(e.value)

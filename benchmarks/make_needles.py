@@ -40,7 +40,7 @@ OWNERS = ("Harriet", "Tobias", "Marguerite", "Bartholomew", "Ingrid", "Lysander"
 WORDS = ("lighthouse", "porcupine", "chandelier", "marmalade", "avalanche", "harpsichord", "tangerine", "gondola",
          "saxophone", "cathedral", "pelican", "origami", "kaleidoscope", "quicksilver", "labyrinth", "zeppelin")
 
-# name: (needle, question that ends where the answer starts, value drawer)
+# name: (needle, question that ends where the answer starts); _draw gives each item's subject and answer
 FORMATS: dict[str, tuple[str, str]] = {
     "room": ("Note for visitors: the seminar on {x} has moved to room {v}.",
              "A visitor asks at the front desk where the seminar on {x} is held now. The clerk checks the notice "

@@ -39,9 +39,9 @@ def batch(n: int, pairs: int, length: int, g: torch.Generator) -> tuple[torch.Te
     x = torch.randint(KEYS + VALUES, VOCAB, (n, length), generator=g)
     keys = torch.stack([torch.randperm(KEYS, generator=g)[:pairs] for _ in range(n)])
     values = torch.randint(KEYS, KEYS + VALUES, (n, pairs), generator=g)
-    slots = length // 2 // 2  # non-overlapping 2-token places in the first half
+    places = length // 2 // 2  # non-overlapping 2-token places in the first half
     for i in range(n):
-        at = torch.randperm(slots, generator=g)[:pairs] * 2
+        at = torch.randperm(places, generator=g)[:pairs] * 2
         x[i, at], x[i, at + 1] = keys[i], values[i]
     asked = torch.randint(0, pairs, (n,), generator=g)
     x[:, -1] = keys[torch.arange(n), asked]
@@ -98,7 +98,7 @@ def run(pairs: int, slots: int, seed: int, steps: int, lr: float, rows: int, len
         if step % every == 0:
             with torch.no_grad():
                 acc = (model(xe).argmax(-1) == ye).float().mean().item()
-            if first is None and acc >= 0.9:
+            if acc >= 0.9:
                 first = step
                 break
     return {"pairs": pairs, "slots": slots, "seed": seed, "steps_to_90": first, "final_acc": round(acc, 3)}

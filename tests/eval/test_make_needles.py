@@ -4,9 +4,7 @@ none of the project's own templates."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 from transformers import AutoTokenizer
@@ -14,20 +12,11 @@ from transformers import AutoTokenizer
 from nha_convert.eval import recall
 from nha_convert.eval.recall import file_items, read_recall_file
 from nha_convert.finetune import retrieval_data as rd
-
-ROOT = Path(__file__).parents[2]
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("make_needles", ROOT / "benchmarks" / "make_needles.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
+from tests.helpers.scripts import load_benchmark
 
 @pytest.fixture(scope="module")
 def mn():
-    return _script()
+    return load_benchmark("make_needles")
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ from nha_convert.finetune.trainer import StageLoss, Trainer, teacher_pass
 from nha_convert.ops import nha_chunk
 from nha_convert.ops.packed import cu_seqlens_of, flatten_rows, nha_chunk_varlen, sequence_starts, unflatten_rows
 from tests.helpers.finetune import byte_tokenizer, recipe_text, save_tiny_base, tiny_llama, write_corpus
+from tests.helpers.scripts import load_benchmark
 
 # --- rows --------------------------------------------------------------------------------------------
 
@@ -243,13 +244,7 @@ def test_cpu_budget_of_the_default_recipe_pads_at_most_5_percent():
 
 
 def test_benchmark_counts_real_tokens_after_the_warmup():
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location("bench_finetune",
-                                                  Path(__file__).parents[2] / "benchmarks" / "bench_finetune.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("bench_finetune")
     rows = [{"step": i + 1, "tokens": 1000 * (i + 1) - 10 * i, "time_s": 3.0 + 2.0 * i, "padding_frac": 0.01 * i,
              "loss": 1.0 / (i + 1)} for i in range(6)]
     r = bench.summarise("distill", "distill", rows, warmup=2, global_batch=1, seq_len=1000)
@@ -291,14 +286,7 @@ def test_answer_weight_reaches_the_training_loss_but_not_the_held_out_one(tmp_pa
 def test_benchmark_keeps_one_students_figures_when_the_other_fails(tmp_path, monkeypatch, capsys):
     """A crash of one student (session 7: the base under liger) prints the other's table, writes the JSON with the
     failure named, and exits non-zero with one line."""
-    import importlib.util
-    import json
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location("bench_finetune",
-                                                  Path(__file__).parents[2] / "benchmarks" / "bench_finetune.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("bench_finetune")
     record = {"stage": "distill", "kind": "distill", "global_batch": 2, "seq_len": 8, "real_tokens_per_s": 10.0,
               "s_per_step": 1.0, "padding_frac": 0.0, "peak_mem_gib": 1.0}
 

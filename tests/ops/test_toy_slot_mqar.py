@@ -3,21 +3,15 @@ and every pair lies more than the window back from the query (so only a memory c
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
-ROOT = Path(__file__).parents[2]
+from tests.helpers.scripts import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def toy():
-    spec = importlib.util.spec_from_file_location("toy_slot_mqar", ROOT / "benchmarks" / "toy_slot_mqar.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("toy_slot_mqar")
 
 
 @pytest.mark.parametrize("pairs", [1, 4, 8])

@@ -1,0 +1,37 @@
+"""benchmarks/mqar_errors.py sorts MQAR answers exactly: the oracle is always right, another pair's value is found
+with its offset, a number in no pair and a non-number are told apart."""
+
+from __future__ import annotations
+
+import pytest
+from transformers import AutoTokenizer
+
+from nha_convert.eval import recall
+from tests.helpers.scripts import load_benchmark
+
+errors_mod = load_benchmark("mqar_errors")
+
+
+@pytest.fixture(scope="module")
+def items(smollm2_path):
+    return recall.mqar_items(AutoTokenizer.from_pretrained(smollm2_path), 512, 3, n_pairs=4, n_queries=2)
+
+
+def test_oracle_answers_are_all_right(items):
+    e = errors_mod.classify(items, recall.oracle_predictions(items))
+    assert e.fractions()["right"] == 1.0 and not e.offsets
+
+
+def test_each_kind_of_miss_is_named(items):
+    item = items[0]
+    pairs = recall.MQAR_RE.findall(item.context)
+    keys, values = [k for k, _ in pairs], [v for _, v in pairs]
+    asked = keys.index(recall._query_key(item.queries[0]))
+    other = (asked + 1) % len(values)
+    absent = next(str(n) for n in range(100, 1000) if str(n) not in values)
+    e = errors_mod.classify(items, [[values[other], " " + absent]] + recall.oracle_predictions(items[1:]))
+    assert e.kinds["another value"] == 1 and e.offsets == {other - asked: 1}
+    assert e.kinds["number not in item"] == 1 and e.kinds["right"] == 4
+
+    e = errors_mod.classify(items, [["ten", "?"]] + recall.oracle_predictions(items[1:]))
+    assert e.kinds["not a number"] == 2

@@ -5,8 +5,8 @@
 
 `nha-eval --recall` gives one accuracy per probe and length; this splits the misses. A memory that binds keys to
 values but confuses them answers with another pair's value (and the offset to the asked pair says which: the
-previous one, the last one); a memory that holds a blur of the values answers with numbers that are in no pair.
-Session 11's all-NHA model gave 84 % of the latter (docs/results.md).
+previous one, the last one); a model that reads nothing back guesses numbers of the right format that are in no
+pair. Session 11's all-NHA model gave 84 % of the latter (docs/results.md).
 """
 
 from __future__ import annotations

@@ -49,28 +49,31 @@ def batch(n: int, pairs: int, length: int, g: torch.Generator) -> tuple[torch.Te
 
 
 class Block(nn.Module):
-    def __init__(self, d: int, slots: int, window: int | None = WINDOW):
+    def __init__(self, d: int, slots: int, window: int | None = WINDOW, tau: float = 8.0):
         super().__init__()
-        self.slots, self.window = slots, window
+        self.slots, self.window, self.tau = slots, window, tau
         self.norm = nn.LayerNorm(d)
         self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
         self.gate = nn.Linear(d, max(slots, 1))
+        # The same decay at the start for every tau: alpha_0 = sigmoid(0) ** (1 / 8), what tau 8 gets from a zero bias
+        # (otherwise tau 1 would start with alpha 0.5: a memory of one token, and test the start, not the write)
+        nn.init.constant_(self.gate.bias, torch.logit(torch.tensor(0.5 ** (tau / 8.0))).item())
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         x = self.norm(h)
         b, t, d = x.shape
         q, k, v = (f(x).view(b, t, 1, d).transpose(1, 2) for f in (self.q, self.k, self.v))
-        la = gate_log_alpha(self.gate(x).view(b, 1, t, -1)[..., : self.slots], 8.0)
+        la = gate_log_alpha(self.gate(x).view(b, 1, t, -1)[..., : self.slots], self.tau)
         o, _ = nha_chunk(q, q, k, k, v, la, window=self.window, scale=d**-0.5, chunk_size=16)
         return h + self.o(o.transpose(1, 2).reshape(b, t, d))
 
 
 class Toy(nn.Module):
-    def __init__(self, slots: int, d: int = 32, length: int = 48, full: bool = False):
+    def __init__(self, slots: int, d: int = 32, length: int = 48, full: bool = False, tau: float = 8.0):
         super().__init__()
         self.emb, self.pos = nn.Embedding(VOCAB, d), nn.Embedding(length, d)
         # The first layer only mixes within its window; `full`: the second layer attends to everything (the reference)
-        self.blocks = nn.ModuleList([Block(d, 0), Block(d, slots, None if full else WINDOW)])
+        self.blocks = nn.ModuleList([Block(d, 0), Block(d, slots, None if full else WINDOW, tau)])
         self.head = nn.Linear(d, VOCAB)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -81,11 +84,11 @@ class Toy(nn.Module):
 
 
 def run(pairs: int, slots: int, seed: int, steps: int, lr: float, rows: int, length: int, every: int,
-        full: bool = False) -> dict:
+        full: bool = False, tau: float = 8.0) -> dict:
     torch.manual_seed(seed)
     g, ge = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(10_000 + seed)
     xe, ye = batch(512, pairs, length, ge)
-    model = Toy(slots, length=length, full=full)
+    model = Toy(slots, length=length, full=full, tau=tau)
     opt = torch.optim.Adam(model.parameters(), lr)
     first = None
     acc = 0.0
@@ -101,7 +104,7 @@ def run(pairs: int, slots: int, seed: int, steps: int, lr: float, rows: int, len
             if acc >= 0.9:
                 first = step
                 break
-    return {"pairs": pairs, "slots": slots, "seed": seed, "steps_to_90": first, "final_acc": round(acc, 3)}
+    return {"pairs": pairs, "slots": slots, "seed": seed, "tau": tau, "steps_to_90": first, "final_acc": round(acc, 3)}
 
 
 def main() -> None:
@@ -115,17 +118,21 @@ def main() -> None:
     ap.add_argument("--length", type=int, default=48)
     ap.add_argument("--every", type=int, default=50)
     ap.add_argument("--full", action="store_true", help="the second layer with full attention: the reference")
+    ap.add_argument("--tau", default="8", help="comma-separated gate temperatures (NHA.md: log alpha = "
+                    "logsigmoid / tau; the layer's default 8 makes soft writes, 1 lets one token overwrite a slot)")
     a = ap.parse_args()
     second = "full attention" if a.full else f"window {WINDOW} + slots"
     print(f"second layer: {second}; lr {a.lr}, {a.rows} rows a step")
-    print("| pairs | slots | seed | steps to 90 % | accuracy at the end | seconds |\n|---|---|---|---|---|---|")
+    print("| pairs | slots | tau | seed | steps to 90 % | accuracy at the end | seconds |")
+    print("|---|---|---|---|---|---|---|")
     for m in map(int, a.slots.split(",")):
-        for p in map(int, a.pairs.split(",")):
-            for s in map(int, a.seeds.split(",")):
-                t0 = time.time()
-                r = run(p, m, s, a.steps, a.lr, a.rows, a.length, a.every, a.full)
-                print(f"| {p} | {m} | {s} | {r['steps_to_90'] or f'> {a.steps}'} | {r['final_acc']} | "
-                      f"{time.time() - t0:.0f} |", flush=True)
+        for tau in map(float, a.tau.split(",")):
+            for p in map(int, a.pairs.split(",")):
+                for s in map(int, a.seeds.split(",")):
+                    t0 = time.time()
+                    r = run(p, m, s, a.steps, a.lr, a.rows, a.length, a.every, a.full, tau)
+                    print(f"| {p} | {m} | {tau:g} | {s} | {r['steps_to_90'] or f'> {a.steps}'} | {r['final_acc']} | "
+                          f"{time.time() - t0:.0f} |", flush=True)
 
 
 if __name__ == "__main__":

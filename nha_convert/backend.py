@@ -17,8 +17,8 @@ Kernel variants (kernels/nha_kernels reads them from here; all have tested defau
 - NHA_FWD = parallel | serial: the forward main kernel (chunk_fwd.py).
 - NHA_FWD_STATE_SPAN = L: the span of the forward's chunk-state walk, a multiple of the state chunk; 0 = one scan.
 - NHA_BWD_KV = split | split2: one launch for the K and V sides of the backward, or two (chunk_bwd.py).
-- NHA_BWD_SLOT_TILE = 16 | 32 | 64: slots per tile in the backward's slot kernels (default 16, FwdConfig.mc_bwd; a
-  sweep knob for the GPU: fewer, larger tiles mean fewer passes over the gates and more live registers).
+- NHA_BWD_SLOT_TILE = 16 | 32 | 64: slots per tile in the backward's slot kernels (default 64 up to head dim 64, 16
+  above: chunk_bwd._slot_tile; fewer, larger tiles mean fewer passes over the gates and more live registers).
 - NHA_TRITON_BWD = triton | reference: reference differentiates the torch op instead (a debug path; autograd.py).
 - NHA_GATE_GRAD = triton | torch: the backward's gate gradient in two Triton passes (gate_grad.py, the default since
   session 8: +6-20 % real tokens/s per stage on the H200, docs/performance.md) or ~25 torch ops (its reference).

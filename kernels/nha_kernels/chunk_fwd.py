@@ -340,7 +340,7 @@ class FwdConfig:
     num_warps: int
     num_stages: int
     mc: int = 64  # slots per chunk of the slot phase (forward)
-    mc_bwd: int = 16  # the same in the backward kernels (more live tiles there)
+    mc_bwd: int = 16  # the same in the backward kernels above head dim 64 (chunk_bwd._slot_tile: 64 up to d = 64)
     parallel: bool = False  # chunk-parallel main kernel (fwd_parallel.py): `span` is then the state chunk CK
     maxnreg: int | None = None  # register cap per thread for the parallel main kernel (more programs per SM)
     exact: bool = True  # False drops the exact hard-decay path (timing experiments only: wrong for such gates)

@@ -457,9 +457,9 @@ def test_gate_gradient_kernel_equals_its_torch_form(packed, w, sinks, m):
         assert (out - ref).abs().max() <= 1e-5 * ref.abs().max(), chunk
 
 
-@pytest.mark.parametrize("tile", ["32", "64"])
-def test_gradients_with_larger_backward_slot_tiles_match_reference(monkeypatch, tile):
-    # NHA_BWD_SLOT_TILE (default 16): m = 64 runs in 2 or 1 tiles, m = 16 in one either way (the tile is clipped).
+@pytest.mark.parametrize("tile", ["16", "32", "64"])
+def test_gradients_with_each_backward_slot_tile_match_reference(monkeypatch, tile):
+    # NHA_BWD_SLOT_TILE (default 64 at these head dims, 16 above 64): m = 64 runs in 4, 2 or 1 tiles, m = 16 in one.
     set_nha_env(monkeypatch, "NHA_BWD_SLOT_TILE", tile)
     test_gradients_match_reference(*GRAD_CASES[2])
     test_gradients_match_reference(*GRAD_CASES[0])

@@ -5,8 +5,9 @@
 
 `nha-eval --recall` gives one accuracy per probe and length; this splits the misses. A memory that binds keys to
 values but confuses them answers with another pair's value (and the offset to the asked pair says which: the
-previous one, the last one); a model that reads nothing back guesses numbers of the right format that are in no
-pair. Session 11's all-NHA model gave 84 % of the latter (docs/results.md).
+previous one, the last one). Answers are scored under teacher forcing (each digit after the true ones before it), so
+one wrong digit makes a number in no pair; the share of digits right, beside that of another value of the item,
+tells a weak read (above that baseline) from a guess (at it). Session 11's all-NHA model: 84 % numbers in no pair.
 """
 
 from __future__ import annotations
@@ -31,10 +32,24 @@ class Errors:
     kinds: collections.Counter = field(default_factory=collections.Counter)
     offsets: collections.Counter = field(default_factory=collections.Counter)
     examples: list[str] = field(default_factory=list)
+    digits: list[float] = field(default_factory=list)  # per answer: the share of its digits given right
+    digits_other: list[float] = field(default_factory=list)  # the same for the item's other values (a baseline)
 
     def fractions(self) -> dict[str, float]:
         total = max(sum(self.kinds.values()), 1)
         return {k: self.kinds[k] / total for k in KINDS}
+
+    def digit_accuracy(self) -> tuple[float, float]:
+        """(share of answer digits given right, the same share for another value of the item). Under teacher forcing
+        each digit is predicted after the true ones before it, so one wrong digit makes a number in no pair: the
+        digits tell a partial read (above the baseline) from a guess (at it)."""
+        mean = lambda xs: sum(xs) / max(len(xs), 1)  # noqa: E731
+        return mean(self.digits), mean(self.digits_other)
+
+
+def digit_match(want: str, got: str) -> float:
+    """Share of want's characters that got has at the same place."""
+    return sum(a == b for a, b in zip(want, got)) / max(len(want), 1)
 
 
 def classify(items: Sequence[recall.ProbeItem], predictions: Sequence[Sequence[str]]) -> Errors:
@@ -53,6 +68,9 @@ def classify(items: Sequence[recall.ProbeItem], predictions: Sequence[Sequence[s
             else:
                 kind = "number not in item" if given.isdigit() else "not a number"
             out.kinds[kind] += 1
+            out.digits.append(digit_match(want, given))
+            others = [v for v in values if v != want]
+            out.digits_other.append(sum(digit_match(want, v) for v in others) / max(len(others), 1))
             out.examples.append(f"asked pair {asked} of {len(keys)}: want {want!r}, got {given!r} ({kind})")
     return out
 
@@ -80,6 +98,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     for kind, frac in errors.fractions().items():
         print(f"{kind:>20}: {frac:6.1%}")
     print("another pair's value, by offset (given - asked):", dict(sorted(errors.offsets.items())))
+    print("digits right: {:.1%} (another value of the item: {:.1%})".format(*errors.digit_accuracy()))
 
 
 if __name__ == "__main__":

@@ -20,6 +20,14 @@ def items(smollm2_path):
 def test_oracle_answers_are_all_right(items):
     e = errors_mod.classify(items, recall.oracle_predictions(items))
     assert e.fractions()["right"] == 1.0 and not e.offsets
+    right, other = e.digit_accuracy()
+    assert right == 1.0 and 0.0 <= other < 1.0
+
+
+def test_digit_match_counts_places():
+    assert errors_mod.digit_match("295", "290") == 2 / 3
+    assert errors_mod.digit_match("295", "95") == 0.0  # shifted digits are not at their places
+    assert errors_mod.digit_match("295", "") == 0.0
 
 
 def test_each_kind_of_miss_is_named(items):

@@ -174,3 +174,16 @@ def test_shipped_recipes_load_without_and_with_each_budget(path):
 
     for budget in [None, *((yaml.safe_load(path.read_text()) or {}).get("budgets") or {})]:
         assert read_recipe(path, budget=budget).stages
+
+
+@pytest.mark.parametrize("budget", ["gpu", "cpu"])
+def test_hybrid_recipe_is_the_all_nha_recipe_plus_two_full_layers(budget):
+    # recipes.md and the hybrid's header say so (session 11): a change to one recipe must be made to both
+    root = Path(__file__).parents[2] / "recipes"
+    hybrid = read_recipe(root / "smollm2-135m-hybrid.yaml", budget=budget)
+    same = read_recipe(root / "smollm2-135m.yaml", budget=budget,
+                       overrides=["model.nha.full_layers=auto:2", f"output.dir={hybrid.output.dir}"]
+                       + (["model.calibration.seq_len=192", "model.calibration.text_seqs=1",
+                           "model.calibration.retrieval_docs=1"] if budget == "cpu" else []))
+    # the budgets as written differ (the hybrid's cpu budget shrinks the calibration); their effect is compared above
+    assert hybrid.model_dump(exclude={"budgets"}) == same.model_dump(exclude={"budgets"})

@@ -131,19 +131,41 @@ def lm_objective(hidden: Tensor, targets: Tensor, head: Head, *, teacher_hidden:
                  target_weight: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, int]:
     """(loss sum, KL sum, CE sum, positions): loss = (1 - ce_weight) * KL + ce_weight * CE with KL as in
     `chunked_lm_loss`; without want_kl the loss is the CE sum. KL and CE come back detached (statistics).
-    The fused form runs only where it pays: CUDA, a gradient wanted, bias-free linear heads, no per-position
-    weights (liger's losses take none: weighted batches use the torch form)."""
-    fusable = torch.is_grad_enabled() and hidden.requires_grad and target_weight is None
+    The fused form runs only where it pays: CUDA, a gradient wanted, bias-free linear heads. liger's losses take no
+    per-position weights, so a weighted batch runs fused without them plus `weight_excess` (torch, on the few
+    positions whose weight is not 1): sum w f = sum f + sum (w - 1) f, exactly."""
+    fusable = torch.is_grad_enabled() and hidden.requires_grad
     lib = liger_losses(hidden) if fusable else None
     w, tw = _weight_of(head), _weight_of(teacher_head) if want_kl else None
     if lib is not None and w is not None and (tw is not None or not want_kl):
-        return fused_lm_objective(lib, hidden, targets, w, teacher_hidden=teacher_hidden, teacher_weight=tw,
-                                  temperature=temperature, ce_weight=ce_weight, want_kl=want_kl, chunk=chunk)
+        loss, kl, ce, n = fused_lm_objective(lib, hidden, targets, w, teacher_hidden=teacher_hidden,
+                                             teacher_weight=tw, temperature=temperature, ce_weight=ce_weight,
+                                             want_kl=want_kl, chunk=chunk)
+        if target_weight is None:
+            return loss, kl, ce, n
+        x_loss, x_kl, x_ce = weight_excess(hidden, targets, head, target_weight, teacher_hidden=teacher_hidden,
+                                           teacher_head=teacher_head, temperature=temperature, ce_weight=ce_weight,
+                                           want_kl=want_kl, chunk=chunk)
+        return loss + x_loss, kl + x_kl, ce + x_ce, n
     kl, ce, n = chunked_lm_loss(hidden, targets, head, teacher_hidden=teacher_hidden, teacher_head=teacher_head,
                                 temperature=temperature, want_kl=want_kl, want_ce=True, chunk=chunk,
                                 target_weight=target_weight)
     loss = (1 - ce_weight) * kl + ce_weight * ce if want_kl else ce
     return loss, kl.detach(), ce.detach(), n
+
+
+def weight_excess(hidden: Tensor, targets: Tensor, head: Head, target_weight: Tensor, *,
+                  teacher_hidden: Tensor | None = None, teacher_head: Head | None = None, temperature: float = 1.0,
+                  ce_weight: float = 1.0, want_kl: bool = False, chunk: int = 1024) -> tuple[Tensor, Tensor, Tensor]:
+    """(loss, KL, CE) of `lm_objective` weighted by (target_weight - 1) over the positions whose weight is not 1,
+    in the chunked torch form: what turns an unweighted loss into the weighted one. The retrieval documents' answer
+    tokens (weight 20) are a few per thousand, so this costs a few LM-head rows (KL and CE come back detached)."""
+    excess = target_weight - 1
+    kl, ce, _ = chunked_lm_loss(hidden, torch.where(excess != 0, targets, -100), head, teacher_hidden=teacher_hidden,
+                                teacher_head=teacher_head, temperature=temperature, want_kl=want_kl, want_ce=True,
+                                chunk=chunk, target_weight=excess)
+    loss = (1 - ce_weight) * kl + ce_weight * ce if want_kl else ce
+    return loss, kl.detach(), ce.detach()
 
 
 def fused_lm_objective(lib: LigerLosses, hidden: Tensor, targets: Tensor, weight: Tensor, *,

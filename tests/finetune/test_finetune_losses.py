@@ -159,3 +159,51 @@ def test_fused_loss_hands_liger_the_same_shapes_at_every_step():
         assert n == seen[-1][3] == int((targets != -100).sum())
     assert len({s[:3] for s in seen}) == 1 and seen[0][0][0] % 8 == 0
     assert len({s[3] for s in seen}) == 3
+
+
+@pytest.mark.parametrize("want_kl", [True, False], ids=["distill", "finetune"])
+def test_weighted_batches_run_fused_plus_the_weight_excess(monkeypatch, want_kl):
+    """liger's losses take no per-position weights, so `lm_objective` runs them unweighted and adds the torch sum of
+    (w - 1) f over the positions whose weight is not 1 (the answer tokens). With a stand-in for liger that computes
+    the unweighted sums by the torch form, the result equals the weighted torch loss: values, statistics and
+    gradients (fp64 inputs; the chunked form accumulates its sums in fp32). The GPU suite checks the same against
+    liger itself."""
+    from nha_convert.finetune import losses as L
+
+    hidden, t_hidden, ids, mask, head, t_head = _batch(seed=3)
+    targets = next_token_targets(ids, mask)
+    weight = torch.ones(targets.shape, dtype=torch.float32)
+    weight[0, 3] = weight[0, 5] = 20.0  # answer tokens
+    weight[1, 2] = 0.5
+    weight[2, 5] = 20.0  # a padded position: no target, so no term
+    temperature, ce_weight = 2.0, 0.3
+    calls = []
+
+    def jsd(h, w, th, tw, tgt, _w_tgt, _bias, w_hard, w_soft, beta, ignore, temp, compiled, chunk, ret):
+        calls.append("jsd")
+        kl, ce, n = chunked_lm_loss(h[None], tgt[None], head, teacher_hidden=th[None], teacher_head=t_head,
+                                    temperature=temp, want_kl=True)
+        raw_kl = kl / temp**2  # liger's soft term is the KL without T^2; fused_lm_objective puts T^2 in its weight
+        return (w_hard * ce + w_soft * raw_kl) / n, raw_kl / n, ce / n
+
+    def cross_entropy(h, w, tgt, reduction):
+        calls.append("ce")
+        return chunked_lm_loss(h[None], tgt[None], head)[1]
+
+    monkeypatch.setattr(L, "liger_losses", lambda x: L.LigerLosses(jsd=jsd, cross_entropy=cross_entropy))
+    kw = dict(teacher_hidden=t_hidden, teacher_head=t_head if want_kl else None, temperature=temperature,
+              ce_weight=ce_weight, want_kl=want_kl, chunk=4)
+    h1, h2 = hidden.clone().requires_grad_(True), hidden.clone().requires_grad_(True)
+    loss, kl, ce, n = L.lm_objective(h1, targets, head, target_weight=weight, **kw)
+    assert calls == ["jsd" if want_kl else "ce"]  # the fused path ran
+    ref_kl, ref_ce, ref_n = chunked_lm_loss(h2, targets, head, teacher_hidden=t_hidden, teacher_head=t_head,
+                                            temperature=temperature, want_kl=want_kl, want_ce=True, chunk=4,
+                                            target_weight=weight)
+    ref = (1 - ce_weight) * ref_kl + ce_weight * ref_ce if want_kl else ref_ce
+    assert n == ref_n
+    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(kl, ref_kl.detach(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ce, ref_ce.detach(), rtol=1e-6, atol=1e-6)
+    loss.backward()
+    ref.backward()
+    torch.testing.assert_close(h1.grad, h2.grad, rtol=1e-6, atol=1e-9)

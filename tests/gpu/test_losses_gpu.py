@@ -36,13 +36,15 @@ def _case(seed: int, dtype: torch.dtype, n: int = 3000, h: int = 576, v: int = 4
     return hidden, t_hidden, head, t_head, targets
 
 
-def _objective(env: str, monkeypatch, hidden, t_hidden, head, t_head, targets, *, want_kl, temperature, ce_weight):
+def _objective(env: str, monkeypatch, hidden, t_hidden, head, t_head, targets, *, want_kl, temperature, ce_weight,
+               target_weight=None):
     monkeypatch.setenv("NHA_LOSS", env)
     backend.resolve()
     h = hidden.detach().clone().requires_grad_(True)
     head.weight.grad = None
     loss, kl, ce, n = lm_objective(h, targets, head, teacher_hidden=t_hidden, teacher_head=t_head if want_kl else None,
-                                   temperature=temperature, ce_weight=ce_weight, want_kl=want_kl, chunk=1024)
+                                   temperature=temperature, ce_weight=ce_weight, want_kl=want_kl, chunk=1024,
+                                   target_weight=target_weight)
     loss.backward()
     return loss.detach().float(), kl, ce, n, h.grad.float(), head.weight.grad.float()
 
@@ -60,6 +62,23 @@ def test_fused_loss_equals_chunked_torch_fp32(monkeypatch, want_kl, temperature,
     for a, b in zip(ref[:3], fused[:3]):  # loss, KL sum, CE sum
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-3)
     for a, b in zip(ref[4:], fused[4:]):  # d hidden, d head weight
+        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("want_kl", [True, False], ids=["distill", "finetune"])
+def test_weighted_fused_loss_equals_weighted_chunked_torch(monkeypatch, want_kl):
+    """Answer tokens weighted x20 (the retrieval documents): liger unweighted + the torch excess over those positions
+    equals the weighted torch loss, values and gradients."""
+    case = _case(4, torch.float32)
+    weight = torch.ones(case[4].shape, device="cuda")
+    weight.view(-1)[torch.arange(11, 3000, 97, device="cuda")] = 20.0
+    kw = dict(want_kl=want_kl, temperature=1.0, ce_weight=0.5 if want_kl else 1.0, target_weight=weight)
+    ref = _objective("torch", monkeypatch, *case, **kw)
+    fused = _objective("liger", monkeypatch, *case, **kw)
+    assert ref[3] == fused[3]
+    for a, b in zip(ref[:3], fused[:3]):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-3)
+    for a, b in zip(ref[4:], fused[4:]):
         torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-5)
 
 

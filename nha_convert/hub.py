@@ -56,6 +56,14 @@ def resolve_source(name: str | Path | None) -> str | Path:
     return text
 
 
+def check_source(name: str | Path | None) -> None:
+    """`resolve_source`'s checks without building or downloading anything: an existing folder must be a model
+    folder, and a path-like name must exist. The embedded model, aliases and hub ids pass (they load later)."""
+    if name is None or str(name).strip().lower() in (DEFAULT, *ALIASES):
+        return
+    resolve_source(name)
+
+
 def _looks_like_path(text: str) -> bool:
     if text.startswith((".", "/", "~")) or (os.altsep and text.startswith(os.altsep)):
         return True

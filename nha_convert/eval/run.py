@@ -101,6 +101,7 @@ class EvalRequest:
 def run_eval(request: EvalRequest, progress: Progress | None = None) -> EvalResults:
     """Evaluate, then bench, then check parity, as the request asks."""
     progress = progress or Progress()
+    check_request(request)
     results = evaluate(request, progress)
     if request.bench is not None:
         base_spec = next((c for c in request.compare if not c.endswith(".json")), None)
@@ -113,6 +114,23 @@ def run_eval(request: EvalRequest, progress: Progress | None = None) -> EvalResu
                                dtype=M.resolve_dtype(request.dtype, dev), tolerance=request.parity_tolerance,
                                log=progress.log)
     return results
+
+
+def check_request(req: EvalRequest) -> None:
+    """What fails without loading a model fails here, before any work: a request that measures nothing, and a
+    model path that does not exist (a hub id is only checked when it loads)."""
+    from ..hub import check_source
+
+    no_tasks = req.tasks.strip().lower() in ("", "none")
+    if no_tasks and req.recall is None and req.ppl is None and req.bench is None and not req.parity:
+        raise NHAError("nothing to evaluate with --tasks none: add --recall, --ppl, --bench or --parity, "
+                       "or name tasks (e.g. --tasks commonsense)")
+    for spec in [*req.compare, *req.models]:
+        if spec.endswith(".json"):
+            if not Path(spec).expanduser().is_file():
+                raise NHAError(f"no such results file: {spec} (--compare takes a model or an earlier results.json)")
+        elif spec not in M.RANDOM_MODELS:
+            check_source(spec)
 
 
 def device_name(device: str) -> str:

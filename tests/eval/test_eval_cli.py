@@ -103,6 +103,10 @@ def test_bench_cli_writes_rows_and_chart(tmp_path, run_cli):
     (["{base}", "--tasks", "no_such_task_xyz", "--limit", "1"], "unknown task"),
     ([], "name at least one model"),
     (["{base}", "--tasks", "none", "--recall-file", "no-such-file.jsonl"], "--recall-file no-such-file.jsonl: cannot"),
+    (["{base}", "--tasks", "none"], "nothing to evaluate"),  # once wrote an empty report and exited 0
+    (["./no-such-model", "--tasks", "none"], "nothing to evaluate"),
+    (["./no-such-model", "--recall"], "no such folder"),  # before any other model loads or any work starts
+    (["{nha}", "--compare", "no-such-run.json", "--recall"], "no such results file"),
 ])
 def test_bad_input_is_one_line(tiny_folders, run_cli, args, message):
     args = [a.format(base=tiny_folders / "base", nha=tiny_folders / "nha") for a in args]

@@ -166,8 +166,8 @@ def test_weighted_batches_run_fused_plus_the_weight_excess(monkeypatch, want_kl)
     """liger's losses take no per-position weights, so `lm_objective` runs them unweighted and adds the torch sum of
     (w - 1) f over the positions whose weight is not 1 (the answer tokens). With a stand-in for liger that computes
     the unweighted sums by the torch form, the result equals the weighted torch loss: values, statistics and
-    gradients (fp64 inputs; the chunked form accumulates its sums in fp32). The GPU suite checks the same against
-    liger itself."""
+    gradients (fp64 inputs, but the chunked form computes its logits in fp32, so both sides agree to fp32 rounding:
+    the weighted terms alone are ~20x larger than that). The GPU suite checks the same against liger itself."""
     from nha_convert.finetune import losses as L
 
     hidden, t_hidden, ids, mask, head, t_head = _batch(seed=3)
@@ -206,4 +206,4 @@ def test_weighted_batches_run_fused_plus_the_weight_excess(monkeypatch, want_kl)
     torch.testing.assert_close(ce, ref_ce.detach(), rtol=1e-6, atol=1e-6)
     loss.backward()
     ref.backward()
-    torch.testing.assert_close(h1.grad, h2.grad, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(h1.grad, h2.grad, rtol=1e-5, atol=1e-6 * float(h2.grad.abs().max()))

@@ -288,8 +288,9 @@ def pack_pieces(lengths: list[int], seq_len: int) -> list[list[int]]:
     return rows
 
 
-def make_rows(docs: list[list[int]], seq_len: int, pad_id: int, min_chunk: int) -> Rows:
-    """Cut each document into pieces of seq_len tokens and pack the pieces into rows (see the module docstring)."""
+def make_rows(docs: list[list[int]], seq_len: int, pad_id: int, min_chunk: int, pack: bool = True) -> Rows:
+    """Cut each document into pieces of seq_len tokens and pack the pieces into rows (see the module docstring);
+    pack=False: one piece per row, padded (the unpacked layout, for comparisons)."""
     pieces = [d[i:i + seq_len] for d in docs for i in range(0, len(d), seq_len)]
     pieces = [p for p in pieces if len(p) >= min(min_chunk, seq_len)]
     if not pieces:
@@ -297,7 +298,7 @@ def make_rows(docs: list[list[int]], seq_len: int, pad_id: int, min_chunk: int) 
             raise NHAError("the data sources gave no text; check the recipe's data.sources (paths, kinds)")
         raise NHAError(f"no document piece is at least {min(min_chunk, seq_len)} tokens long (the longest document has "
                        f"{max(len(d) for d in docs)}); lower data.min_chunk or add longer documents")
-    packed = pack_pieces([len(p) for p in pieces], seq_len)
+    packed = pack_pieces([len(p) for p in pieces], seq_len) if pack else [[i] for i in range(len(pieces))]
     ids = torch.full((len(packed), seq_len), pad_id, dtype=torch.long)
     mask = torch.zeros((len(packed), seq_len), dtype=torch.long)
     pos = torch.zeros((len(packed), seq_len), dtype=torch.long)
@@ -349,13 +350,14 @@ class Corpus:
     held_out: list[list[int]]
     pad_id: int
     min_chunk: int
+    pack: bool = True
 
     def rows(self, seq_len: int, split: str = "train") -> Rows:
         key = (seq_len, split)
         cache = self.__dict__.setdefault("_rows", {})
         if key not in cache:
             cache[key] = make_rows(self.train if split == "train" else self.held_out, seq_len, self.pad_id,
-                                   self.min_chunk)
+                                   self.min_chunk, self.pack)
         return cache[key]
 
 
@@ -450,4 +452,4 @@ def build_corpus(spec: DataSpec, tokenizer: Any, *, seed: int, teacher: Any = No
         tokens = load_tokens(spec, tokenizer, seed=seed, teacher=teacher, cache_dir=cache_dir)
     train, held = split_documents(tokens, spec.held_out, seed)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    return Corpus(train, held, pad, spec.min_chunk)
+    return Corpus(train, held, pad, spec.min_chunk, spec.pack)

@@ -196,11 +196,14 @@ class ProbeSpec(Spec):
 class DataSpec(Spec):
     """held_out: fraction of documents kept out of training for the validation loss (when there are fewer
     documents than 1/held_out, the last held_out fraction of every document's tokens instead).
-    min_chunk: shortest document piece kept as a training row (in tokens)."""
+    min_chunk: shortest document piece kept as a training row (in tokens).
+    pack: several pieces per row (true, the default: almost no padding); false puts each piece in its own row, padded
+    to seq_len: the layout before packing, kept to compare the loss at the same tokens (docs/performance.md)."""
 
     sources: list[SourceSpec] = Field(default_factory=lambda: [SourceSpec(kind="shakespeare")], min_length=1)
     held_out: Num = Field(0.05, gt=0, lt=1)
     min_chunk: Positive = 32
+    pack: bool = True
 
 
 class LoraSpec(Spec):

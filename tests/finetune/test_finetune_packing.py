@@ -57,6 +57,19 @@ def test_packed_rows_hold_whole_pieces_with_restarting_positions():
     assert len(rows) == 9 and rows.padding_frac == pytest.approx(3 / 90)  # seven full pieces, then 7 | 5 + 5
 
 
+def test_unpacked_rows_hold_one_piece_each_in_document_order():
+    # data.pack: false, the layout before packing (kept for loss-at-the-same-tokens comparisons)
+    docs = [[d * 1000 + t for t in range(n)] for d, n in enumerate((5, 23, 5, 40, 3, 17))]
+    rows = make_rows(docs, seq_len=10, pad_id=-1, min_chunk=4, pack=False)
+    expect = [p for d in docs for i in range(0, len(d), 10) if len(p := d[i:i + 10]) >= 4]
+    assert len(rows) == len(expect) == 10
+    for p, ids, mask, pos in zip(expect, rows.input_ids.tolist(), rows.attention_mask.tolist(),
+                                 rows.position_ids.tolist()):
+        assert ids == p + [-1] * (10 - len(p)) and mask == [1] * len(p) + [0] * (10 - len(p))
+        assert pos == list(range(10))  # one sequence; padding continues its positions
+    assert rows.tokens == 87 and rows.padding_frac == pytest.approx(13 / 100)
+
+
 def test_sequence_starts_and_cu_seqlens():
     pos = torch.tensor([[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 4, 5]])
     assert sequence_starts(pos).tolist() == [[True, False, False, True, False, True],

@@ -72,3 +72,4 @@ def run_cli(monkeypatch, capsys):
         return code, captured.out, captured.err
 
     return run
+

@@ -4,14 +4,15 @@ Two launches:
 - `_decode_kernel`, one program per (batch row, KV head) with the G query heads as rows of one tile: folds the token
   that leaves the window into the fp32 slots, attends over [slots ; ring buffer ; sinks] with one online softmax
   (the new token is substituted into the ring in registers), then writes the new ring entry, sink and slots.
-- `_decode_flags_kernel`, one program per batch row: the per-row bookkeeping (ring validity/sink flags, slot
-  count, real-token count, sink positions), which every head of the first kernel must read in its old state.
+- `_decode_flags_kernel`, one program for all rows: the per-row bookkeeping (ring validity/sink flags, slot
+  count, real-token count, sink positions), which every head of the first kernel must read in its old state, then
+  the position counter.
 Full-attention layers (window None) keep a fixed-capacity buffer, written by the torch step; their attention is
 `full_decode_attention`: flash-decoding, the buffer split into chunks read once each by parallel programs (the G
 query heads of a KV head as rows of one tile), then a small torch merge of the chunks' partial softmaxes.
 
-Graph-safe: the position comes from the state's device counter `pos` (read by both kernels, then `pos += 1`), so a
-captured step replays correctly at every later position.
+Graph-safe: the position comes from the state's device counter `pos` (read by both kernels; the second advances
+it), so a captured step replays correctly at every later position.
 """
 
 from __future__ import annotations
@@ -31,23 +32,51 @@ from .prep import next_pow2
 from .triton_utils import expm1, slot_bias_rows
 
 
-# Entries per block for the G query heads of a group (H100, B = 64, w = 64: 138 us; 64/128 entries: 171 us).
-DECODE_TILES = {"slots": 32, "ring": 64, "num_warps": 8, "num_stages": 1}
+# Slots / ring entries per block and launch shape. The G query heads of a KV head are the rows of one tile, padded
+# to 16 for the tensor cores (H200, B = 64, Llama-3-8B layer: 57.7 us; 64-entry blocks at 8 warps the same, at 4
+# warps 79 us; kernels/tools/decode_sweep.py). Until session 13 the products were fp32 FMAs over (G, N, D) blocks:
+# their broadcasts held 128-255 registers a thread, and took 111-220 us at every setting.
+DECODE_TILES = {"slots": 32, "ring": 64, "num_warps": 4, "num_stages": 1}
 
 
 @triton.jit
-def _attend(m_i, l_i, acc, q, keys, vals, ok, scale):
-    """One block of the online softmax in fp32 FMAs (decode is memory-bound; no tensor-core padding of the G rows).
+def _split_dot(a, b, SPLIT: tl.constexpr):
+    """a @ b in fp32 accuracy on the tensor cores. SPLIT (bf16 models): each fp32 operand as bf16 hi + lo parts
+    (~16 mantissa bits; the lo x lo product dropped); else (fp32 and fp16 models: fp16 is exact in tf32) one
+    3-pass tf32 product."""
+    if SPLIT:
+        if a.dtype == tl.float32:
+            a_hi = a.to(tl.bfloat16)
+            a_lo = (a - a_hi.to(tl.float32)).to(tl.bfloat16)
+        else:
+            a_hi = a.to(tl.bfloat16)
+            a_lo = a_hi
+        if b.dtype == tl.float32:
+            b_hi = b.to(tl.bfloat16)
+            b_lo = (b - b_hi.to(tl.float32)).to(tl.bfloat16)
+            out = tl.dot(a_hi, b_hi) + tl.dot(a_hi, b_lo)
+        else:
+            b_hi = b.to(tl.bfloat16)
+            out = tl.dot(a_hi, b_hi)
+        if a.dtype == tl.float32:
+            out += tl.dot(a_lo, b_hi)
+        return out
+    else:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32x3")
 
-    q (GP, DP), keys (N, DP), vals (N, DVP), ok (N,) or (GP, N) visibility."""
-    sc = tl.sum(q[:, None, :] * keys[None, :, :], axis=2) * scale
+
+@triton.jit
+def _attend(m_i, l_i, acc, q, keys, vals, ok, scale, SPLIT: tl.constexpr):
+    """One block of the online softmax on the tensor cores: q (GP >= 16, DP) and keys (N >= 16, DP), vals (N, DVP),
+    ok (N,) or (GP, N) visibility; fp32 operands (slot states, probabilities) in fp32 accuracy (`_split_dot`)."""
+    sc = _split_dot(q, tl.trans(keys), SPLIT) * scale
     sc = tl.where(ok, sc, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(sc, axis=1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp(m_i - m_safe)
     p = tl.exp(sc - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * vals[None, :, :], axis=1)
+    acc = acc * alpha[:, None] + _split_dot(p, vals, SPLIT)
     return m_new, l_i, acc
 
 
@@ -59,7 +88,7 @@ def _decode_kernel(
     pos, W, S, H, scale,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, M: tl.constexpr,
     DP: tl.constexpr, DVP: tl.constexpr, MP: tl.constexpr, SP: tl.constexpr, NB: tl.constexpr, NBW: tl.constexpr,
-    HAS_SINKS: tl.constexpr, HAS_SLOT_BIAS: tl.constexpr = False,
+    HAS_SINKS: tl.constexpr, HAS_SLOT_BIAS: tl.constexpr = False, SPLIT: tl.constexpr = True,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -97,8 +126,8 @@ def _decode_kernel(
     rr = tl.arange(0, GP)
     r_ok = rr < G
     hq = bh * G + rr
-    qu = tl.load(q + hq[:, None] * D + dd[None, :], mask=r_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-    qrot = tl.load(qr + hq[:, None] * D + dd[None, :], mask=r_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+    qu = tl.load(q + hq[:, None] * D + dd[None, :], mask=r_ok[:, None] & d_ok[None, :], other=0.0)
+    qrot = tl.load(qr + hq[:, None] * D + dd[None, :], mask=r_ok[:, None] & d_ok[None, :], other=0.0)
     m_i = tl.full((GP,), float("-inf"), tl.float32)
     l_i = tl.zeros((GP,), tl.float32)
     acc = tl.zeros((GP, DVP), tl.float32)
@@ -118,7 +147,7 @@ def _decode_kernel(
         sv = tl.exp(la_f)[:, None] * tl.load(slot_v + tile_v, mask=mv, other=0.0) + s_f[:, None] * v_f[None, :]
         tl.store(slot_k + tile_k, sk, mask=mk)
         tl.store(slot_v + tile_v, sv, mask=mv)
-        m_i, l_i, acc = _attend(m_i, l_i, acc, qu, sk, sv, (m_ok & (count > 0))[None, :], scale)
+        m_i, l_i, acc = _attend(m_i, l_i, acc, qu, sk, sv, (m_ok & (count > 0))[None, :], scale, SPLIT)
     if HAS_SLOT_BIAS:
         # The slots came first into the online softmax, so adding b_h to all of a row's slot logits only moves its
         # running maximum (p = exp(l + b - (max + b)) is unchanged); -inf (empty slots) stays -inf.
@@ -132,12 +161,12 @@ def _decode_kernel(
         wv = tl.load(win_valid + b64 * W + widx, mask=w_ok, other=0) != 0
         wv = tl.where(is_new, valid_b, wv) & w_ok
         kt = tl.load(win_kr + (bh * W + widx)[:, None] * D + dd[None, :], mask=w_ok[:, None] & d_ok[None, :],
-                     other=0.0).to(tl.float32)
+                        other=0.0)
         vt = tl.load(win_v + (bh * W + widx)[:, None] * DV + dv[None, :], mask=w_ok[:, None] & dv_ok[None, :],
-                     other=0.0).to(tl.float32)
-        kt = tl.where(is_new[:, None], kr_new.to(tl.float32)[None, :], kt)
-        vt = tl.where(is_new[:, None], v_new.to(tl.float32)[None, :], vt)
-        m_i, l_i, acc = _attend(m_i, l_i, acc, qrot, kt, vt, wv[None, :], scale)
+                     other=0.0)
+        kt = tl.where(is_new[:, None], kr_new[None, :], kt)
+        vt = tl.where(is_new[:, None], v_new[None, :], vt)
+        m_i, l_i, acc = _attend(m_i, l_i, acc, qrot, kt, vt, wv[None, :], scale, SPLIT)
 
     if HAS_SINKS:
         si = tl.arange(0, SP)
@@ -146,12 +175,12 @@ def _decode_kernel(
         pres = (tl.load(sink_present + b64 * S + si, mask=s_ok, other=0) != 0) | new
         pos = tl.where(new, t, tl.load(sink_pos + b64 * S + si, mask=s_ok, other=0))
         ks = tl.load(sink_kr + (bh * S + si)[:, None] * D + dd[None, :], mask=s_ok[:, None] & d_ok[None, :],
-                     other=0.0).to(tl.float32)
+                        other=0.0)
         vs = tl.load(sink_v + (bh * S + si)[:, None] * DV + dv[None, :], mask=s_ok[:, None] & dv_ok[None, :],
-                     other=0.0).to(tl.float32)
-        ks = tl.where(new[:, None], kr_new.to(tl.float32)[None, :], ks)
-        vs = tl.where(new[:, None], v_new.to(tl.float32)[None, :], vs)
-        m_i, l_i, acc = _attend(m_i, l_i, acc, qrot, ks, vs, (pres & (pos <= t - W))[None, :], scale)
+                     other=0.0)
+        ks = tl.where(new[:, None], kr_new[None, :], ks)
+        vs = tl.where(new[:, None], v_new[None, :], vs)
+        m_i, l_i, acc = _attend(m_i, l_i, acc, qrot, ks, vs, (pres & (pos <= t - W))[None, :], scale, SPLIT)
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(o + hq[:, None] * DV + dv[None, :], out.to(o.dtype.element_ty), mask=r_ok[:, None] & dv_ok[None, :])
@@ -170,25 +199,31 @@ def _decode_kernel(
 
 
 @triton.jit
-def _decode_flags_kernel(valid, n_real, slot_count, win_valid, win_sink, sink_pos, sink_present, pos, W, S):
-    b = tl.program_id(0).to(tl.int64)
+def _decode_flags_kernel(valid, n_real, slot_count, win_valid, win_sink, sink_pos, sink_present, pos, B, W, S,
+                         BP: tl.constexpr):
+    """All B rows in one program, which then advances the position counter (every program of `_decode_kernel` has
+    read it by now; one program, so no row of this kernel reads it after the write)."""
+    b = tl.arange(0, BP).to(tl.int64)
+    ok = b < B
     t = tl.load(pos)
-    valid_b = tl.load(valid + b) != 0
-    nr = tl.load(n_real + b)
+    valid_b = (tl.load(valid + b, mask=ok, other=0) != 0) & ok
+    nr = tl.load(n_real + b, mask=ok, other=0)
     is_sink = valid_b & (nr < S)
     writes = valid_b & (nr >= S)
     i = t % tl.maximum(W, 1)
     has_out = (W > 0) & (t >= W)
-    out_writes = has_out & (tl.load(win_valid + b * W + i, mask=has_out, other=0) != 0) & (
-        tl.load(win_sink + b * W + i, mask=has_out, other=0) == 0)
+    out_writes = has_out & (tl.load(win_valid + b * W + i, mask=ok & has_out, other=0) != 0) & (
+        tl.load(win_sink + b * W + i, mask=ok & has_out, other=0) == 0)
     fold_w = tl.where(W == 0, writes, out_writes)
-    tl.store(slot_count + b, tl.load(slot_count + b) + fold_w.to(tl.int64))
-    tl.store(win_valid + b * W + i, valid_b.to(tl.uint8), mask=W > 0)
-    tl.store(win_sink + b * W + i, is_sink.to(tl.uint8), mask=W > 0)
+    tl.store(slot_count + b, tl.load(slot_count + b, mask=ok, other=0) + fold_w.to(tl.int64), mask=ok)
+    tl.store(win_valid + b * W + i, valid_b.to(tl.uint8), mask=ok & (W > 0))
+    tl.store(win_sink + b * W + i, is_sink.to(tl.uint8), mask=ok & (W > 0))
     nr_c = tl.minimum(nr, tl.maximum(S - 1, 0))
-    tl.store(sink_pos + b * S + nr_c, nr_c * 0 + t, mask=is_sink)
-    tl.store(sink_present + b * S + nr_c, is_sink.to(tl.uint8), mask=is_sink)
-    tl.store(n_real + b, nr + valid_b.to(tl.int64))
+    tl.store(sink_pos + b * S + nr_c, nr_c * 0 + t, mask=ok & is_sink)
+    tl.store(sink_present + b * S + nr_c, is_sink.to(tl.uint8), mask=ok & is_sink)
+    tl.store(n_real + b, nr + valid_b.to(tl.int64), mask=ok)
+    tl.debug_barrier()  # every thread has read pos
+    tl.store(pos, t + 1)
 
 
 # Keys per block and how many programs to aim for when splitting a full layer's buffer (H100: 132 SMs).
@@ -281,24 +316,25 @@ def nha_decode_step(
     w, s = state.window, state.num_sinks
     q, q_rot, k, k_rot, v = (x.contiguous() for x in (q, q_rot, k, k_rot, v))
     la = log_alpha.float().contiguous()
-    valid_i = valid.to(torch.int32).contiguous()
+    valid_u8 = _u8(valid.contiguous()) if valid.dtype == torch.bool else valid.to(torch.uint8).contiguous()
     o = torch.empty(b, hq, dv, dtype=q.dtype, device=q.device)
     mp = max(16, next_pow2(m))
+    tiles = DECODE_TILES
+    gp, nb, nbw = max(16, gp), max(16, min(tiles["slots"], mp)), max(16, min(tiles["ring"], next_pow2(max(w, 1))))
     _decode_kernel[(b, h)](
-        q, q_rot, k, k_rot, v, la, valid_i, state.n_real, state.slot_count, state.slot_k, state.slot_v,
+        q, q_rot, k, k_rot, v, la, valid_u8, state.n_real, state.slot_count, state.slot_k, state.slot_v,
         state.win_k_rot, state.win_k, state.win_v, state.win_la, _u8(state.win_valid), _u8(state.win_sink),
         state.sink_k_rot, state.sink_v, state.sink_pos, _u8(state.sink_present), o,
         la if slot_bias is None else slot_bias.detach().float().contiguous(),
         state.pos, w, s, h, scale,
         G=g, GP=gp, D=d, DV=dv, M=m, DP=max(16, next_pow2(d)), DVP=max(16, next_pow2(dv)),
-        MP=mp, SP=max(16, next_pow2(s)), NB=max(2, DECODE_TILES["slots"] // gp),
-        NBW=max(4, DECODE_TILES["ring"] // gp), HAS_SINKS=s > 0, HAS_SLOT_BIAS=slot_bias is not None, num_warps=DECODE_TILES["num_warps"],
-        num_stages=DECODE_TILES["num_stages"],
+        MP=mp, SP=max(16, next_pow2(s)), NB=nb, NBW=nbw, HAS_SINKS=s > 0, HAS_SLOT_BIAS=slot_bias is not None,
+        SPLIT=q.dtype == torch.bfloat16, num_warps=tiles["num_warps"],
+        num_stages=tiles["num_stages"],
     )
-    _decode_flags_kernel[(b,)](
-        valid_i, state.n_real, state.slot_count, _u8(state.win_valid), _u8(state.win_sink), state.sink_pos,
-        _u8(state.sink_present), state.pos, w, s, num_warps=1,
+    _decode_flags_kernel[(1,)](
+        valid_u8, state.n_real, state.slot_count, _u8(state.win_valid), _u8(state.win_sink), state.sink_pos,
+        _u8(state.sink_present), state.pos, b, w, s, BP=next_pow2(b), num_warps=4,
     )
-    state.pos.add_(1)
     state.seen += 1
     return o

@@ -110,7 +110,7 @@ def main() -> None:
         k, secs = fwd_variant(**v)
         report(f"fwd {v}", k, secs)
     if not args.variants:
-        for v in [dict(), dict(g=8), dict(g=1), dict(nw=4)]:
+        for v in [dict(), dict(g=8), dict(g=1), dict(nw=8)]:
             k, secs = decode_variant(**v)
             report(f"decode {v}", k, secs)
         for name, (k, secs) in bwd_variants():
@@ -118,13 +118,13 @@ def main() -> None:
 
 
 
-def decode_variant(dtype="bf16", g=4, d=128, m=64, nw=8):
+def decode_variant(dtype="bf16", g=4, d=128, m=64, nw=4):
     """The windowed decode kernel as nha_decode_step launches it (DECODE_TILES)."""
-    gp = 1 << (g - 1).bit_length()
-    ptrs = dict(la="*fp32", slot_bias="*fp32", valid="*i32", n_real="*i64", slot_count="*i64", slot_k="*fp32", slot_v="*fp32",
+    gp = max(16, 1 << (g - 1).bit_length())  # the G rows padded to 16 for the tensor cores
+    ptrs = dict(la="*fp32", slot_bias="*fp32", valid="*u8", n_real="*i64", slot_count="*i64", slot_k="*fp32", slot_v="*fp32",
                 win_la="*fp32", win_valid="*u8", win_sink="*u8", sink_pos="*i64", sink_present="*u8", pos="*i64")
-    consts = dict(G=g, GP=gp, D=d, DV=d, M=m, DP=d, DVP=d, MP=m, SP=16, NB=max(2, decode.DECODE_TILES["slots"] // gp),
-                  NBW=max(4, decode.DECODE_TILES["ring"] // gp), HAS_SINKS=True)
+    consts = dict(G=g, GP=gp, D=d, DV=d, M=m, DP=d, DVP=d, MP=m, SP=16, NB=max(16, decode.DECODE_TILES["slots"]),
+                  NBW=max(16, decode.DECODE_TILES["ring"]), HAS_SINKS=True, SPLIT=dtype == "bf16")
     return compile_generic(decode._decode_kernel, consts, ptrs, nw, 1, default_ptr=f"*{dtype}")
 
 

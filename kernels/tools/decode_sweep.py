@@ -1,12 +1,12 @@
 """The decode kernel's tile settings, timed: one step for a batch of Llama-3-8B layers, per setting (CUDA only).
 
     python kernels/tools/decode_sweep.py                         # the default grid, batch 64
-    python kernels/tools/decode_sweep.py --slots 32 256 --warps 8 16 --stages 1 2 --json out.json
+    python kernels/tools/decode_sweep.py --slots 32 64 --warps 4 8 --stages 1 2 --json out.json
 
-Each setting of `decode.DECODE_TILES` (slots per block for the G query heads of a KV head, ring entries per block,
-warps, pipeline stages) is timed as bench_kernels.py's decode row (bench_common.time_decode: a CUDA-graph replay of
-one step, state prefilled with w + 37 tokens) against reading the state once at the measured copy bandwidth. Then
-the best setting's step is profiled (GPU time per kernel of the step: the main kernel against the small ones).
+Each setting of `decode.DECODE_TILES` (slots and ring entries per block, warps, pipeline stages) is timed as
+bench_kernels.py's decode row (bench_common.time_decode: a CUDA-graph replay of one step, state prefilled with
+w + 37 tokens) against reading the state once at the measured copy bandwidth. Then the best setting's step is
+profiled (GPU time per kernel of the step: the main kernel against the small ones).
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog="\n".join(__doc__.split("\n")[1:]),
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--slots", type=int, nargs="+", default=[32, 64, 256], help="slots per block x G (4 at 32/8)")
-    ap.add_argument("--ring", type=int, nargs="+", default=[64, 256])
-    ap.add_argument("--warps", type=int, nargs="+", default=[4, 8, 16])
-    ap.add_argument("--stages", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--slots", type=int, nargs="+", default=[16, 32, 64], help="slots per block")
+    ap.add_argument("--ring", type=int, nargs="+", default=[16, 64])
+    ap.add_argument("--warps", type=int, nargs="+", default=[4, 8])
+    ap.add_argument("--stages", type=int, nargs="+", default=[1])
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
 

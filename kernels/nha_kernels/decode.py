@@ -33,10 +33,11 @@ from .triton_utils import expm1, slot_bias_rows
 
 
 # Slots / ring entries per block and launch shape. The G query heads of a KV head are the rows of one tile, padded
-# to 16 for the tensor cores (H200, B = 64, Llama-3-8B layer: 57.7 us; 64-entry blocks at 8 warps the same, at 4
-# warps 79 us; kernels/tools/decode_sweep.py). Until session 13 the products were fp32 FMAs over (G, N, D) blocks:
-# their broadcasts held 128-255 registers a thread, and took 111-220 us at every setting.
-DECODE_TILES = {"slots": 32, "ring": 64, "num_warps": 4, "num_stages": 1}
+# to 16 for the tensor cores (H200, B = 64, Llama-3-8B layer, graph-replayed step: 46.0 us; one pipeline stage 52.8,
+# 8 warps 61.2, 16-slot blocks 53.7; kernels/tools/decode_sweep.py, docs/performance.md). Until session 13 the
+# products were fp32 FMAs over (G, N, D) blocks, whose broadcasts held 128-255 registers a thread: 111-220 us at
+# every setting.
+DECODE_TILES = {"slots": 32, "ring": 64, "num_warps": 4, "num_stages": 2}
 
 
 @triton.jit

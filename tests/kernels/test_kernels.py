@@ -263,6 +263,23 @@ def test_decode_step_equals_reference_step(window, sinks, hq, h):
             assert a == b_, f
 
 
+@pytest.mark.parametrize("window,sinks", [(4, 2), (0, 1)])
+def test_bf16_decode_step_follows_the_reference_step(window, sinks):
+    """bf16 inputs take the kernel's split products (fp32 slot states and probabilities as bf16 hi + lo parts on
+    the tensor cores): the outputs follow the reference step to bf16 rounding, the fp32 slot states to ~1e-5."""
+    b, hq, h, pre, steps, d, m = 3, 4, 2, 9, 4, 16, 16
+    xs, valid = make(b, hq, h, pre + steps, d, m, pad=True, dtype=torch.bfloat16, seed=11)
+    _, st = nha_recurrent(*[x[:, :, :pre] for x in xs], window=window, num_sinks=sinks, scale=0.3,
+                          valid=valid[:, :pre])
+    st_k = _clone(st)
+    for i in range(pre, pre + steps):
+        args = [x[:, :, i] for x in xs] + [valid[:, i]]
+        ref = st.step(*args, scale=0.3)
+        out = nha_decode_step(st_k, *args, scale=0.3)
+        assert out.dtype == torch.bfloat16 and rel(out, ref, 1.0) <= 1e-2
+    assert torch.allclose(st_k.slot_k, st.slot_k, atol=1e-5) and torch.allclose(st_k.slot_v, st.slot_v, atol=1e-5)
+
+
 def test_prefill_state_continues_exactly():
     # Prefill with the kernel (return_state), then decode: equals running the reference recurrence throughout.
     b, hq, h, t, pre, d, m = 2, 4, 2, 30, 22, 16, 16

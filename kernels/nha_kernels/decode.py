@@ -331,7 +331,7 @@ def nha_decode_step(
         G=g, GP=gp, D=d, DV=dv, M=m, DP=max(16, next_pow2(d)), DVP=max(16, next_pow2(dv)),
         MP=mp, SP=max(16, next_pow2(s)), NB=nb, NBW=nbw, HAS_SINKS=s > 0, HAS_SLOT_BIAS=slot_bias is not None,
         SPLIT=q.dtype == torch.bfloat16, num_warps=tiles["num_warps"],
-        num_stages=tiles["num_stages"],
+        num_stages=tiles["num_stages"], **({"maxnreg": tiles["maxnreg"]} if tiles.get("maxnreg") else {}),
     )
     _decode_flags_kernel[(1,)](
         valid_u8, state.n_real, state.slot_count, _u8(state.win_valid), _u8(state.win_sink), state.sink_pos,

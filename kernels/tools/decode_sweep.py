@@ -3,10 +3,10 @@
     python kernels/tools/decode_sweep.py                         # the default grid, batch 64
     python kernels/tools/decode_sweep.py --slots 32 64 --warps 4 8 --stages 1 2 --json out.json
 
-Each setting of `decode.DECODE_TILES` (slots and ring entries per block, warps, pipeline stages) is timed as
-bench_kernels.py's decode row (bench_common.time_decode: a CUDA-graph replay of one step, state prefilled with
-w + 37 tokens) against reading the state once at the measured copy bandwidth. Then the best setting's step is
-profiled (GPU time per kernel of the step: the main kernel against the small ones).
+Each setting of `decode.DECODE_TILES` (slots and ring entries per block, warps, pipeline stages, a register cap)
+is timed as bench_kernels.py's decode row (bench_common.time_decode: a CUDA-graph replay of one step, state
+prefilled with w + 37 tokens) against reading the state once at the measured copy bandwidth. Then the best
+setting's step is profiled (GPU time per kernel of the step: the main kernel against the small ones).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--ring", type=int, nargs="+", default=[16, 64])
     ap.add_argument("--warps", type=int, nargs="+", default=[4, 8])
     ap.add_argument("--stages", type=int, nargs="+", default=[1])
+    ap.add_argument("--maxnreg", type=int, nargs="+", default=[0], help="register cap per thread (0: none)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
 
@@ -43,24 +44,24 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     print(f"decode B={args.batch}, {s.hq}/{s.hkv} heads, d={s.d}, m={s.m}, w={s.window}; state read once "
           f"{floor_us:.1f} us at {bw / 1e12:.2f} TB/s")
-    print(f"{'slots':>6} {'ring':>5} {'warps':>5} {'stages':>6} {'us':>8} {'x floor':>8}")
+    print(f"{'slots':>6} {'ring':>5} {'warps':>5} {'stages':>6} {'maxnreg':>7} {'us':>8} {'x floor':>8}")
     default = dict(decode.DECODE_TILES)
-    for sl, ring, warps, stages in itertools.product(args.slots, args.ring, args.warps, args.stages):
-        decode.DECODE_TILES.update(slots=sl, ring=ring, num_warps=warps, num_stages=stages)
+    for sl, ring, warps, stages, mx in itertools.product(args.slots, args.ring, args.warps, args.stages, args.maxnreg):
+        decode.DECODE_TILES.update(slots=sl, ring=ring, num_warps=warps, num_stages=stages, maxnreg=mx or None)
         try:
             us = time_decode(args.batch, s.hq, s.hkv, s.d, s.m, s.window, sinks=s.sinks, long_context=False)["ms"] * 1e3
         except Exception as e:  # a setting that does not compile (shared memory, registers) is a row, not an end
-            print(f"{sl:>6} {ring:>5} {warps:>5} {stages:>6}  failed: {type(e).__name__}: {str(e)[:80]}")
-            rows.append(dict(slots=sl, ring=ring, num_warps=warps, num_stages=stages, error=str(e)[:200]))
+            print(f"{sl:>6} {ring:>5} {warps:>5} {stages:>6} {mx:>7}  failed: {type(e).__name__}: {str(e)[:80]}")
+            rows.append(dict(slots=sl, ring=ring, num_warps=warps, num_stages=stages, maxnreg=mx, error=str(e)[:200]))
             continue
-        print(f"{sl:>6} {ring:>5} {warps:>5} {stages:>6} {us:8.1f} {us / floor_us:8.2f}", flush=True)
-        rows.append(dict(slots=sl, ring=ring, num_warps=warps, num_stages=stages, us=us))
+        print(f"{sl:>6} {ring:>5} {warps:>5} {stages:>6} {mx:>7} {us:8.1f} {us / floor_us:8.2f}", flush=True)
+        rows.append(dict(slots=sl, ring=ring, num_warps=warps, num_stages=stages, maxnreg=mx, us=us))
     ok = [r for r in rows if "us" in r]
     best = min(ok, key=lambda r: r["us"]) if ok else None
     decode.DECODE_TILES.clear()
     decode.DECODE_TILES.update(default if best is None else
                                dict(slots=best["slots"], ring=best["ring"], num_warps=best["num_warps"],
-                                    num_stages=best["num_stages"]))
+                                    num_stages=best["num_stages"], maxnreg=best["maxnreg"] or None))
     prof_rows = profile_step(args.batch) if best else []
     if args.json:
         args.json.write_text(json.dumps(dict(device=torch.cuda.get_device_name(), torch=torch.__version__,

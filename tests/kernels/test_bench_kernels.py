@@ -202,3 +202,14 @@ def test_tools_run_by_path_from_anywhere(script, tmp_path):
                        text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     assert p.stdout.startswith("usage: ")
+
+
+def test_decode_compare_imports_an_earlier_kernel_beside_the_current_one():
+    """kernels/tools/decode_compare.py loads another decode.py (its relative imports against the checkout's
+    nha_kernels) without replacing the current module."""
+    import decode_compare
+    from nha_kernels import decode
+
+    old = decode_compare.load_old(Path(decode.__file__))
+    assert old is not decode and old.nha_decode_step is not decode.nha_decode_step
+    assert old.DECODE_TILES == decode.DECODE_TILES and old.DECODE_TILES is not decode.DECODE_TILES

@@ -42,25 +42,17 @@ DECODE_TILES = {"slots": 32, "ring": 64, "num_warps": 4, "num_stages": 2}
 
 @triton.jit
 def _split_dot(a, b, SPLIT: tl.constexpr):
-    """a @ b in fp32 accuracy on the tensor cores. SPLIT (bf16 models): each fp32 operand as bf16 hi + lo parts
-    (~16 mantissa bits; the lo x lo product dropped); else (fp32 and fp16 models: fp16 is exact in tf32) one
-    3-pass tf32 product."""
+    """a @ b in fp32 accuracy on the tensor cores, either operand fp32 (fwd_common._mm_state takes one). SPLIT (bf16
+    models): each fp32 operand as bf16 hi + lo parts (~16 mantissa bits; lo x lo dropped); else (fp32 and fp16
+    models: fp16 is exact in tf32) one 3-pass tf32 product."""
     if SPLIT:
-        if a.dtype == tl.float32:
-            a_hi = a.to(tl.bfloat16)
-            a_lo = (a - a_hi.to(tl.float32)).to(tl.bfloat16)
-        else:
-            a_hi = a.to(tl.bfloat16)
-            a_lo = a_hi
+        a_hi = a.to(tl.bfloat16)
+        b_hi = b.to(tl.bfloat16)
+        out = tl.dot(a_hi, b_hi)
         if b.dtype == tl.float32:
-            b_hi = b.to(tl.bfloat16)
-            b_lo = (b - b_hi.to(tl.float32)).to(tl.bfloat16)
-            out = tl.dot(a_hi, b_hi) + tl.dot(a_hi, b_lo)
-        else:
-            b_hi = b.to(tl.bfloat16)
-            out = tl.dot(a_hi, b_hi)
+            out += tl.dot(a_hi, (b - b_hi.to(tl.float32)).to(tl.bfloat16))
         if a.dtype == tl.float32:
-            out += tl.dot(a_lo, b_hi)
+            out += tl.dot((a - a_hi.to(tl.float32)).to(tl.bfloat16), b_hi)
         return out
     else:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32x3")
@@ -162,7 +154,7 @@ def _decode_kernel(
         wv = tl.load(win_valid + b64 * W + widx, mask=w_ok, other=0) != 0
         wv = tl.where(is_new, valid_b, wv) & w_ok
         kt = tl.load(win_kr + (bh * W + widx)[:, None] * D + dd[None, :], mask=w_ok[:, None] & d_ok[None, :],
-                        other=0.0)
+                     other=0.0)
         vt = tl.load(win_v + (bh * W + widx)[:, None] * DV + dv[None, :], mask=w_ok[:, None] & dv_ok[None, :],
                      other=0.0)
         kt = tl.where(is_new[:, None], kr_new[None, :], kt)
@@ -176,7 +168,7 @@ def _decode_kernel(
         pres = (tl.load(sink_present + b64 * S + si, mask=s_ok, other=0) != 0) | new
         pos = tl.where(new, t, tl.load(sink_pos + b64 * S + si, mask=s_ok, other=0))
         ks = tl.load(sink_kr + (bh * S + si)[:, None] * D + dd[None, :], mask=s_ok[:, None] & d_ok[None, :],
-                        other=0.0)
+                     other=0.0)
         vs = tl.load(sink_v + (bh * S + si)[:, None] * DV + dv[None, :], mask=s_ok[:, None] & dv_ok[None, :],
                      other=0.0)
         ks = tl.where(new[:, None], kr_new[None, :], ks)

@@ -47,15 +47,11 @@ def nha_bytes(tokens: int, hq: int, hkv: int, d: int, m: int, backward: bool = F
     return fwd + tokens * (hq * d * elt + 2 * hq * d * elt + 3 * hkv * d * elt + hkv * m * 4)
 
 
-def time_decode(batch: int, hq: int, h: int, d: int, m: int, window: int, sinks: int = 4,
-                long_context: bool = True) -> dict:
-    """One decode step of a windowed NHA layer for `batch` sequences (state prefilled with window + 37 tokens):
-    milliseconds of an eager call and of a CUDA-graph replay (Python launch overhead excluded), the same after
-    10^6 more positions (same state, same work: checks that decode does not depend on the context length), and
-    the bytes the state holds (`NHAState.nbytes`)."""
+def decode_setup(batch: int, hq: int, h: int, d: int, m: int, window: int, sinks: int = 4):
+    """A windowed NHA layer's decode state for `batch` sequences, prefilled with window + 37 tokens by the Triton
+    kernel, and the next step's inputs as a model passes them: (state, step args)."""
     from nha_convert.ops.recurrent import NHAState
     from nha_kernels import nha_chunk_triton
-    from nha_kernels.decode import nha_decode_step
 
     pre = window + 37
     ys = inputs(batch, hq, h, pre + 1, d, m, seed=3)
@@ -65,7 +61,18 @@ def time_decode(batch: int, hq: int, h: int, d: int, m: int, window: int, sinks:
                                 return_state=True)
     st = NHAState.from_prefill(head[2], head[3], head[4], head[5], valid[:, :pre], slots, window=window,
                                num_sinks=sinks)
-    step = [y[:, :, pre].contiguous() for y in ys] + [valid[:, pre].contiguous()]  # as a model passes them
+    return st, [y[:, :, pre].contiguous() for y in ys] + [valid[:, pre].contiguous()]
+
+
+def time_decode(batch: int, hq: int, h: int, d: int, m: int, window: int, sinks: int = 4,
+                long_context: bool = True) -> dict:
+    """One decode step of a windowed NHA layer for `batch` sequences (state from `decode_setup`): milliseconds of
+    an eager call and of a CUDA-graph replay (Python launch overhead excluded), the same after 10^6 more positions
+    (same state, same work: checks that decode does not depend on the context length), and the bytes the state
+    holds (`NHAState.nbytes`)."""
+    from nha_kernels.decode import nha_decode_step
+
+    st, step = decode_setup(batch, hq, h, d, m, window, sinks)
     out = dict(state_bytes=st.nbytes())
     out["eager_ms"] = bench(lambda: nha_decode_step(st, *step, scale=d**-0.5), rep=100)
 

@@ -73,21 +73,11 @@ def profile_step(batch: int) -> list[dict]:
     """GPU time per kernel of 20 eager decode steps at the current tiles."""
     import torch
     from torch.profiler import ProfilerActivity, profile
-    from bench_common import inputs
-    from nha_convert.ops.recurrent import NHAState
-    from nha_kernels import nha_chunk_triton
+    from bench_common import decode_setup
     from nha_kernels.decode import nha_decode_step
     from bench_kernels import DECODE as s
 
-    pre = s.window + 37
-    ys = inputs(batch, s.hq, s.hkv, pre + 1, s.d, s.m, seed=3)
-    valid = torch.ones(batch, pre + 1, dtype=torch.bool, device="cuda")
-    head = [y[:, :, :pre] for y in ys]
-    _, slots = nha_chunk_triton(*head, window=s.window, num_sinks=s.sinks, scale=s.d**-0.5, valid=valid[:, :pre],
-                                return_state=True)
-    st = NHAState.from_prefill(head[2], head[3], head[4], head[5], valid[:, :pre], slots, window=s.window,
-                               num_sinks=s.sinks)
-    step = [y[:, :, pre].contiguous() for y in ys] + [valid[:, pre].contiguous()]
+    st, step = decode_setup(batch, s.hq, s.hkv, s.d, s.m, s.window, s.sinks)
     for _ in range(3):
         nha_decode_step(st, *step, scale=s.d**-0.5)
     torch.cuda.synchronize()

@@ -267,7 +267,25 @@ def _run(app: typer.Typer, prog: str, args: list[str] | None) -> int:
         code = 130
     except BrokenPipeError:  # `nha-eval ... | head`
         return 1
+    except Exception as e:
+        if not _raised_while_interrupted(e):
+            raise
+        code = 130
     return code if isinstance(code, int) else 0
+
+
+def _raised_while_interrupted(error: BaseException) -> bool:
+    """True when `error` was raised while a Ctrl-C (or SIGTERM) unwound: a context manager's exit can fail on the
+    half-built state it finds (torch's device mode during model construction: "trying to pop from empty mode stack"),
+    and its error replaces the KeyboardInterrupt. The user interrupted; the exit says so, not a traceback."""
+    seen: set[int] = set()
+    e: BaseException | None = error
+    while e is not None and id(e) not in seen:
+        if isinstance(e, KeyboardInterrupt):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def run_app(app: typer.Typer, prog: str) -> Callable[[], None]:

@@ -366,6 +366,31 @@ def test_eval_sigint_while_loading_and_while_working(smollm2_path, eval_folder, 
     assert list(tmp_path.iterdir()) == []  # no report from an interrupted run
 
 
+def test_an_error_raised_while_ctrl_c_unwinds_still_exits_130(capsys):
+    """CI caught this: Ctrl-C during model construction reached torch's device mode, whose exit then failed with
+    "trying to pop from empty mode stack"; that RuntimeError replaced the KeyboardInterrupt and printed a traceback.
+    Any error raised while an interrupt unwinds is the interrupt; an error of its own still propagates."""
+    import typer
+
+    from nha_convert.cli import common
+
+    app = typer.Typer()
+
+    @app.command()
+    def work(fail_alone: bool = False) -> None:
+        if fail_alone:
+            raise RuntimeError("a bug of its own")
+        try:
+            raise KeyboardInterrupt
+        finally:
+            raise RuntimeError("trying to pop from empty mode stack")  # what torch's mode exit raised
+
+    assert common.run(app, "prog", []) == 130
+    assert capsys.readouterr().err == "interrupted\n"
+    with pytest.raises(RuntimeError, match="of its own"):
+        common.run(app, "prog", ["--fail-alone"])
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["sigint", "sigterm"])
 def test_finetune_signal_while_loading_leaves_no_run_folder(tiny, tmp_path, sig):
     run = tmp_path / "run"

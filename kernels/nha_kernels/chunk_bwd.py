@@ -34,7 +34,7 @@ from torch import Tensor
 
 from nha_convert.backend import environment
 
-from .chunk_fwd import FAST_LIMIT, FwdOut, precisions, span_scan
+from .chunk_fwd import FAST_LIMIT, FwdOut, precisions, span_scan, split_products
 from .fwd_common import _band_block, _band_range, _mm_state, _seq_of_span, _slot_kv, _slot_writers
 from .gate_grad import gate_grad_triton
 from .prep import Layout, next_pow2
@@ -42,16 +42,17 @@ from .triton_utils import expm1, group_rows, pick_col, pick_row, rows_of, slot_b
 
 
 @triton.jit
-def _dot_split(a, b, SPLIT: tl.constexpr, PREC: tl.constexpr):
-    """a (fp32 weights such as dS) @ b (input dtype). bf16: a split into hi + lo bf16 parts, two tensor-core products
-    with ~16 mantissa bits instead of the 8 of a plain bf16 cast (the plain cast leaves ~7e-3 relative error in
-    the gradients, too close to the 1e-2 bound)."""
+def _dot_split(a, b, SPLIT: tl.constexpr):
+    """a (fp32 weights such as dS) @ b (input dtype). bf16 (SPLIT): a split into hi + lo bf16 parts, two tensor-core
+    products with ~16 mantissa bits instead of the 8 of a plain bf16 cast (the plain cast leaves ~7e-3 relative error
+    in the gradients, too close to the 1e-2 bound). fp32 and fp16: one 3-pass tf32 product (no fp16 cast of a, which
+    could overflow)."""
     if SPLIT:
         a_hi = a.to(b.dtype)
         a_lo = (a - a_hi.to(tl.float32)).to(b.dtype)
         return tl.dot(a_hi, b) + tl.dot(a_lo, b)
     else:
-        return tl.dot(a.to(b.dtype), b, input_precision=PREC)
+        return tl.dot(a, b.to(tl.float32), input_precision="tf32x3")
 
 
 @triton.jit
@@ -120,9 +121,9 @@ def _bwd_band_q_kernel(
             vis_s = s_ok[None, :] & (spos[None, :] <= (t - W)[:, None]) & row_ok[:, None]
             p_s = tl.where(vis_s, tl.exp(sc_s - lse_r[:, None]), 0.0)
             ds_s = p_s * (tl.dot(d_o, tl.trans(v_sink), input_precision=PREC) - dl_r[:, None])
-            dq += _dot_split(ds_s, k_sink, SPLIT, PREC)
+            dq += _dot_split(ds_s, k_sink, SPLIT)
             tl.atomic_add(dk_sink + sink_out[:, None] * DP + dd[None, :],
-                          _dot_split(tl.trans(ds_s), q_rot, SPLIT, PREC) * scale)
+                          _dot_split(tl.trans(ds_s), q_rot, SPLIT) * scale)
             tl.atomic_add(dv_sink + sink_out[:, None] * DVP + dv[None, :],
                           tl.dot(tl.trans(p_s).to(d_o.dtype), d_o, input_precision=PREC))
         lo, hi = _band_range(seq_start, seq_end, t0, W, BM)
@@ -131,7 +132,7 @@ def _bwd_band_q_kernel(
             sc = tl.dot(q_rot, tl.trans(kt), input_precision=PREC) * scale
             p = tl.where(vis, tl.exp(sc - lse_r[:, None]), 0.0)
             ds = p * (tl.dot(d_o, tl.trans(vt), input_precision=PREC) - dl_r[:, None])
-            dq += _dot_split(ds, kt, SPLIT, PREC)
+            dq += _dot_split(ds, kt, SPLIT)
         tl.store(dqr + (hq * T + t)[:, None] * D + dd[None, :], (dq * scale).to(dqr.dtype.element_ty),
                  mask=row_ok[:, None] & d_ok)
 
@@ -181,7 +182,7 @@ def _bwd_band_kv_kernel(
             p = tl.where(vis, tl.exp(sc - lse_r[:, None]), 0.0)
             ds = p * (tl.dot(d_o, tl.trans(vt), input_precision=PREC) - dl_r[:, None])
             dvv += tl.dot(tl.trans(p).to(d_o.dtype), d_o, input_precision=PREC)
-            dk += _dot_split(tl.trans(ds), q_rot, SPLIT, PREC)
+            dk += _dot_split(tl.trans(ds), q_rot, SPLIT)
         tl.store(dkr + (bh * T + kj64)[:, None] * DP + dd[None, :], dk * scale, mask=k_ok[:, None])
         tl.store(dvb + (bh * T + kj64)[:, None] * DVP + dv[None, :], dvv, mask=k_ok[:, None])
 
@@ -287,7 +288,7 @@ def _bwd_slot_q_kernel(
                 p3 = _exact_cols(dl, a, s, a_rows, jb, tt, BM)
             p3 = tl.where(causal, p3, 0.0)
             dq_acc += tl.dot(dle, sk, input_precision=PREC_SLOT)
-            dq_acc += _dot_split(p3, ks, SPLIT, PREC)
+            dq_acc += _dot_split(p3, ks, SPLIT)
             tl.store(st_k0 + run_k + off_k, decay * sk + _mm_state(tl.trans(wt), ks, SPLIT))
             tl.store(st_v0 + run_v + off_v, decay * sv + _mm_state(tl.trans(wt), vs, SPLIT))
         tl.debug_barrier()
@@ -366,7 +367,7 @@ def _kv_chunk(xs, yu, xy, r, bx, s, a, aend, a_rows, jb, tt, causal, BM: tl.cons
         pw = _exact_cols(r, a, s, a_rows, jb, tt, BM)
     pw = tl.where(causal, pw, 0.0)
     if P_SPLIT:
-        dx += _dot_split(tl.trans(pw), yu, SPLIT, PREC)
+        dx += _dot_split(tl.trans(pw), yu, SPLIT)
     else:
         dx += tl.dot(tl.trans(pw).to(yu.dtype), yu, input_precision=PREC)
     return ds, dx, tl.exp(aend)[:, None] * bx + _mm_state(tl.trans(re), yu, SPLIT)
@@ -565,7 +566,7 @@ def nha_bwd(fwd: FwdOut, do: Tensor, q, q_rot, k, k_rot, v, log_alpha, *, window
     has_sinks = num_sinks > 0 and window is not None and window < t_len
     dp_, dvp, mp = max(16, next_pow2(d)), max(16, next_pow2(dv)), max(16, next_pow2(m))
     prec, prec_slot = precisions(q.dtype)
-    split = q.dtype != torch.float32
+    split = split_products(q.dtype)
     span_table = lay.span_table if lay.varlen else lay.tok
     seq_table = lay.seq_table if lay.varlen else lay.tok
     delta = _delta(do, fwd)

@@ -388,7 +388,7 @@ def default_config(batch: int, hkv: int, t_len: int, gp: int, dtype: torch.dtype
         chunk = 2 * (rows // gp)
         return FwdConfig(rows=rows, bn=16, span=chunk, cs=16, num_warps=4, num_stages=1, mc=16,
                          parallel=par, state_span=state_span(chunk, programs, 2 * chunk) if par else 0)
-    if dtype == torch.float32:  # fp32 tiles take twice the shared memory
+    if dtype != torch.bfloat16:  # fp32 tiles take twice the shared memory; fp16 enters its products as fp32 too
         rows = max(64, 16 * gp)
         span = max(64, rows // gp) if par else 512
         return FwdConfig(rows=rows, bn=32, span=span, cs=32, num_warps=4, num_stages=1, mc=16, parallel=par,
@@ -417,6 +417,13 @@ class FwdOut:
     final_k: Tensor | None  # (n_seqs, H, MP, DP) fp32 slot state after the whole sequence
     final_v: Tensor | None
     config: FwdConfig
+
+
+def split_products(dtype: torch.dtype) -> bool:
+    """The kernels' SPLIT: bf16 inputs multiply fp32 slot quantities as bf16 hi + lo parts on the bf16 tensor cores.
+    fp32 and fp16 inputs take 3-pass tf32 products instead (fp16 is exact in tf32; as bf16 parts it would lose 3
+    mantissa bits, and bf16 and fp16 tiles cannot meet in one product)."""
+    return dtype == torch.bfloat16
 
 
 def precisions(dtype: torch.dtype) -> tuple[str, str]:
@@ -496,7 +503,7 @@ def nha_fwd(
             o_lo if store_lo else o, lse, bias,
             t_len, w_eff, num_sinks, cfg.span, lay.spans_per_row, hkv, scale,
             G=g, GP=gp, BM=bm, BN=cfg.bn, CK=cfg.span, NSUB=nsub, D=d, DV=dv, M=m, DP=dp, DVP=dvp, MP=mp,
-            SP=lay.sink_pad, SPLIT=q.dtype != torch.float32,
+            SP=lay.sink_pad, SPLIT=split_products(q.dtype),
             HAS_SLOTS=has_slots, HAS_SINKS=has_sinks, VARLEN=lay.varlen, STORE_LO=store_lo,
             PREC=prec, PREC_SLOT=prec_slot, FAST_LIMIT=FAST_LIMIT, EXACT=cfg.exact, HAS_SLOT_BIAS=has_bias,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}),
@@ -508,7 +515,7 @@ def nha_fwd(
             o_lo if store_lo else o, lse, bias,
             t_len, w_eff, num_sinks, cfg.span, lay.spans_per_row, hkv, lay.n_spans * hkv, scale,
             G=g, GP=gp, BM=bm, BN=cfg.bn, D=d, DV=dv, M=m, DP=dp, DVP=dvp, MP=mp, MC=min(cfg.mc, mp), SP=lay.sink_pad,
-            SPLIT=q.dtype != torch.float32,
+            SPLIT=split_products(q.dtype),
             HAS_SLOTS=has_slots, HAS_SINKS=has_sinks, VARLEN=lay.varlen, STORE_LO=store_lo,
             PREC=prec, PREC_SLOT=prec_slot, FAST_LIMIT=FAST_LIMIT, HAS_SLOT_BIAS=has_bias,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,

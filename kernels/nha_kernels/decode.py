@@ -26,7 +26,7 @@ from torch import Tensor
 
 from nha_convert.ops.recurrent import NHAState
 
-from .chunk_fwd import precisions
+from .chunk_fwd import precisions, split_products
 from .fwd_common import _online
 from .prep import next_pow2
 from .triton_utils import expm1, slot_bias_rows
@@ -322,7 +322,7 @@ def nha_decode_step(
         state.pos, w, s, h, scale,
         G=g, GP=gp, D=d, DV=dv, M=m, DP=max(16, next_pow2(d)), DVP=max(16, next_pow2(dv)),
         MP=mp, SP=max(16, next_pow2(s)), NB=nb, NBW=nbw, HAS_SINKS=s > 0, HAS_SLOT_BIAS=slot_bias is not None,
-        SPLIT=q.dtype == torch.bfloat16, num_warps=tiles["num_warps"],
+        SPLIT=split_products(q.dtype), num_warps=tiles["num_warps"],
         num_stages=tiles["num_stages"], **({"maxnreg": tiles["maxnreg"]} if tiles.get("maxnreg") else {}),
     )
     _decode_flags_kernel[(1,)](

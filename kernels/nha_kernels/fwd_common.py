@@ -62,7 +62,7 @@ def _mm_state(a, b, SPLIT: tl.constexpr):
     """a @ b with fp32 accuracy where one side is an fp32 slot quantity and the other is in the input dtype.
 
     bf16 inputs (SPLIT): each fp32 operand is split into bf16 hi + lo parts, so the products run on the bf16 tensor
-    cores and carry ~16 mantissa bits. fp32 inputs: one 3-pass tf32 product."""
+    cores and carry ~16 mantissa bits. fp32 and fp16 inputs: one 3-pass tf32 product (chunk_fwd.split_products)."""
     if SPLIT:
         if a.dtype == tl.float32:
             a_hi = a.to(tl.bfloat16)

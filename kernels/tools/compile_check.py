@@ -54,7 +54,7 @@ def fwd_variant(dtype="bf16", g=4, rows=64, bn=64, d=128, m=64, slots=True, sink
     sig.update(T="i32", W="i32", S="i32", L="i32", SPANS_PER_ROW="i32", H="i32", NSPH="i32", scale="fp32")
     prec = "tf32x3" if dtype == "fp32" else "tf32"
     consts = dict(G=g, GP=gp, BM=rows // gp, BN=bn, D=d, DV=d, M=m, DP=d, DVP=d, MP=m, MC=mc, SP=16, HAS_SLOTS=slots,
-                  SPLIT=dtype != "fp32", STORE_LO=False,
+                  SPLIT=dtype == "bf16", STORE_LO=False,
                   HAS_SINKS=sinks, VARLEN=False, PREC=prec, PREC_SLOT=prec, FAST_LIMIT=chunk_fwd.FAST_LIMIT,
                   HAS_SLOT_BIAS=slot_bias)
     fn = chunk_fwd._nha_fwd_kernel
@@ -86,11 +86,15 @@ def resources(k) -> str:
     return f"regs={m[1]} stack={m[2]} shared={m[3]} local={m[4]}" if m else out.strip()[-200:]
 
 
+SMEM_LIMIT = 232448  # bytes of shared memory one block may use on sm_90 (227 KB): above it the launch fails
+
+
 def report(name, k, secs):
     sass_ops = k.asm.get("ptx", "")
     wgmma = sass_ops.count("wgmma.mma_async")
     mma = sass_ops.count("mma.sync")
-    print(f"{name:55s} {resources(k)} dyn_smem={k.metadata.shared} wgmma={wgmma} mma.sync={mma} ({secs:.1f}s)",
+    over = "  ** OVER THE SHARED-MEMORY LIMIT: cannot launch **" if k.metadata.shared > SMEM_LIMIT else ""
+    print(f"{name:55s} {resources(k)} dyn_smem={k.metadata.shared} wgmma={wgmma} mma.sync={mma} ({secs:.1f}s){over}",
           flush=True)
 
 
@@ -103,18 +107,23 @@ def main() -> None:
     # The defaults the launcher picks: bf16 128 rows / 8 warps / one 64-slot chunk / one stage; fp32 64 rows.
     base = dict(rows=128, nw=8, mc=64, ns=1)
     variants = [base, dict(base, g=8), dict(base, g=3), dict(base, g=1), dict(dtype="fp32", rows=64, nw=4, ns=1),
-                dict(base, slots=False, sinks=False)]
+                dict(base, slots=False, sinks=False), dict(base, par=64),
+                dict(dtype="fp16", rows=64, nw=4, ns=1, bn=32, par=64)]
     if args.variants:
         variants = [eval(f"dict({a})") for a in args.variants]
     for v in variants:
         k, secs = fwd_variant(**v)
         report(f"fwd {v}", k, secs)
     if not args.variants:
-        for v in [dict(), dict(g=8), dict(g=1), dict(nw=8)]:
+        for v in [dict(), dict(g=8), dict(g=1), dict(nw=8), dict(dtype="fp16")]:
             k, secs = decode_variant(**v)
             report(f"decode {v}", k, secs)
-        for name, (k, secs) in bwd_variants():
-            report(name, k, secs)
+        # The backward as the launcher configures it (chunk_fwd.default_config): bf16 128 rows / 8 warps, fp16 and
+        # fp32 64 rows / 4 warps; Llama-3-8B heads (d = 128, slot tile 16) and SmolLM2's (d = 64, 9 / 3, tile 64).
+        for dtype, rows, nw in (("bf16", 128, 8), ("fp16", 64, 4), ("fp32", 64, 4)):
+            for shape in (dict(g=4, d=128, mc=16), dict(g=3, d=64, mc=64)):
+                for name, (k, secs) in bwd_variants(dtype=dtype, rows=rows, nw=nw, **shape):
+                    report(f"{name} {dtype} d={shape['d']}", k, secs)
 
 
 
@@ -146,9 +155,11 @@ def compile_generic(fn, consts: dict, ptr_types: dict, num_warps=8, num_stages=1
     return compile_one(fn, sig, consts, num_warps, num_stages)
 
 
-def bwd_variants(g=4, d=128, m=64, rows=128, nw=8, mc=16):
+def bwd_variants(g=4, d=128, m=64, rows=128, nw=8, mc=16, dtype="bf16"):
     from nha_kernels import chunk_bwd as cb
 
+    split, ptr = dtype == "bf16", f"*{dtype}"  # SPLIT as chunk_fwd.split_products picks it
+    prec, bn = ("tf32x3" if dtype == "fp32" else "tf32"), (64 if dtype == "bf16" else 32)  # as the launcher
     gp = 1 << (g - 1).bit_length()
     bm = rows // gp
     f32 = {n: "*fp32" for n in ("la", "slot_bias", "lse", "delta", "dk_sink", "dv_sink", "st_k", "st_v", "xg", "dlb", "psb",
@@ -156,18 +167,18 @@ def bwd_variants(g=4, d=128, m=64, rows=128, nw=8, mc=16):
                                   "dkr", "dvb")}
     i32 = {n: "*i32" for n in ("tok", "sink_pos", "span_table")}
     pt = {**f32, **i32}
-    band = dict(G=g, GP=gp, BM=bm, BN=64, D=d, DV=d, DP=d, DVP=d, VARLEN=False, PREC="tf32", SPLIT=True)
-    slot = dict(G=g, GP=gp, BM=bm, D=d, DV=d, M=m, DP=d, DVP=d, MP=m, SPLIT=True, VARLEN=False)
+    band = dict(G=g, GP=gp, BM=bm, BN=bn, D=d, DV=d, DP=d, DVP=d, VARLEN=False, PREC=prec, SPLIT=split)
+    slot = dict(G=g, GP=gp, BM=bm, D=d, DV=d, M=m, DP=d, DVP=d, MP=m, SPLIT=split, VARLEN=False)
     out = []
-    out.append(("bwd band q", compile_generic(cb._bwd_band_q_kernel, {**band, "SP": 16, "HAS_SINKS": True}, pt, nw, 2)))
+    out.append(("bwd band q", compile_generic(cb._bwd_band_q_kernel, {**band, "SP": 16, "HAS_SINKS": True}, pt, nw, 2, ptr)))
     pt_kv = dict(pt, dkr="*fp32", dvb="*fp32")
-    out.append(("bwd band kv", compile_generic(cb._bwd_band_kv_kernel, band, pt_kv, nw, 2)))
-    sq = {**slot, "MC": mc, "PREC": "tf32", "PREC_SLOT": "tf32", "FAST_LIMIT": -80.0}
-    pt_q = dict(pt, dq="*bf16")
-    out.append(("bwd slot q", compile_generic(cb._bwd_slot_q_kernel, sq, pt_q, nw, 1)))
-    out.append(("bwd slot rlocal", compile_generic(cb._bwd_slot_rlocal_kernel, slot, pt, nw, 1)))
+    out.append(("bwd band kv", compile_generic(cb._bwd_band_kv_kernel, band, pt_kv, nw, 2, ptr)))
+    sq = {**slot, "MC": mc, "PREC": prec, "PREC_SLOT": prec, "FAST_LIMIT": -80.0}
+    pt_q = dict(pt, dq=f"*{dtype}")
+    out.append(("bwd slot q", compile_generic(cb._bwd_slot_q_kernel, sq, pt_q, nw, 1, ptr)))
+    out.append(("bwd slot rlocal", compile_generic(cb._bwd_slot_rlocal_kernel, slot, pt, nw, 1, ptr)))
     for side in (-1, 0, 1):  # -1: one launch, grid axis 2 picks the side (the default); 0 / 1: K / V alone
-        kv = compile_generic(cb._bwd_slot_kv_kernel, {**sq, "SIDE": side}, pt, nw, 1)
+        kv = compile_generic(cb._bwd_slot_kv_kernel, {**sq, "SIDE": side}, pt, nw, 1, ptr)
         out.append((f"bwd slot kv SIDE={side}", kv))
     return out
 

@@ -24,7 +24,7 @@ from nha_kernels.decode import nha_decode_step  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 DEV = "cuda"
-TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2}
+TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 3e-3}
 
 
 def make(b, hq, h, t, d, m, *, pad, dtype, seed, gate_scale=1.0, requires_grad=False):
@@ -64,6 +64,7 @@ CASES = [
     (5000, 64, 4, True, 8, 2, 1000, 128, torch.bfloat16),  # w >= T with padding: kernel, not SDPA
     (None, 64, 0, False, 8, 2, 1000, 128, torch.bfloat16),  # SDPA route
     (100, 0, 4, True, 8, 2, 1000, 128, torch.bfloat16),  # m = 0
+    (64, 64, 4, True, 32, 8, 2048, 128, torch.float16),  # fp16: fp32-sized tiles, 3-pass tf32 slot products
 ]
 
 
@@ -110,6 +111,7 @@ GRAD_CASES = [
     (0, 64, 0, False, 24, 8, 700, 128, torch.bfloat16),  # GQA 3, pure slot RNN
     (512, 64, 4, True, 8, 1, 1200, 128, torch.bfloat16),  # GQA 8
     (None, 16, 0, True, 8, 2, 500, 64, torch.bfloat16),  # full attention with padding: kernel path
+    (64, 64, 4, True, 9, 3, 1000, 64, torch.float16),  # fp16, SmolLM2's heads
 ]
 
 
@@ -154,7 +156,8 @@ def _bias(hq: int, requires_grad: bool = False) -> torch.Tensor:
 
 @pytest.mark.parametrize("window,sinks,dtype,biased", [
     (64, 4, torch.bfloat16, False), (0, 0, torch.float32, False), (1, 2, torch.float32, False),
-    (512, 0, torch.bfloat16, False), (64, 4, torch.bfloat16, True), (0, 0, torch.float32, True)])
+    (512, 0, torch.bfloat16, False), (64, 4, torch.bfloat16, True), (0, 0, torch.float32, True),
+    (64, 4, torch.float16, False)])
 def test_decode_matches_reference_step(window, sinks, dtype, biased):
     b, hq, h, pre, steps, d, m = 5, 32, 8, 700, 6, 128, 64
     xs, valid = make(b, hq, h, pre + steps, d, m, pad=True, dtype=dtype, seed=window)

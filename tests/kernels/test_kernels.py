@@ -99,7 +99,7 @@ def _interpreter_on():
 
 _restore_env()
 
-TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2}
+TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 2e-3}  # fp16: 3-pass tf32 slot products
 
 
 def make(b, hq, h, t, d, m, *, pad, dtype, seed, gate_scale=1.0, requires_grad=False):
@@ -134,6 +134,7 @@ FWD_CASES = [
     (3, 16, 2, True, 4, 2, 37, torch.bfloat16),
     (64, 64, 0, False, 8, 1, 80, torch.bfloat16),
     (0, 64, 0, True, 3, 1, 37, torch.bfloat16),
+    (5, 16, 2, True, 4, 2, 37, torch.float16),  # fp16 models: no bf16 parts (chunk_fwd.split_products)
 ]
 
 
@@ -188,6 +189,7 @@ GRAD_CASES = [
     (None, 16, 2, True, 4, 2, 30, 16, torch.float32, 1.0),  # full attention: no slot gradients
     (4, 16, 2, True, 4, 2, 40, 32, torch.bfloat16, 1.0),
     (3, 16, 0, False, 4, 2, 40, 16, torch.float32, 300.0),  # hard gates: the exact paths
+    (4, 16, 2, True, 4, 2, 40, 32, torch.float16, 1.0),
 ]
 
 
@@ -263,12 +265,13 @@ def test_decode_step_equals_reference_step(window, sinks, hq, h):
             assert a == b_, f
 
 
-@pytest.mark.parametrize("window,sinks", [(4, 2), (0, 1)])
-def test_bf16_decode_step_follows_the_reference_step(window, sinks):
+@pytest.mark.parametrize("window,sinks,dtype", [(4, 2, torch.bfloat16), (0, 1, torch.bfloat16), (4, 2, torch.float16)])
+def test_half_precision_decode_step_follows_the_reference_step(window, sinks, dtype):
     """bf16 inputs take the kernel's split products (fp32 slot states and probabilities as bf16 hi + lo parts on
-    the tensor cores): the outputs follow the reference step to bf16 rounding, the fp32 slot states to ~1e-5."""
+    the tensor cores), fp16 inputs 3-pass tf32 ones: the outputs follow the reference step to the dtype's rounding,
+    the fp32 slot states to ~1e-5."""
     b, hq, h, pre, steps, d, m = 3, 4, 2, 9, 4, 16, 16
-    xs, valid = make(b, hq, h, pre + steps, d, m, pad=True, dtype=torch.bfloat16, seed=11)
+    xs, valid = make(b, hq, h, pre + steps, d, m, pad=True, dtype=dtype, seed=11)
     _, st = nha_recurrent(*[x[:, :, :pre] for x in xs], window=window, num_sinks=sinks, scale=0.3,
                           valid=valid[:, :pre])
     st_k = _clone(st)
@@ -276,7 +279,7 @@ def test_bf16_decode_step_follows_the_reference_step(window, sinks):
         args = [x[:, :, i] for x in xs] + [valid[:, i]]
         ref = st.step(*args, scale=0.3)
         out = nha_decode_step(st_k, *args, scale=0.3)
-        assert out.dtype == torch.bfloat16 and rel(out, ref, 1.0) <= 1e-2
+        assert out.dtype == dtype and rel(out, ref, 1.0) <= TOL[dtype]
     assert torch.allclose(st_k.slot_k, st.slot_k, atol=1e-5) and torch.allclose(st_k.slot_v, st.slot_v, atol=1e-5)
 
 
@@ -333,7 +336,7 @@ OTHER_FORWARDS = [("serial", None), ("parallel", "0")]
 
 
 @pytest.mark.parametrize("mode,state_span", OTHER_FORWARDS)
-@pytest.mark.parametrize("case", [FWD_CASES[3], FWD_CASES[5], FWD_CASES[10], FWD_CASES[11], FWD_CASES[8]])
+@pytest.mark.parametrize("case", [FWD_CASES[3], FWD_CASES[5], FWD_CASES[10], FWD_CASES[11], FWD_CASES[8], FWD_CASES[12]])
 def test_other_forwards_match_reference(case, mode, state_span, monkeypatch):
     set_nha_env(monkeypatch, "NHA_FWD", mode)
     if state_span is not None:

@@ -25,6 +25,13 @@ def pytest_report_header(config) -> list[str]:
     return [f"nha-convert stack: {', '.join(versions)}; device: {device}"]
 
 
+def pytest_make_parametrize_id(config, val, argname):
+    """torch dtypes by name in test ids (`-k "float16 and not bfloat16"` picks the fp16 cases), not as `dtype12`."""
+    import torch
+
+    return str(val).removeprefix("torch.") if isinstance(val, torch.dtype) else None
+
+
 @pytest.fixture(autouse=True)
 def _reread_nha_environment():
     """After each test (and its monkeypatch undo), the NHA_* variables as they are again (backend.py reads them

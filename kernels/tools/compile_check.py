@@ -170,7 +170,8 @@ def bwd_variants(g=4, d=128, m=64, rows=128, nw=8, mc=16, dtype="bf16"):
     band = dict(G=g, GP=gp, BM=bm, BN=bn, D=d, DV=d, DP=d, DVP=d, VARLEN=False, PREC=prec, SPLIT=split)
     slot = dict(G=g, GP=gp, BM=bm, D=d, DV=d, M=m, DP=d, DVP=d, MP=m, SPLIT=split, VARLEN=False)
     out = []
-    out.append(("bwd band q", compile_generic(cb._bwd_band_q_kernel, {**band, "SP": 16, "HAS_SINKS": True}, pt, nw, 2, ptr)))
+    band_q = {**band, "SP": 16, "HAS_SINKS": True}
+    out.append(("bwd band q", compile_generic(cb._bwd_band_q_kernel, band_q, pt, nw, 2, ptr)))
     pt_kv = dict(pt, dkr="*fp32", dvb="*fp32")
     out.append(("bwd band kv", compile_generic(cb._bwd_band_kv_kernel, band, pt_kv, nw, 2, ptr)))
     sq = {**slot, "MC": mc, "PREC": prec, "PREC_SLOT": prec, "FAST_LIMIT": -80.0}

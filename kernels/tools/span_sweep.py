@@ -68,7 +68,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         else:
             b, t = (int(x) for x in shape.split("x"))
             s = TRAIN
-            xs = [flatten_rows(x).contiguous().requires_grad_(True) for x in inputs(b, s.hq, s.hkv, t, s.d, s.m, seed=4)]
+            xs = [flatten_rows(x).contiguous().requires_grad_(True)
+                  for x in inputs(b, s.hq, s.hkv, t, s.d, s.m, seed=4)]
             cu = torch.tensor(packed_cu_seqlens(b, t, 4), dtype=torch.int32)
             kw = dict(window=s.window, num_sinks=s.sinks, scale=s.d**-0.5, valid=None, cu_seqlens=cu)
             grad = torch.randn(1, s.hq, b * t, s.d, device="cuda", dtype=torch.bfloat16)

@@ -336,7 +336,7 @@ OTHER_FORWARDS = [("serial", None), ("parallel", "0")]
 
 
 @pytest.mark.parametrize("mode,state_span", OTHER_FORWARDS)
-@pytest.mark.parametrize("case", [FWD_CASES[3], FWD_CASES[5], FWD_CASES[10], FWD_CASES[11], FWD_CASES[8], FWD_CASES[12]])
+@pytest.mark.parametrize("case", [FWD_CASES[i] for i in (3, 5, 10, 11, 8, 12)])
 def test_other_forwards_match_reference(case, mode, state_span, monkeypatch):
     set_nha_env(monkeypatch, "NHA_FWD", mode)
     if state_span is not None:

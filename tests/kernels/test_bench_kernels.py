@@ -213,3 +213,17 @@ def test_decode_compare_imports_an_earlier_kernel_beside_the_current_one():
     old = decode_compare.load_old(Path(decode.__file__))
     assert old is not decode and old.nha_decode_step is not decode.nha_decode_step
     assert old.DECODE_TILES == decode.DECODE_TILES and old.DECODE_TILES is not decode.DECODE_TILES
+
+
+def test_span_sweep_gives_every_forward_and_backward_kernel_a_column():
+    """A renamed kernel would fall silently into span_sweep.py's "other" column: each Triton kernel of the op
+    has its own group, and only the delta and decode kernels are left to "other"."""
+    import triton
+
+    import span_sweep
+    from nha_kernels import chunk_bwd, chunk_fwd, decode, fwd_parallel, gate_grad
+
+    names = {name for mod in (chunk_bwd, chunk_fwd, decode, fwd_parallel, gate_grad)
+             for name, obj in vars(mod).items() if isinstance(obj, triton.JITFunction) and name.endswith("_kernel")}
+    assert {n for n in names if span_sweep.group_of(n) == "other"} == span_sweep.UNGROUPED
+    assert span_sweep.parse_args([]).spans == "0,64,128,256,512"

@@ -1,10 +1,11 @@
 """How the state-span length changes the NHA op's forward and backward: times and per-kernel GPU time (CUDA only).
 
     python kernels/tools/span_sweep.py                                  # long 1 x 32K and training 64 x 1K, 16 x 4K
-    python kernels/tools/span_sweep.py --spans 0,64,256 --shapes 64x1024 --out /tmp/sweep.json
+    python kernels/tools/span_sweep.py --spans auto,64,256 --shapes 64x1024 --out /tmp/sweep.json
 
-Each span value L runs the op as NHA_FWD_STATE_SPAN=L would (0 or "auto": the launcher's choice): the forward walks
-its chunk states from spans of L positions and the backward sweeps spans of L, one program per (span, KV head).
+Each span value L runs the op as NHA_FWD_STATE_SPAN=L would ("auto": the launcher's choice; 0: chunk states by one
+scan over all chunks, as the variable says): the forward walks its chunk states from spans of L positions and the
+backward sweeps spans of L, one program per (span, KV head).
 Shorter spans give the backward more, shorter programs, and the reverse scan more spans to combine. Shapes: "long" is
 bench_kernels.py's T = 32K row (Llama-3-8B attention, w = 64); "BxT" are its packed training rows (SmolLM2-135M
 attention, 4 documents a row). The table gives milliseconds per call: forward, forward + backward, and the GPU time
@@ -35,7 +36,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog="\n".join(__doc__.split("\n")[1:]),
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="long,64x1024,16x4096", help="'long' and/or BxT training rows, comma separated")
-    ap.add_argument("--spans", default="0,64,128,256,512", help="state-span lengths (0: the launcher's choice)")
+    ap.add_argument("--spans", default="auto,64,128,256,512", help="state-span lengths ('auto': the launcher's choice)")
     ap.add_argument("--calls", type=int, default=5, help="calls profiled per setting")
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
     return ap.parse_args(argv)
@@ -75,8 +76,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             kw = dict(window=s.window, num_sinks=s.sinks, scale=s.d**-0.5, valid=None, cu_seqlens=cu)
             grad = torch.randn(1, s.hq, b * t, s.d, device="cuda", dtype=torch.bfloat16)
         ref = ref_grads = None
-        for span in (int(x) for x in args.spans.split(",")):
-            with overriding(fwd_state_span=span or None):
+        for span in (None if x == "auto" else int(x) for x in args.spans.split(",")):
+            with overriding(fwd_state_span=span):
                 fwd = lambda: nha_chunk_triton(*xs, **kw)[0]  # noqa: E731
                 with torch.no_grad():
                     out = fwd()
@@ -88,7 +89,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                 grads = [x.grad.float().clone() for x in xs]
                 with torch.no_grad():  # timed as bench_kernels.py times them
                     fwd_ms = bench(fwd)
-                row = dict(shape=shape, span=span or "auto", fwd_ms=fwd_ms, fwd_bwd_ms=bench(step, rep=50), out_diff=err)
+                row = dict(shape=shape, span="auto" if span is None else span, fwd_ms=fwd_ms,
+                           fwd_bwd_ms=bench(step, rep=50), out_diff=err)
                 if ref_grads is None:
                     ref_grads = grads
                 row["grad_diff"] = max((g - r).abs().max().item() / max(r.abs().max().item(), 1e-9)

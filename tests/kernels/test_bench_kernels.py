@@ -226,4 +226,4 @@ def test_span_sweep_gives_every_forward_and_backward_kernel_a_column():
     names = {name for mod in (chunk_bwd, chunk_fwd, decode, fwd_parallel, gate_grad)
              for name, obj in vars(mod).items() if isinstance(obj, triton.JITFunction) and name.endswith("_kernel")}
     assert {n for n in names if span_sweep.group_of(n) == "other"} == span_sweep.UNGROUPED
-    assert span_sweep.parse_args([]).spans == "0,64,128,256,512"
+    assert span_sweep.parse_args([]).spans == "auto,64,128,256,512"

@@ -27,7 +27,7 @@ from torch import Tensor
 from nha_convert.ops.recurrent import NHAState
 
 from .chunk_fwd import precisions, split_products
-from .fwd_common import _online
+from .fwd_common import _mm_state, _online
 from .prep import next_pow2
 from .triton_utils import expm1, slot_bias_rows
 
@@ -41,35 +41,17 @@ DECODE_TILES = {"slots": 32, "ring": 64, "num_warps": 4, "num_stages": 2}
 
 
 @triton.jit
-def _split_dot(a, b, SPLIT: tl.constexpr):
-    """a @ b in fp32 accuracy on the tensor cores, either operand fp32 (fwd_common._mm_state takes one). SPLIT (bf16
-    models): each fp32 operand as bf16 hi + lo parts (~16 mantissa bits; lo x lo dropped); else (fp32 and fp16
-    models: fp16 is exact in tf32) one 3-pass tf32 product."""
-    if SPLIT:
-        a_hi = a.to(tl.bfloat16)
-        b_hi = b.to(tl.bfloat16)
-        out = tl.dot(a_hi, b_hi)
-        if b.dtype == tl.float32:
-            out += tl.dot(a_hi, (b - b_hi.to(tl.float32)).to(tl.bfloat16))
-        if a.dtype == tl.float32:
-            out += tl.dot((a - a_hi.to(tl.float32)).to(tl.bfloat16), b_hi)
-        return out
-    else:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32x3")
-
-
-@triton.jit
 def _attend(m_i, l_i, acc, q, keys, vals, ok, scale, SPLIT: tl.constexpr):
     """One block of the online softmax on the tensor cores: q (GP >= 16, DP) and keys (N >= 16, DP), vals (N, DVP),
-    ok (N,) or (GP, N) visibility; fp32 operands (slot states, probabilities) in fp32 accuracy (`_split_dot`)."""
-    sc = _split_dot(q, tl.trans(keys), SPLIT) * scale
+    ok (N,) or (GP, N) visibility; fp32 operands (slot states, probabilities) in fp32 accuracy (`fwd_common._mm_state`)."""
+    sc = _mm_state(q, tl.trans(keys), SPLIT) * scale
     sc = tl.where(ok, sc, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(sc, axis=1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp(m_i - m_safe)
     p = tl.exp(sc - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    acc = acc * alpha[:, None] + _split_dot(p, vals, SPLIT)
+    acc = acc * alpha[:, None] + _mm_state(p, vals, SPLIT)
     return m_new, l_i, acc
 
 

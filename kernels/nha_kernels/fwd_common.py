@@ -59,12 +59,21 @@ def _online(m_i, l_i, acc, sc, vals, PREC_PV: tl.constexpr):
 
 @triton.jit
 def _mm_state(a, b, SPLIT: tl.constexpr):
-    """a @ b with fp32 accuracy where one side is an fp32 slot quantity and the other is in the input dtype.
+    """a @ b with fp32 accuracy where one side or both are fp32 slot quantities (states, probabilities) and the
+    rest is in the input dtype (the decode kernel also passes two input-dtype operands: one plain product).
 
     bf16 inputs (SPLIT): each fp32 operand is split into bf16 hi + lo parts, so the products run on the bf16 tensor
-    cores and carry ~16 mantissa bits. fp32 and fp16 inputs: one 3-pass tf32 product (chunk_fwd.split_products)."""
+    cores and carry ~16 mantissa bits (lo x lo dropped). fp32 and fp16 inputs: one 3-pass tf32 product
+    (chunk_fwd.split_products)."""
     if SPLIT:
-        if a.dtype == tl.float32:
+        if a.dtype == tl.float32 and b.dtype == tl.float32:
+            a_hi = a.to(tl.bfloat16)
+            b_hi = b.to(tl.bfloat16)
+            return (tl.dot(a_hi, b_hi) + tl.dot(a_hi, (b - b_hi.to(tl.float32)).to(tl.bfloat16))
+                    + tl.dot((a - a_hi.to(tl.float32)).to(tl.bfloat16), b_hi))
+        elif a.dtype != tl.float32 and b.dtype != tl.float32:
+            return tl.dot(a, b)
+        elif a.dtype == tl.float32:
             a_hi = a.to(tl.bfloat16)
             a_lo = (a - a_hi.to(tl.float32)).to(tl.bfloat16)
             return tl.dot(a_hi, b.to(tl.bfloat16)) + tl.dot(a_lo, b.to(tl.bfloat16))

@@ -5,8 +5,8 @@
     python benchmarks/make_needles.py -o out/needles.jsonl --per-format   # needles_room.jsonl, needles_time.jsonl, ...
     nha-eval MODEL --tasks none $(for f in out/needles_*.jsonl; do echo --recall-file $f; done)   # a row per format
 
-The recipes train on retrieval documents with the project's templates (finetune/retrieval_data.py: passkeys,
-key-value lists, restated facts) and the built-in probes use their own (eval/recall.py: passkey, MQAR). A model that
+The recipes train on retrieval documents with the project's templates (corpora/retrieval.py: passkeys, key-value
+lists, restated facts) and the built-in probes use their own (corpora/synthetic.py: passkey, MQAR). A model that
 learned those templates rather than retrieval would fail here. Each item is one sentence (the needle) at a drawn
 depth inside held-out real text (the eval split of the filler passages, which no recipe trains on), more text, then
 a question in the needle's own wording that ends where the answer starts. The needle ends at least --min-distance
@@ -26,7 +26,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from nha_convert.errors import NHAError  # noqa: E402
-from nha_convert.finetune.retrieval_data import filler_text  # noqa: E402
+from nha_convert.corpora.retrieval import filler_text  # noqa: E402
 from nha_convert.io import atomic_write  # noqa: E402
 
 TOPICS = ("tidal energy", "medieval glass", "bird migration", "Roman roads", "soil chemistry", "early printing",

@@ -21,6 +21,7 @@ from typing import Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from nha_convert.corpora.synthetic import mqar_items  # noqa: E402
 from nha_convert.eval import recall  # noqa: E402
 
 KINDS = ("right", "another value", "number not in item", "not a number")
@@ -92,7 +93,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from nha_convert.eval import models
     device = models.resolve_device(args.device)
     m = models.load(args.model, torch.bfloat16 if device == "cuda" else torch.float32, device)
-    items = recall.mqar_items(m.tokenizer, args.length, args.items, n_pairs=args.pairs)
+    items = mqar_items(m.tokenizer, args.length, args.items, n_pairs=args.pairs)
     errors = classify(items, recall.model_predictions(m.model, m.tokenizer, items, args.batch_size))
     print("\n".join(errors.examples[: args.show]))
     for kind, frac in errors.fractions().items():

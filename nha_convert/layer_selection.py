@@ -3,7 +3,7 @@
 Method (run by `convert` on the freshly converted, untrained model):
 1. Calibration set: `text_seqs` windows of `seq_len` tokens of real text (the embedded Shakespeare plays that
    training may read; never The Winter's Tale, evaluation's held-out text) and `retrieval_docs` retrieval
-   documents of the same length (finetune/retrieval_data.py, train split: passkeys, key-value lists, facts about
+   documents of the same length (corpora/retrieval.py, train split: passkeys, key-value lists, facts about
    people) whose answer lies at least `min_distance` tokens after its fact, far beyond the window.
 2. The base model is the same network with every window unbounded (a window at least as long as the input gives
    back the original model exactly, and nothing ever reaches the slots), so no second copy is loaded: one pass
@@ -75,11 +75,11 @@ def _pad(rows: list[list[int]], pad: int) -> tuple[Tensor, Tensor]:
 def calibration_set(tokenizer: Any, *, seq_len: int, window: int, text_seqs: int = 8, retrieval_docs: int = 8,
                     min_distance: int | None = None, seed: int = 0) -> Calibration:
     """Long real text and retrieval documents of `seq_len` tokens each (deterministic)."""
-    from .eval.recall import _Tok
-    from .finetune.data import shakespeare_documents
-    from .finetune.retrieval_data import formats_for, probe_items, retrieval_documents
+    from .corpora.items import ItemTokenizer
+    from .corpora.retrieval import formats_for, probe_items, retrieval_documents
+    from .corpora.sources import shakespeare_documents
 
-    start = _Tok(tokenizer).start()  # BOS where the tokenizer puts one
+    start = ItemTokenizer(tokenizer).start()  # BOS where the tokenizer puts one
     body = seq_len - len(start)
     rows: list[list[int]] = []
     plays = shakespeare_documents()
@@ -117,7 +117,7 @@ def calibration_set(tokenizer: Any, *, seq_len: int, window: int, text_seqs: int
 def _measure(model: Any, cal: Calibration, batch_size: int, teacher_hidden: list[Tensor] | None,
              device: torch.device) -> tuple[float, float, list[Tensor]]:
     """(mean KL to the teacher on text, mean answer CE, this pass's final hidden states per micro-batch)."""
-    from .finetune.losses import chunked_lm_loss
+    from .losses import chunked_lm_loss
 
     lm, head = model.model, model.get_output_embeddings()
     kl_sum = ce_sum = 0.0

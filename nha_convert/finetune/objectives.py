@@ -11,16 +11,18 @@ Statistics: attention_transfer -> per-layer MSE sums (L,); distill / finetune ->
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import NHAError
 from .attention_hooks import attention_modules, capture_attention, substitute_attention_inputs
-from .losses import attention_mse, lm_objective, next_token_targets
-from .schema import StageSpec
+from ..losses import attention_mse, lm_objective, next_token_targets
 from .trainables import causal_lm
+
+if TYPE_CHECKING:  # schema derives its stage kinds from OBJECTIVES, so it imports this module
+    from .schema import StageSpec
 
 TeacherOutputs = dict[str, Any]  # keyword arguments of Objective.forward, from Objective.teacher_pass
 

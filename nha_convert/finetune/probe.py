@@ -1,9 +1,10 @@
 """A short recall probe at the end of every training stage, so metrics.jsonl shows whether recall is trending up.
 
-Recall is what a sliding window cannot fake: passkey and multi-query associative recall (eval/recall.py, the
-project's own formats) and the held-out split of the retrieval documents (retrieval_data.py: formats, keys,
-answers and filler passages the training split never holds), each at the recipe's `probe.lengths`. Scored by
-greedy decoding under teacher forcing (one forward per item). Runs on the main process only.
+Recall is what a sliding window cannot fake: passkey and multi-query associative recall (corpora/synthetic.py,
+the project's own formats, the same items and grading as `nha-eval`) and the held-out split of the retrieval
+documents (corpora/retrieval.py: formats, keys, answers and filler passages the training split never holds), each at
+the recipe's `probe.lengths`. Scored by greedy decoding under teacher forcing (one forward per item,
+corpora/items.py). Runs on the main process only.
 """
 
 from __future__ import annotations
@@ -13,34 +14,32 @@ from typing import Any
 
 import torch
 
-from .recipe import ProbeSpec
+from ..corpora.items import accuracy, check_lengths, context_length
+from ..corpora.retrieval import formats_for, probe_items, retrieval_documents
+from ..corpora.synthetic import PROBES, make_items
+from ..settings import ResolvedNHA
+from .schema import ProbeSpec
 
 
 def retrieval_accuracy(model: Any, tokenizer: Any, length: int, n: int, seed: int = 0) -> float:
     """Exact-match accuracy on n held-out retrieval documents of about `length` tokens, every question more than
     max(2 windows, 64) tokens (at most half the length) after its fact."""
-    from ..eval.recall import model_predictions, score
-    from .retrieval_data import formats_for, probe_items, retrieval_documents
-
-    from ..settings import ResolvedNHA
-
     window = ResolvedNHA.from_config(model.config).window if getattr(model.config, "nha", None) else 0
     docs = retrieval_documents(tokenizer, n, split="eval", seed=seed, min_tokens=length, max_tokens=length,
                                min_distance=min(max(2 * window, 64), length // 2), formats=formats_for(length))
-    items = probe_items(docs, tokenizer)
-    return score(items, model_predictions(model, tokenizer, items))
+    return accuracy(model, tokenizer, probe_items(docs, tokenizer))
 
 
 @torch.no_grad()
 def recall_probe(model: Any, tokenizer: Any, spec: ProbeSpec, seed: int = 0) -> dict[str, dict[str, float]]:
     """{probe: {length: accuracy}} for the probes of `spec`."""
-    from ..eval.recall import PROBES, run_recall
-
     out: dict[str, dict[str, float]] = {}
     own = [p for p in spec.probes if p in PROBES]
-    if own:
-        res = run_recall(model, tokenizer, spec.lengths, own, n=spec.items, seed=seed)
-        out.update({p: res[p] for p in own})
+    if own:  # what `nha-eval --recall` measures for these probes (eval/recall.py runs the same items)
+        check_lengths(spec.lengths, context_length(model), type(model).__name__)
+    for p in own:
+        out[p] = {str(L): accuracy(model, tokenizer, make_items(p, tokenizer, L, spec.items, seed))
+                  for L in spec.lengths}
     if "retrieval" in spec.probes:
         out["retrieval"] = {str(L): retrieval_accuracy(model, tokenizer, L, spec.items, seed) for L in spec.lengths}
     return out

@@ -21,9 +21,10 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from ..errors import NHAError
-from .schema import (AMOUNTS, PROBE_KINDS, STAGE_KINDS, SYNONYMS, TRAINABLES, DataSpec, LoraSpec, ModelSpec,
-                     OutputSpec, ProbeSpec, Recipe, RuleError, SourceSpec, StageSpec, TeacherSpec, stage_name,
-                     suggest, yaml_number)
+from .schema import (AMOUNTS, PROBE_KINDS, STAGE_KINDS, TRAINABLES, DataSpec, LoraSpec, ModelSpec, OutputSpec,
+                     ProbeSpec, Recipe, StageSpec, TeacherSpec, stage_name)
+from .sources import SourceSpec
+from .spec import SYNONYMS, RuleError, suggest, yaml_number
 
 __all__ = ["AMOUNTS", "PROBE_KINDS", "STAGE_KINDS", "SYNONYMS", "TRAINABLES", "DataSpec", "LoraSpec", "ModelSpec",
            "OutputSpec", "ProbeSpec", "Recipe", "SourceSpec", "StageSpec", "TeacherSpec", "parse_recipe",
@@ -261,18 +262,42 @@ def _unwrap(tp: Any) -> Any:
             return tp
 
 
-def _annotation(loc: tuple) -> Any:
-    """The schema type at `loc` (Recipe at ()), following model fields, list items and dict values."""
+def _tagged(tp: Any) -> dict[str, Any]:
+    """{kind: class} of a union of models told apart by a one-value `kind` literal (the data sources), else {}."""
+    if get_origin(tp) not in (Union, types.UnionType):
+        return {}
+    out = {}
+    for member in get_args(tp):
+        kind = getattr(member, "model_fields", {}).get("kind")
+        if kind is None or get_origin(kind.annotation) is not Literal or len(get_args(kind.annotation)) != 1:
+            return {}
+        out[get_args(kind.annotation)[0]] = member
+    return out
+
+
+def _walk(loc: tuple) -> tuple[tuple, Any]:
+    """(loc without the tags pydantic puts in it after a discriminated union, the schema type at loc: Recipe at
+    ()), following model fields, list items, dict values and union tags."""
     tp: Any = Recipe
+    clean = []
     for key in loc:
         tp = _unwrap(tp)
+        tagged = _tagged(tp)
+        if key in tagged:  # a tag, not a field: the member class it chose
+            tp = tagged[key]
+            continue
+        clean.append(key)
         if isinstance(tp, type) and issubclass(tp, BaseModel) and key in tp.model_fields:
             tp = tp.model_fields[key].annotation
         elif get_origin(tp) in (list, dict):
             tp = get_args(tp)[-1]
         else:
-            return None
-    return _unwrap(tp)
+            tp = None
+    return tuple(clean), _unwrap(tp)
+
+
+def _annotation(loc: tuple) -> Any:
+    return _walk(loc)[1]
 
 
 def _type_name(tp: Any) -> str:
@@ -282,7 +307,7 @@ def _type_name(tp: Any) -> str:
         return " | ".join(repr(a) for a in get_args(tp))
     if origin is list:
         return f"a list of {_type_name(get_args(tp)[0])}"
-    if origin is dict or (isinstance(tp, type) and issubclass(tp, (BaseModel, dict))):
+    if origin is dict or (isinstance(tp, type) and issubclass(tp, (BaseModel, dict))) or _tagged(tp):
         return "a mapping"
     return {int: "an integer", float: "a number", str: "a string", bool: "true/false"}.get(
         tp, getattr(tp, "__name__", str(tp)))
@@ -299,7 +324,8 @@ _BOUNDS = {"greater_than": ("gt", ">"), "greater_than_equal": ("ge", ">="), "les
 
 def _explain(err: dict, tree: Any) -> str:
     """One pydantic error as `where: message`, the message naming the field path and what it should be."""
-    loc, kind, value = tuple(err["loc"]), err["type"], err.get("input")
+    raw, kind, value = tuple(err["loc"]), err["type"], err.get("input")
+    loc = _walk(raw)[0]
     path = _path(loc)
     exc = err.get("ctx", {}).get("error")
     if isinstance(exc, RuleError):
@@ -308,21 +334,29 @@ def _explain(err: dict, tree: Any) -> str:
         return f"{_where(tree, full)}: {label + ': ' if label else ''}{exc}"
     where = _where(tree, loc)
     if kind == "extra_forbidden":
-        model = _annotation(loc[:-1])
+        model = _annotation(raw[:-1])
+        stray = getattr(model, "stray_field", lambda key: None)(loc[-1])  # a field of another kind of source
+        if stray:
+            return f"{where}: {path}: {stray}"
         known = [f for f in model.model_fields] if isinstance(model, type) else []
         return f"{where}: unknown field {path!r}; {suggest(loc[-1], known)}known fields here: {', '.join(known)}"
-    if kind == "missing":
-        return f"{where}: missing field {path!r}"
-    if kind == "literal_error":
-        tp = _annotation(loc)
-        close = difflib.get_close_matches(str(value), [str(a) for a in get_args(tp)], n=1)
+    if kind in ("missing", "union_tag_not_found"):
+        missing = path if kind == "missing" else _path(loc + ("kind",))
+        return f"{where}: missing field {missing!r}"
+    if kind in ("literal_error", "union_tag_invalid"):
+        if kind == "union_tag_invalid":  # an unknown source kind: the choices are the union's tags
+            where, path, value = _where(tree, loc + ("kind",)), _path(loc + ("kind",)), err["ctx"]["tag"]
+            choices = list(_tagged(_annotation(raw)))
+        else:
+            choices = list(get_args(_annotation(raw)))
+        close = difflib.get_close_matches(str(value), [str(a) for a in choices], n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        return f"{where}: {path} must be one of {_type_name(tp)}, got {value!r}{hint}"
+        return f"{where}: {path} must be one of {' | '.join(repr(a) for a in choices)}, got {value!r}{hint}"
     if kind in _BOUNDS:
         key, op = _BOUNDS[kind]
         return f"{where}: {path} must be {op} {err['ctx'][key]:g}, got {_shown(value)}"
     if kind == "too_short":
         return f"{where}: {path} is empty"
     if kind.endswith("_type") or kind.endswith("_parsing") or kind == "int_from_float":
-        return f"{where}: {path} must be {_type_name(_annotation(loc))}, got {value!r}"
+        return f"{where}: {path} must be {_type_name(_annotation(raw))}, got {value!r}"
     return f"{where}: {path}: {err['msg']}"

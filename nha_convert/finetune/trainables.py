@@ -12,11 +12,14 @@ the saved model see plain weights.
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
 from torch import nn
 
 from ..errors import NHAError
-from .recipe import LoraSpec
+
+if TYPE_CHECKING:  # schema imports objectives, which imports this module
+    from .schema import LoraSpec
 
 
 def is_gate(name: str) -> bool:

@@ -10,6 +10,8 @@ import torch
 from transformers import AutoTokenizer
 
 from nha_convert.errors import NHAError
+from nha_convert.corpora.item_files import length_bucket
+from nha_convert.corpora.synthetic import mqar_items, passkey_items
 from nha_convert.eval import recall as R
 
 
@@ -45,14 +47,14 @@ def test_oracle_scores_100_and_guesser_scores_chance(tok, probe):
 
 
 def test_scorer_counts_each_question_and_checks_shapes(tok):
-    items = R.mqar_items(tok, 512, 2, n_pairs=8, n_queries=4)
+    items = mqar_items(tok, 512, 2, n_pairs=8, n_queries=4)
     preds = R.oracle_predictions(items)
     preds[0][1] = "0"
     assert R.score(items, preds) == 7 / 8
     with pytest.raises(ValueError):
         R.score(items, preds[:1])
     with pytest.raises(NHAError, match="too short"):
-        R.passkey_items(tok, 16, 1)
+        passkey_items(tok, 16, 1)
 
 
 class _TeacherForcedModel(torch.nn.Module):
@@ -100,7 +102,7 @@ def test_real_smollm2_finds_a_short_passkey(smollm2_path):
 
     tok = AutoTokenizer.from_pretrained(smollm2_path)
     model = AutoModelForCausalLM.from_pretrained(smollm2_path, dtype=torch.float32).eval()
-    items = R.passkey_items(tok, 256, 3)
+    items = passkey_items(tok, 256, 3)
     assert R.score(items, R.model_predictions(model, tok, items)) == 1.0
 
 
@@ -141,7 +143,7 @@ def test_recall_file_items_put_the_answer_last_and_bucket_by_length(tok, tmp_pat
         {"prompt": CITIES.format(who="Bob"), "answer": " Rome"},
         {"prompt": "filler. " * 200 + CITIES.format(who="Dan"), "answer": " Lima"}]))
     by_bucket = R.file_items("c", qs, tok)
-    assert list(by_bucket) == [64, 512] and [R.length_bucket(n) for n in (1, 64, 65, 1024)] == [1, 64, 128, 1024]
+    assert list(by_bucket) == [64, 512] and [length_bucket(n) for n in (1, 64, 65, 1024)] == [1, 64, 128, 1024]
     for items in by_bucket.values():
         (it,) = items
         (s, e), = it.answer_spans

@@ -9,9 +9,9 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
-from nha_convert.eval import recall
-from nha_convert.eval.recall import file_items, read_recall_file
-from nha_convert.finetune import retrieval_data as rd
+from nha_convert.corpora import retrieval as rd
+from nha_convert.corpora import synthetic
+from nha_convert.corpora.item_files import file_items, read_recall_file
 from tests.helpers.scripts import load_benchmark
 
 @pytest.fixture(scope="module")
@@ -63,8 +63,8 @@ def test_none_of_the_project_templates(mn):
     """No three words in a row of a needle or question come from the training data's or the probes' templates."""
     own = set().union(*map(_trigrams, rd.PASSKEY_FACTS + rd.PASSKEY_QUESTIONS + rd.KV_QUESTIONS + rd.INTROS
                            + tuple(t for triple in rd.FACTS.values() for t in triple)
-                           + (recall.PASSKEY_INTRO, recall.PASSKEY_NEEDLE, recall.PASSKEY_QUESTION, recall.MQAR_INTRO,
-                              recall.MQAR_RECALL)))
+                           + (synthetic.PASSKEY_INTRO, synthetic.PASSKEY_NEEDLE, synthetic.PASSKEY_QUESTION,
+                              synthetic.MQAR_INTRO, synthetic.MQAR_RECALL)))
     ours = set().union(*(_trigrams(t) for pair in mn.FORMATS.values() for t in pair))
     assert not own & ours
 

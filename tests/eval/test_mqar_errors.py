@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 from transformers import AutoTokenizer
 
+from nha_convert.corpora.synthetic import mqar_items
 from nha_convert.eval import recall
 from tests.helpers.scripts import load_benchmark
 
@@ -14,7 +15,7 @@ errors_mod = load_benchmark("mqar_errors")
 
 @pytest.fixture(scope="module")
 def items(smollm2_path):
-    return recall.mqar_items(AutoTokenizer.from_pretrained(smollm2_path), 512, 3, n_pairs=4, n_queries=2)
+    return mqar_items(AutoTokenizer.from_pretrained(smollm2_path), 512, 3, n_pairs=4, n_queries=2)
 
 
 def test_oracle_answers_are_all_right(items):

@@ -8,10 +8,8 @@ import pytest
 import torch
 
 from nha_convert.errors import NHAError
-from nha_convert.finetune.data import (
-    build_corpus, jsonl_documents, load_documents, shakespeare_documents, split_documents, step_rows,
-    teacher_documents, tokenize_documents,
-)
+from nha_convert.corpora.sources import jsonl_documents, shakespeare_documents, teacher_documents
+from nha_convert.finetune.data import build_corpus, load_documents, split_documents, step_rows, tokenize_documents
 from nha_convert.finetune.recipe import DataSpec, SourceSpec
 from tests.helpers.finetune import byte_tokenizer, documents, tiny_llama
 

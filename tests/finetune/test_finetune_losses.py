@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nha_convert.finetune.losses import attention_mse, chunked_lm_loss, direct_kl, next_token_targets
+from nha_convert.losses import attention_mse, chunked_lm_loss, direct_kl, next_token_targets
 
 
 def _batch(seed=0, b=3, t=11, h=16, v=50):
@@ -114,7 +114,7 @@ def test_fused_loss_pads_rows_to_whole_chunks_without_changing_the_sums():
     """liger's chunked JSD (eager, on the CPU): the rows padded to a multiple of the chunk give the chunked torch
     loss's sums and gradients for counts of valid positions that are and are not multiples of the chunk."""
     pytest.importorskip("liger_kernel")
-    from nha_convert.finetune.losses import fused_lm_objective, import_liger
+    from nha_convert.losses import fused_lm_objective, import_liger
 
     lib = import_liger()
     for t in (9, 10, 11):  # t + 6 positions with a target: 15, 16 (two whole chunks), 17
@@ -138,7 +138,7 @@ def test_fused_loss_pads_rows_to_whole_chunks_without_changing_the_sums():
 def test_fused_loss_hands_liger_the_same_shapes_at_every_step():
     """liger compiles its chunk step over the whole target tensor: packed steps with different numbers of valid
     positions must reach it with one shape (a new length each step recompiled, and crashed torch 2.11's guards)."""
-    from nha_convert.finetune.losses import LigerLosses, fused_lm_objective
+    from nha_convert.losses import LigerLosses, fused_lm_objective
 
     seen = []
 
@@ -168,7 +168,7 @@ def test_weighted_batches_run_fused_plus_the_weight_excess(monkeypatch, want_kl)
     the unweighted sums by the torch form, the result equals the weighted torch loss: values, statistics and
     gradients (fp64 inputs, but the chunked form computes its logits in fp32, so both sides agree to fp32 rounding:
     the weighted terms alone are ~20x larger than that). The GPU suite checks the same against liger itself."""
-    from nha_convert.finetune import losses as L
+    from nha_convert import losses as L
 
     hidden, t_hidden, ids, mask, head, t_head = _batch(seed=3)
     targets = next_token_targets(ids, mask)

@@ -15,7 +15,7 @@ import torch
 import nha_convert
 from nha_convert import NHASettings
 from nha_convert.finetune.data import Rows, make_rows, pack_pieces
-from nha_convert.finetune.losses import next_token_targets
+from nha_convert.losses import next_token_targets
 from nha_convert.finetune.recipe import StageSpec, parse_recipe
 from nha_convert.finetune.trainer import StageLoss, Trainer, teacher_pass
 from nha_convert.ops import nha_chunk

@@ -11,7 +11,7 @@ import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from nha_convert.errors import NHAError
-from nha_convert.finetune import retrieval_data as rd
+from nha_convert.corpora import retrieval as rd
 from nha_convert.finetune.recipe import ProbeSpec, SourceSpec, parse_recipe
 
 

@@ -47,7 +47,7 @@ def test_cached_tokens_equal_a_fresh_build(tok, cache, tmp_path, monkeypatch):
     def no_build(*args, **kwargs):
         raise AssertionError("the retrieval source was built again")
 
-    monkeypatch.setattr("nha_convert.finetune.retrieval_data.source_documents", no_build)
+    monkeypatch.setattr("nha_convert.corpora.retrieval.source_documents", no_build)
     assert _plain(load_tokens(spec, tok, seed=3)) == _plain(fresh)
 
 

@@ -15,7 +15,7 @@ if not torch.cuda.is_available():
 pytest.importorskip("liger_kernel")
 
 from nha_convert import backend  # noqa: E402
-from nha_convert.finetune.losses import chunked_lm_loss, liger_losses, lm_objective  # noqa: E402
+from nha_convert.losses import chunked_lm_loss, liger_losses, lm_objective  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 

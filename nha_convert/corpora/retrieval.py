@@ -25,13 +25,15 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from ..errors import NHAError
+from .items import ItemTokenizer, ProbeItem
+from .sources import boolq_documents, shakespeare_documents
 
 SPLITS = ("train", "eval")
 FORMATS = ("passkey", "kv_list", "fact")
 EVAL_SHARE = 5  # one item in 5 (by hash) belongs to the eval split
 MARGIN = 8  # tokens of slack kept beyond min_distance: the whole text may tokenize a little differently
 KV_PAIRS = (4, 16)  # pairs in a kv_list document, drawn in [lo, hi]; fewer make an easier curriculum
-KV_MAX_PAIRS = 16  # at most 16 keys in one list, as MQAR asks (eval/recall.py)
+KV_MAX_PAIRS = 16  # at most 16 keys in one list, as MQAR asks (synthetic.py)
 
 
 def check_kv_pairs(kv_pairs: Sequence[int]) -> tuple[int, int]:
@@ -134,7 +136,7 @@ def _check_split(split: str) -> None:
 def _pool(items: Sequence[str], split: str) -> list[str]:
     out = [x for x in items if split_of(x) == split]
     if not out:
-        raise NHAError(f"no {split} items in a retrieval pool; this is a bug in retrieval_data.py")
+        raise NHAError(f"no {split} items in a retrieval pool; this is a bug in corpora/retrieval.py")
     return out
 
 
@@ -142,8 +144,6 @@ def _pool(items: Sequence[str], split: str) -> list[str]:
 def filler_passages(split: str) -> tuple[str, ...]:
     """Real-text passages of one split: Shakespeare paragraphs (merged to ~600+ characters) and BoolQ passages."""
     _check_split(split)
-    from .data import boolq_documents, shakespeare_documents
-
     passages: list[str] = []
     for play in shakespeare_documents():
         buf: list[str] = []
@@ -366,7 +366,7 @@ def retrieval_documents(tokenizer: Any, n: int, *, split: str = "train", seed: i
 
 
 class AnswerText(str):
-    """A document's text with its answers' character spans and the loss weight they get (data.py turns them into
+    """A document's text with its answers' character spans and the loss weight they get (finetune/data.py turns them into
     per-token weights)."""
 
     answer_spans: tuple[tuple[int, int], ...]
@@ -413,12 +413,10 @@ def formats_for(length: int) -> tuple[str, ...]:
     return FORMATS if length >= 512 else tuple(f for f in FORMATS if f != "kv_list")
 
 
-def probe_items(docs: Sequence[RetrievalDoc], tokenizer: Any) -> list[Any]:
-    """The documents as eval/recall.py probe items (its teacher-forced greedy scorer grades them), with the
-    tokenizer's start tokens (BOS where it puts one) in front."""
-    from ..eval.recall import ProbeItem, _Tok
-
-    start = _Tok(tokenizer).start()
+def probe_items(docs: Sequence[RetrievalDoc], tokenizer: Any) -> list[ProbeItem]:
+    """The documents as probe items (items.py grades them), with the tokenizer's start tokens (BOS where it puts
+    one) in front."""
+    start = ItemTokenizer(tokenizer).start()
     items = []
     for d in docs:
         ids, spans = token_spans(d, tokenizer)

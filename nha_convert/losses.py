@@ -1,5 +1,6 @@
-"""Training objectives. Every function returns SUMS over tokens; the trainer divides by the token count of the
-whole global batch, so the loss (and gradient) does not depend on how the batch is split over micro-steps and GPUs.
+"""The losses of fine-tuning (finetune/objectives.py) and of the `auto:K` calibration (layer_selection.py), below
+both. Every function returns SUMS over tokens; the trainer divides by the token count of the whole global batch, so
+the loss (and gradient) does not depend on how the batch is split over micro-steps and GPUs.
 
 The language-model losses never hold full-vocabulary logits for the whole batch: the valid positions' hidden
 states go through the LM head `chunk` rows at a time, and each chunk is recomputed in backward
@@ -19,9 +20,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from ..backend import loss_choice
-from ..errors import NHAError
-from ..ops.packed import sequence_starts
+from .backend import loss_choice
+from .errors import NHAError
+from .ops.packed import sequence_starts
 
 Head = Callable[[Tensor], Tensor]
 

@@ -1,0 +1,7 @@
+"""The data layer under the three stages: what conversion (`auto:K` calibration), fine-tuning and evaluation read.
+
+Modules: sources (text sources and the one held-out rule), retrieval (generated retrieval documents, split by a
+hash of every passage, key and answer), items (probe items: tokenisation, teacher-forced answers, grading),
+synthetic (passkey and MQAR items), item_files (items of your own, `--recall-file`). Nothing here imports a stage
+(convert, finetune, eval) or a command.
+"""

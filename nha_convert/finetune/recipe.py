@@ -338,7 +338,7 @@ def _explain(err: dict, tree: Any) -> str:
         stray = getattr(model, "stray_field", lambda key: None)(loc[-1])  # a field of another kind of source
         if stray:
             return f"{where}: {path}: {stray}"
-        known = [f for f in model.model_fields] if isinstance(model, type) else []
+        known = list(getattr(model, "own_fields", lambda: model.model_fields)()) if isinstance(model, type) else []
         return f"{where}: unknown field {path!r}; {suggest(loc[-1], known)}known fields here: {', '.join(known)}"
     if kind in ("missing", "union_tag_not_found"):
         missing = path if kind == "missing" else _path(loc + ("kind",))

@@ -25,6 +25,7 @@ STAGE_KINDS = tuple(sorted(OBJECTIVES))  # one objective class per stage kind (o
 TRAINABLES = ("gates", "lora", "attention", "all_but_mlp")
 PROBE_KINDS = (*PROBES, "retrieval")  # the built-in recall items, and the held-out retrieval documents
 
+
 class ModelSpec(Spec):
     """base: a name, alias, folder or hub id (null = the embedded SmolLM2-135M-Instruct);
     converted: an already converted NHA folder (instead of base + nha);

@@ -21,7 +21,7 @@ class _ByKind(type(BaseModel)):
 
     def __call__(cls, *args: Any, **kwargs: Any) -> Any:
         if cls is SourceSpec:
-            return TypeAdapter(AnySource).validate_python(kwargs)
+            return _PARSER.validate_python(kwargs)
         return super().__call__(*args, **kwargs)
 
 
@@ -204,3 +204,4 @@ class RetrievalSource(SourceSpec):
 SOURCE_KINDS = tuple(SOURCES)
 # a source in a recipe: the class is chosen by `kind` (pydantic's discriminated union)
 AnySource = Annotated[Union[tuple(SOURCES.values())], Field(discriminator="kind")]
+_PARSER = TypeAdapter(AnySource)

@@ -5,7 +5,9 @@ gives the slots a loss that depends on what left the window. The text varies on 
 retrieval rather than one template:
 - `passkey`: a number under varied names ("the access code", "the PIN") and wordings, asked back in another one;
 - `kv_list`: 4-16 key -> value pairs as one list (colon, arrow, JSON, table row) or scattered, 1-3 looked up;
-- `fact`: 2-4 invented people with a home town, job, pet or number, sometimes restated far apart, 1-2 asked.
+- `fact`: 2-4 invented people with a home town, job, pet or number, sometimes restated far apart, 1-2 asked;
+- `cloze`: a real passage read once, then asked about in its own words far below: the rest of one of its sentences,
+  or a blanked word of it (natural-text recall: nothing in it is a template the model could learn instead).
 
 Filler is real prose: passages of the embedded Shakespeare plays (not The Winter's Tale, evaluation's held-out
 text) and BoolQ's Wikipedia passages. Every document is a pure function of (split, seed, index).
@@ -21,6 +23,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import random
+import re
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -29,7 +32,8 @@ from .items import ItemTokenizer, ProbeItem
 from .sources import boolq_documents, shakespeare_documents
 
 SPLITS = ("train", "eval")
-FORMATS = ("passkey", "kv_list", "fact")
+FORMATS = ("passkey", "kv_list", "fact", "cloze")
+DEFAULT_FORMATS = ("passkey", "kv_list", "fact")  # what a source without `formats` draws
 EVAL_SHARE = 5  # one item in 5 (by hash) belongs to the eval split
 MARGIN = 8  # tokens of slack kept beyond min_distance: the whole text may tokenize a little differently
 KV_PAIRS = (4, 16)  # pairs in a kv_list document, drawn in [lo, hi]; fewer make an easier curriculum
@@ -341,11 +345,56 @@ def _fact(b: _Builder, length: int, min_distance: int) -> RetrievalDoc:
     return RetrievalDoc("fact", text, length, qas, people, answers, b.used)
 
 
-BUILDERS = {"passkey": _passkey, "kv_list": _kv_list, "fact": _fact}
+CLOZE_INTROS = ("", "Read this passage.\n\n", "Passage:\n", "From an article:\n\n")
+CLOZE_CONTINUE = ("Earlier the text said: \"{prefix}", "Quote from the passage above: \"{prefix}",
+                  "Recall the sentence that began \"{prefix}\". It went on:", "The passage read: \"{prefix}")
+CLOZE_BLANK = ("Fill in the blank from the passage above: \"{blanked}\"\nAnswer:",
+               "Which word is missing from this sentence of the text? \"{blanked}\" It is",
+               "Complete from memory: \"{blanked}\"\nThe missing word:")
+_SENTENCE = re.compile(r"[^.!?\n]{40,300}[.!?]")
+_WORD = re.compile(r"[A-Za-z][A-Za-z'-]{3,}|\d[\d,.]*\d|\d")
+
+
+def _cloze(b: _Builder, length: int, min_distance: int) -> RetrievalDoc:
+    """A real passage (trimmed to ~3-6 sentences), then after filler one question on one of its sentences."""
+    rng = b.rng
+    for _ in range(50):  # a passage with a usable sentence (long enough, with a word to blank); nearly always the first
+        passage = rng.choice(b.pool)
+        sentences = [m.group(0).strip() for m in _SENTENCE.finditer(passage)]
+        sentences = [s for s in sentences if len(s.split()) >= 8]
+        if sentences:
+            break
+    else:  # pragma: no cover - the pools hold thousands of passages
+        raise NHAError("no passage with a sentence of 8+ words for a cloze document; this is a bug in retrieval_data.py")
+    i = rng.randrange(len(sentences))
+    lo = max(0, i - rng.randint(0, 3))
+    shown = " ".join(sentences[lo: lo + rng.randint(3, 6)])
+    if sentences[i] not in shown:
+        shown = " ".join(sentences[lo: i + 1])
+    words = sentences[i].split()
+    if rng.random() < 0.5:  # the rest of the sentence from its first words: 3-6 words back
+        k = rng.randint(3, min(6, len(words) - 3))
+        q = rng.choice(CLOZE_CONTINUE).format(prefix=" ".join(words[:k]))
+        answer = " ".join(words[k: k + rng.randint(2, 4)])
+    else:  # one content word blanked (a name, a number or the longest word)
+        cands = [j for j, w in enumerate(words) if _WORD.fullmatch(w.strip(",;:()\"'.!?")) and j > 0]
+        if not cands:
+            cands = [max(range(1, len(words)), key=lambda j: len(words[j]))]
+        j = max(cands, key=lambda j: (words[j][0].isupper() or words[j][0].isdigit(), len(words[j]), rng.random()))
+        word = words[j].strip(",;:()\"'.!?")
+        blanked = " ".join(words[:j] + [words[j].replace(word, "____")] + words[j + 1:])
+        q, answer = rng.choice(CLOZE_BLANK).format(blanked=blanked), word
+    text, ends, spans = _layout(b, rng.choice(CLOZE_INTROS), [shown], [(q, " " + answer)], length, min_distance)
+    (qs, a0, a1), = spans
+    b.used.append(passage)
+    return RetrievalDoc("cloze", text, length, [QA(sentences[i][:40], answer, qs, a0, a1, ends[0])], [], [answer], b.used)
+
+
+BUILDERS = {"passkey": _passkey, "kv_list": _kv_list, "fact": _fact, "cloze": _cloze}
 
 
 def retrieval_documents(tokenizer: Any, n: int, *, split: str = "train", seed: int = 0, min_tokens: int = 1024,
-                        max_tokens: int = 8192, min_distance: int = 512, formats: Sequence[str] = FORMATS,
+                        max_tokens: int = 8192, min_distance: int = 512, formats: Sequence[str] = DEFAULT_FORMATS,
                         kv_pairs: Sequence[int] = KV_PAIRS) -> list[RetrievalDoc]:
     """n documents, lengths drawn uniformly in [min_tokens, max_tokens], formats in turn; deterministic.
     `kv_pairs` (lo, hi): how many key-value pairs a kv_list document holds, drawn in [lo, hi]."""
@@ -386,7 +435,7 @@ def source_documents(src: Any, tokenizer: Any, seed: int) -> list[str]:
     # Two tokens of room for the BOS / EOS tokens that tokenization adds, so a document fits a max_tokens row.
     docs = retrieval_documents(tokenizer, src.samples, split="train", seed=seed, min_tokens=src.min_tokens - 2,
                                max_tokens=src.max_tokens - 2, min_distance=src.min_distance,
-                               formats=src.formats or FORMATS, kv_pairs=src.kv_pairs or KV_PAIRS)
+                               formats=src.formats or DEFAULT_FORMATS, kv_pairs=src.kv_pairs or KV_PAIRS)
     weight = getattr(src, "answer_weight", 1.0)
     if weight == 1.0:
         return [d.text for d in docs]
@@ -410,7 +459,7 @@ def token_spans(doc: RetrievalDoc, tokenizer: Any) -> tuple[list[int], list[tupl
 
 def formats_for(length: int) -> tuple[str, ...]:
     """The formats that fit documents of `length` tokens (a key-value list alone can take 150 tokens)."""
-    return FORMATS if length >= 512 else tuple(f for f in FORMATS if f != "kv_list")
+    return DEFAULT_FORMATS if length >= 512 else tuple(f for f in DEFAULT_FORMATS if f != "kv_list")
 
 
 def probe_items(docs: Sequence[RetrievalDoc], tokenizer: Any) -> list[ProbeItem]:

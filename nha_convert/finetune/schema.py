@@ -97,6 +97,13 @@ class LoraSpec(Spec):
     targets: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
 
 
+class WindowDropoutSpec(Spec):
+    """A share of the windowed layers, drawn anew each step, trains with a short window (finetune/windows.py)."""
+
+    share: Num = Field(gt=0, le=1)
+    window: Int = Field(0, ge=0)
+
+
 class StageSpec(Spec):
     """One training stage. gate_lr: learning rate of the NHA gates (default: lr); new weights usually want a
     larger one than LoRA adapters. Exactly one of steps / tokens / minutes: tokens = sequence slots seen (seq_len x
@@ -105,6 +112,8 @@ class StageSpec(Spec):
     the others. max_minutes stops a stage early without changing its schedule (a safety cap). batch_size is per
     device and micro-step; the global batch is batch_size x grad_accum x devices. windows: train each step with a
     window drawn from this list in every windowed NHA layer (finetune/windows.py); evaluation keeps the model's.
+    window_dropout: each step, each windowed layer alone runs with the short window `window` (0 = slots and sinks only)
+    with probability `share`, so that in those layers only the slots can supply what lies further back.
 
     Rules that need the rest of the recipe (the amount, the teacher, the kind-specific fields) are checked by
     Recipe, so that a stage built alone in code or tests may leave its amount unset."""
@@ -135,6 +144,7 @@ class StageSpec(Spec):
     eval_rows: Positive = 32
     max_minutes: Optional[Num] = Field(None, gt=0)
     windows: Optional[list[Positive]] = Field(None, min_length=1)
+    window_dropout: Optional[WindowDropoutSpec] = None
 
 
 class OutputSpec(Spec):

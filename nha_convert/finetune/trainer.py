@@ -43,7 +43,7 @@ from .probe import stage_end_probe
 from .progress import MetricsLog, StageProgress
 from .recipe import Recipe, StageSpec, stage_name
 from .trainables import causal_lm, count_parameters, is_gate, merge_lora, select_trainables
-from .windows import check_windows, draw_window, training_window, windowed_layers
+from .windows import check_windows, draw_layer_windows, training_window, windowed_layers
 
 # Where callers found them before the stage objectives, hooks and checkpoints had their own modules.
 from .attention_hooks import attention_modules, capture_attention, substitute_attention_inputs  # noqa: F401
@@ -239,7 +239,7 @@ class Trainer:
         train, held = corpus.rows(stage.seq_len, "train"), corpus.rows(stage.seq_len, "held_out")
         if objective.needs_teacher and teacher is None:
             raise NHAError(f"stage {name} ({stage.kind}) needs a teacher")
-        check_windows(student, name, stage.windows)
+        check_windows(student, name, stage.windows or stage.window_dropout)
 
         student = select_trainables(student, stage.trains, stage.lora,
                                     fp32_trainables=recipe.model.dtype == "bfloat16")
@@ -290,13 +290,12 @@ class Trainer:
         budget.start()
         logged = [0, 0]  # real tokens, positions since the last log line (its padding_frac)
         run.module.train()
-        layers = windowed_layers(run.student) if stage.windows else []  # once a stage: the model does not change
+        layers = windowed_layers(run.student)  # once a stage: the model does not change
         with StageProgress(self.console, f"{run.idx}:{name}", pos.total or 0, pos.step, self.main,
                            recipe.output.log_every) as bar:
             while budget.left(pos.step) > 0:
                 rows = step_rows(len(run.train), run.global_batch, pos.step, seed)
-                window = draw_window(stage.windows, seed, pos.step) if stage.windows else None
-                with training_window(layers, window):
+                with training_window(layers, draw_layer_windows(stage, layers, seed, pos.step)):
                     stats, step_tokens, denom = self._train_step(run, teacher, rows, autocast)
                 run.scheduler.step()
                 pos.step += 1

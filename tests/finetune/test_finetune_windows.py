@@ -11,7 +11,10 @@ from nha_convert.convert import convert
 from nha_convert.errors import NHAError
 from nha_convert.finetune.recipe import parse_recipe
 from nha_convert.finetune.trainer import Trainer
-from nha_convert.finetune.windows import check_windows, draw_window, training_window, windowed_layers
+from types import SimpleNamespace
+
+from nha_convert.finetune.windows import (check_windows, draw_layer_windows, draw_window, training_window,
+                                           windowed_layers)
 from nha_convert.settings import NHASettings
 from tests.helpers.finetune import recipe_text, save_tiny_base, tiny_llama, write_corpus
 
@@ -38,8 +41,23 @@ def test_draw_is_a_function_of_the_step():
     assert set(draws) == {16, 32, 64}
 
 
+def test_window_dropout_shortens_a_share_of_the_layers_each_step():
+    model = _converted()
+    layers = windowed_layers(model)
+    stage = SimpleNamespace(windows=None, window_dropout=SimpleNamespace(share=0.25, window=0))
+    draws = [draw_layer_windows(stage, layers, seed=1, global_step=s) for s in range(400)]
+    assert draws == [draw_layer_windows(stage, layers, seed=1, global_step=s) for s in range(400)]
+    flat = [w for d in draws for w in d]
+    assert set(flat) == {0, 8} and 0.2 < flat.count(0) / len(flat) < 0.3
+    assert len({tuple(d) for d in draws}) > 4  # layers drop apart, not all together
+    with training_window(layers, [0, 8, 2]):
+        assert [layer.window for layer in layers] == [0, 8, 2]
+    assert [layer.window for layer in layers] == [8, 8, 8]
+    assert draw_layer_windows(SimpleNamespace(windows=None, window_dropout=None), layers, 1, 0) is None
+
+
 def test_windows_need_windowed_layers():
-    with pytest.raises(NHAError, match="remove `windows`"):
+    with pytest.raises(NHAError, match="remove them"):
         check_windows(tiny_llama(), "distill", [32])
     check_windows(tiny_llama(), "distill", None)
 
@@ -70,3 +88,5 @@ def test_a_stage_trains_with_the_drawn_windows_and_saves_its_own(tmp_path):
     assert same == plain  # the converted window drawn every step: nothing changes
     assert short[0] != plain[0]  # the first step already sees the shorter window
     assert short_config["nha"]["window"] == config["nha"]["window"] == 8
+    dropped, drop_config = _losses(tmp_path, "dropped", "\n        window_dropout: {share: 1.0, window: 0}")
+    assert dropped[0] != plain[0] and drop_config["nha"]["window"] == 8

@@ -41,7 +41,7 @@ def _statement_found(doc: rd.RetrievalDoc, qa: rd.QA) -> bool:
 
 
 def test_answers_are_recoverable_and_beyond_the_window(tok, train_docs, eval_docs):
-    assert {d.format for d in train_docs} == set(rd.FORMATS)
+    assert {d.format for d in train_docs} == set(rd.DEFAULT_FORMATS)
     for doc in train_docs + eval_docs:
         for qa in doc.qas:
             assert doc.text[qa.answer_start: qa.answer_end] == " " + qa.answer
@@ -70,6 +70,26 @@ def test_no_eval_answer_key_or_passage_in_training(train_docs, eval_docs):
     assert not set(d for doc in eval_docs for d in doc.passages) & set(d for doc in train_docs for d in doc.passages)
     assert not set(rd.filler_passages("eval")) & set(rd.filler_passages("train"))
     assert all(rd.split_of(a) == "eval" for d in eval_docs for a in d.answers)
+
+
+def test_cloze_asks_a_real_passage_in_its_own_words_beyond_the_window(tok):
+    """A cloze document's answer (the rest of a sentence, or a blanked word) stands in the passage it showed, more
+    than min_distance tokens before the question, and the eval split's passages never reach the train split."""
+    kw = dict(min_tokens=300, max_tokens=700, min_distance=96, formats=["cloze"])
+    train = rd.retrieval_documents(tok, 40, split="train", seed=5, **kw)
+    held = rd.retrieval_documents(tok, 20, split="eval", seed=5, **kw)
+    for doc in train + held:
+        (qa,) = doc.qas
+        shown = doc.text[: qa.fact_end]
+        assert doc.text[qa.answer_start: qa.answer_end] == " " + qa.answer
+        assert qa.answer in shown[-2000:] and qa.key in shown  # the answer and its sentence are in the passage read
+        gap = len(tok(doc.text[qa.fact_end: qa.question_start], add_special_tokens=False)["input_ids"])
+        assert gap >= 96
+        ids, (span,) = rd.token_spans(doc, tok)
+        assert tok.decode(ids[span[0]: span[1]]).strip() == qa.answer
+    assert not {p for d in held for p in d.passages} & {p for d in train for p in d.passages}
+    questions = {d.text[d.qas[0].question_start: d.qas[0].answer_start].split('"')[0] for d in train}
+    assert len(questions) >= 4  # several wordings: continuation and blanks
 
 
 def test_deterministic_by_seed(tok):

@@ -3,8 +3,8 @@
 Method (run by `convert` after the layers are wrapped, and after `--full-layers auto:K` chose its layers):
 1. Calibration set: `layer_selection.calibration_set`, the same long real text and retrieval documents whose answer
    lies far beyond the window.
-2. One forward of the BASE model (every window unbounded: the converted network with nothing windowed is the base
-   exactly), recording in each NHA layer, for chosen query positions p, each query head's attention probabilities.
+2. One forward of the BASE model (each layer's attention computed as the base computes it, SDPA over every earlier
+   token), recording in each NHA layer, for chosen query positions p, each query head's attention probabilities.
 3. A head's retrieval mass at p: the attention its query heads (summed over the G heads of the KV head) put on
    tokens beyond the window of p (key j <= p - w, not a sink) that are the token p predicts: the copy of the
    answer that a retrieval head makes (the "retrieval heads" of Wu et al., arXiv 2404.15574; DuoAttention's
@@ -27,6 +27,7 @@ import time
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .errors import NHAError
@@ -107,34 +108,38 @@ def select_full_heads(model: Any, tokenizer: Any, k: int, *, seq_len: int = 2048
     rows = {i: by_window[windows[i]] for i in candidates}
     batch: dict[str, Any] = {}
 
-    def recorder(i: int, project: Any) -> Any:
-        def wrapped(hidden: Tensor, position_embeddings: Any) -> Any:
-            parts = project(hidden, position_embeddings)
-            for b, r in enumerate(batch["rows"]):
+    def base_attention(i: int) -> Any:
+        """Layer i as the base model computes it (SDPA, causal, padded keys masked), recording the far copy mass."""
+        def attend(parts: tuple[Tensor, ...], state: Any, *, valid: Tensor, **_: Any) -> tuple[Tensor, None]:
+            q, q_rot, k, k_rot, v, _la = parts
+            for b, r in enumerate(batch["rows"] if i in rows else ()):
                 pos, targets = rows[i][r]
                 if len(pos):
-                    mass = far_copy_mass(parts[1][b], parts[3][b], batch["ids"][b], batch["valid"][b], pos, targets,
+                    mass = far_copy_mass(q_rot[b], k_rot[b], batch["ids"][b], valid[b], pos, targets,
                                          window=windows[i], num_sinks=settings.sinks, scale=attns[i].scaling)
                     kind = int(r < cal.text_seqs)  # 0: retrieval answers, 1: text
                     sums[kind, i] += mass.sum(-1).double().cpu()
                     counts[kind, i] += len(pos)
-            return parts
-        return wrapped
+            t = q.shape[2]
+            causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
+            # right-padded rows: a padded query sees its row's real keys and itself (no empty row), and no real
+            # position ever sees a pad
+            mask = causal & (valid[:, None, None, :] | torch.eye(t, dtype=torch.bool, device=q.device))
+            out = F.scaled_dot_product_attention(q_rot, k_rot, v, attn_mask=mask, scale=attns[i].scaling,
+                                                 enable_gqa=q.shape[1] != k.shape[1])
+            return out, None
+        return attend
 
     try:
-        for i in candidates:
-            attns[i].project = recorder(i, attns[i].project)
-        for a in attns:
-            a.window = None  # the base model
+        for i, a in enumerate(attns):
+            a._attend = base_attention(i)
         for start in range(0, len(cal.input_ids), batch_size):
             sl = slice(start, start + batch_size)
-            batch.update(rows=range(len(cal.input_ids))[sl], ids=cal.input_ids[sl].to(device),
-                         valid=cal.attention_mask[sl].to(device).bool())
+            batch.update(rows=range(len(cal.input_ids))[sl], ids=cal.input_ids[sl].to(device))
             model.model(input_ids=batch["ids"], attention_mask=cal.attention_mask[sl].to(device), use_cache=False)
     finally:
-        for a, w in zip(attns, windows):
-            a.window = w
-            a.__dict__.pop("project", None)
+        for a in attns:
+            a.__dict__.pop("_attend", None)
         model.to(home).train(was_training)
     means = sums / counts.clamp(min=1)[..., None]
     have = [bool(counts[kind, candidates].sum() > 0) for kind in range(2)]

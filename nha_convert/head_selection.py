@@ -173,5 +173,9 @@ def apply_full_heads(model: Any, pairs: list[tuple[int, int]]) -> None:
     nha["full_heads"] = heads_to_config(pairs)
     chosen = ResolvedNHA.from_config(model.config).full_heads  # validated against the windows and head count
     for i, layer in enumerate(model.model.layers):
-        layer.self_attn.full_heads = chosen.get(i, ())
-        layer.self_attn._head_index.clear()
+        attn = layer.self_attn
+        attn.full_heads = chosen.get(i, ())
+        attn._head_index.clear()
+        if len(attn.full_heads) == attn.num_kv_heads and getattr(attn, "slot_bias", None) is not None:
+            del attn.slot_bias  # no slots left to bias: as a layer built so has none (a saved one would not load)
+            attn.slot_bias = None

@@ -57,7 +57,8 @@ class NHAAttention(nn.Module):
         # The optional slot-logit bias b_h per query head (NHA.md); absent from older configs = no bias. Only layers
         # with slots get one. A frozen bias is a buffer: saved with the weights, never handed to an optimizer.
         init = None
-        if nha.slot_bias is not None and self.window is not None and self.num_slots > 0:
+        if (nha.slot_bias is not None and self.window is not None and self.num_slots > 0
+                and len(self.full_heads) < self.num_kv_heads):  # every head exact: nothing reads the slots
             init = torch.full((config.num_attention_heads,), float(nha.slot_bias), device=w.device, dtype=w.dtype)
         if init is not None and not nha.slot_bias_trainable:
             self.register_buffer("slot_bias", init)

@@ -219,3 +219,18 @@ def test_recipe_accepts_full_heads_and_rejects_bad_k():
     with pytest.raises(NHAError) as e:
         parse_recipe(text % "auto:0", "r.yaml", budget=None)
     assert str(e.value).startswith("r.yaml:2: model.nha:") and "\n" not in str(e.value)
+
+
+def test_a_layer_of_only_exact_heads_has_no_slot_bias_and_round_trips(tmp_path):
+    from nha_convert.head_selection import apply_full_heads
+
+    built = convert(tiny(), NHASettings(window=4, slots=8, slot_bias=-2.0, full_heads="1:0,1:1"))
+    chosen = convert(tiny(), NHASettings(window=4, slots=8, slot_bias=-2.0))
+    apply_full_heads(chosen, [(1, 0), (1, 1)])  # what auto:K does after conversion
+    for model in (built, chosen):
+        assert [layer.self_attn.slot_bias is None for layer in model.model.layers] == [False, True, False]
+    nha_convert.save(chosen, None, tmp_path / "m")
+    ids, mask = batch()
+    loaded = nha_convert.load(tmp_path / "m")
+    with torch.no_grad():
+        assert torch.equal(chosen(ids, attention_mask=mask).logits, loaded(ids, attention_mask=mask).logits)

@@ -106,7 +106,8 @@ class NHASettings:
                            "them); use full_heads auto:K, or list the full layers")
         for layer, head in pairs:
             if not 0 <= layer < num_layers:
-                raise NHAError(f"full head {layer}:{head} names layer {layer}; the model has layers 0..{num_layers - 1}")
+                raise NHAError(f"full head {layer}:{head} names layer {layer}; the model has layers "
+                               f"0..{num_layers - 1}")
             if num_kv_heads is not None and not 0 <= head < num_kv_heads:
                 raise NHAError(f"full head {layer}:{head} names KV head {head}; the model has KV heads "
                                f"0..{num_kv_heads - 1}")

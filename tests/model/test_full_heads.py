@@ -234,3 +234,25 @@ def test_a_layer_of_only_exact_heads_has_no_slot_bias_and_round_trips(tmp_path):
     loaded = nha_convert.load(tmp_path / "m")
     with torch.no_grad():
         assert torch.equal(chosen(ids, attention_mask=mask).logits, loaded(ids, attention_mask=mask).logits)
+
+
+def test_training_gradients_reach_only_the_nha_heads_gates():
+    """Backward through the split: the gate rows and slot biases of exact heads get exactly zero gradient (nothing
+    reads them), those of the NHA heads do not."""
+    model = convert(tiny(), MIXED).train()
+    ids, mask = batch(t=20)
+    model(ids, attention_mask=mask, labels=ids).loss.backward()
+    attn = model.model.layers[0].self_attn  # KV head 1 exact: gate rows 8..15, query heads 3..5
+    g, b = attn.g_proj.weight.grad, attn.slot_bias.grad
+    assert g[8:].abs().max() == 0 and g[:8].abs().max() > 0
+    assert b[3:].abs().max() == 0 and b[:3].abs().max() > 0
+
+
+def test_packed_rows_with_exact_heads_equal_the_rows_alone():
+    model = convert(tiny(), MIXED)
+    ids, _ = batch(t=30, b=1, pad=(0,))
+    pos = torch.cat([torch.arange(12), torch.arange(18)])[None]
+    with torch.no_grad():
+        packed = model(ids, position_ids=pos, use_cache=False).logits
+        alone = torch.cat([model(ids[:, :12], use_cache=False).logits, model(ids[:, 12:], use_cache=False).logits], 1)
+    assert (packed - alone).abs().max() <= 1e-4

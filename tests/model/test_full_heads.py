@@ -256,3 +256,11 @@ def test_packed_rows_with_exact_heads_equal_the_rows_alone():
         packed = model(ids, position_ids=pos, use_cache=False).logits
         alone = torch.cat([model(ids[:, :12], use_cache=False).logits, model(ids[:, 12:], use_cache=False).logits], 1)
     assert (packed - alone).abs().max() <= 1e-4
+
+
+def test_training_freezes_the_gates_of_a_layer_of_only_exact_heads():
+    from nha_convert.finetune.attention_hooks import freeze_unused_gates
+
+    model = convert(tiny(), NHASettings(window=4, slots=8, full_heads="0:1,1:0,1:1"))
+    freeze_unused_gates(model)
+    assert [layer.self_attn.g_proj.weight.requires_grad for layer in model.model.layers] == [True, False, True]

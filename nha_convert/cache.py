@@ -8,6 +8,7 @@ up front, so decoding never reallocates and one step can be captured in a CUDA g
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -16,16 +17,47 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from .ops import NHAState
 
 
+@dataclass
+class HeadGroupsState:
+    """The decode state of an NHA layer with exact heads: one NHAState per head group (the full heads' group first,
+    a KV buffer like a full layer's; then the NHA heads' window, sinks and slots). The layer steps each group."""
+
+    states: tuple[NHAState, ...]
+
+    @property
+    def seen(self) -> int:
+        return self.states[0].seen
+
+    @property
+    def n_real(self) -> torch.Tensor:
+        return self.states[0].n_real
+
+    @property
+    def capacity(self) -> int | None:
+        return self.states[0].capacity
+
+    def reserve(self, n: int) -> None:
+        for state in self.states:
+            state.reserve(n)
+
+    def nbytes(self) -> int:
+        return sum(state.nbytes() for state in self.states)
+
+    def select_batch(self, idx: torch.Tensor) -> None:
+        for state in self.states:
+            state.select_batch(idx)
+
+
 class NHALayerCache(CacheLayerMixin):
     is_compileable = False
     is_sliding = False
 
     def __init__(self, capacity: int = 0) -> None:
         super().__init__()
-        self.state: NHAState | None = None
+        self.state: NHAState | HeadGroupsState | None = None
         self.capacity = capacity  # tokens a full-attention layer's buffer is sized for once filled (0: as it grows)
 
-    def set_state(self, state: NHAState) -> None:
+    def set_state(self, state: NHAState | HeadGroupsState) -> None:
         """The state after a prefill, its full-attention buffer sized for `capacity` tokens."""
         state.reserve(self.capacity)
         self.state = state

@@ -38,7 +38,8 @@ def nha_config_for(base_config, settings: NHASettings):
     """The NHA config: the base config's fields plus the resolved `nha` dict."""
     arch = architecture_for(base_config.model_type)
     n = base_config.num_hidden_layers
-    settings.validate(n, getattr(base_config, "max_position_embeddings", None))
+    kv_heads = getattr(base_config, "num_key_value_heads", None) or base_config.num_attention_heads
+    settings.validate(n, getattr(base_config, "max_position_embeddings", None), kv_heads)
     fields = base_config.to_dict()
     for key in ("model_type", "architectures", "transformers_version", "quantization_config"):
         fields.pop(key, None)
@@ -91,14 +92,16 @@ def convert(model: PreTrainedModel, settings: NHASettings | None = None, tokeniz
             **selection: Any) -> PreTrainedModel:
     """Convert `model` (llama / qwen2 / qwen3 / mistral CausalLM) to NHA in place and return it.
 
-    full_layers "auto:K" scores the layers on calibration data, which needs `tokenizer`; `selection` passes
-    options to layer_selection.select_full_layers (seq_len, text_seqs, retrieval_docs, batch_size)."""
+    full_layers / full_heads "auto:K" score layers / heads on calibration data, which needs `tokenizer`;
+    `selection` passes options to layer_selection.select_full_layers and head_selection.select_full_heads (seq_len,
+    text_seqs, retrieval_docs, batch_size)."""
     settings = settings or NHASettings()
     arch = architecture_for(model.config.model_type)
-    if settings.auto_full_layers() is not None and tokenizer is None:  # checked before the model is touched
-        raise NHAError("full_layers auto:K scores layers on calibration text and needs the tokenizer; "
-                       "call convert(model, settings, tokenizer=tokenizer)")
-    old, cfg = model.config, nha_config_for(model.config, settings)
+    old, cfg = model.config, nha_config_for(model.config, settings)  # validates the settings
+    for name, k in (("full_layers", settings.auto_full_layers()), ("full_heads", settings.auto_full_heads())):
+        if k is not None and tokenizer is None:  # checked before the model is touched
+            raise NHAError(f"{name} auto:K scores on calibration text and needs the tokenizer; "
+                           "call convert(model, settings, tokenizer=tokenizer)")
     cfg._attn_implementation = ATTN_IMPLEMENTATION
     for module in model.modules():  # every submodule that shared the base config now shares the NHA one
         if getattr(module, "config", None) is old:
@@ -114,4 +117,9 @@ def convert(model: PreTrainedModel, settings: NHASettings | None = None, tokeniz
         from .layer_selection import select_full_layers
 
         select_full_layers(model, tokenizer, k, **selection)
+    k = settings.auto_full_heads()
+    if k is not None:  # after the layers: heads are chosen among the layers that stay NHA
+        from .head_selection import select_full_heads
+
+        select_full_heads(model, tokenizer, k, **selection)
     return model

@@ -91,7 +91,9 @@ class GraphedDecodeStep:
 
 
 def _nha_states(cache: Any) -> list[Any]:
-    return [layer.state for layer in getattr(cache, "nha_layers", []) if layer.state is not None]
+    """Every NHAState of the cache (a layer with exact heads holds one per head group)."""
+    states = [layer.state for layer in getattr(cache, "nha_layers", []) if layer.state is not None]
+    return [s for state in states for s in getattr(state, "states", (state,))]
 
 
 def seq_length(cache: Any) -> int:

@@ -18,6 +18,7 @@ from transformers.cache_utils import Cache
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from .backend import log_backend, triton_kernels
+from .cache import HeadGroupsState
 from .compat import pop_cache
 from .errors import NHAError
 from .ops import NHAState, gate_log_alpha, nha_chunk
@@ -44,6 +45,8 @@ class NHAAttention(nn.Module):
         self.num_sinks = nha.sinks
         self.gate_temperature = nha.gate_temperature
         self.chunk_size = nha.chunk_size
+        self.full_heads: tuple[int, ...] = nha.full_heads.get(layer_idx, ())  # exact heads (docs/design.md)
+        self._head_index: dict[torch.device, Any] = {}  # _groups' index tensors per device
         self.is_causal = True
         for name in self.ADOPTED:
             if hasattr(base, name):
@@ -54,7 +57,8 @@ class NHAAttention(nn.Module):
         # The optional slot-logit bias b_h per query head (NHA.md); absent from older configs = no bias. Only layers
         # with slots get one. A frozen bias is a buffer: saved with the weights, never handed to an optimizer.
         init = None
-        if nha.slot_bias is not None and self.window is not None and self.num_slots > 0:
+        if (nha.slot_bias is not None and self.window is not None and self.num_slots > 0
+                and len(self.full_heads) < self.num_kv_heads):  # every head exact: nothing reads the slots
             init = torch.full((config.num_attention_heads,), float(nha.slot_bias), device=w.device, dtype=w.dtype)
         if init is not None and not nha.slot_bias_trainable:
             self.register_buffer("slot_bias", init)
@@ -64,7 +68,9 @@ class NHAAttention(nn.Module):
     def extra_repr(self) -> str:
         w = "full" if self.window is None else self.window
         bias = "" if self.slot_bias is None else ", slot_bias"
-        return f"window={w}, slots={self.num_slots}, sinks={self.num_sinks}, tau={self.gate_temperature}{bias}"
+        heads = f", full_heads={list(self.full_heads)}" if self.full_heads else ""
+        return (f"window={w}, slots={self.num_slots}, sinks={self.num_sinks}, tau={self.gate_temperature}"
+                f"{bias}{heads}")
 
     def _layer_cache(self, cache: Any, use_cache: bool | None, kwargs: dict[str, Any]) -> Any:
         """This layer's NHALayerCache, or None when decoding state is not wanted; never silently lost.
@@ -120,36 +126,86 @@ class NHAAttention(nn.Module):
     ) -> tuple[Tensor, None]:
         b, t, _ = hidden_states.shape
         cache = self._layer_cache(pop_cache(kwargs), use_cache, kwargs)
-        q, q_rot, k, k_rot, v, log_alpha = self.project(hidden_states, position_embeddings)
+        parts = self.project(hidden_states, position_embeddings)
         valid = padding_mask(attention_mask, b, t, hidden_states.device)
-        bias = {} if self.slot_bias is None else {"slot_bias": self.slot_bias}  # none: the calls of before
-        common = dict(window=self.window, num_sinks=self.num_sinks, scale=self.scaling, **bias)
+        state = None if cache is None else cache.state
+        ctx = dict(valid=valid, want_state=cache is not None, attention_mask=attention_mask,
+                   position_ids=kwargs.get("position_ids"))
+        if self.full_heads and self.window is not None:
+            out, new = self._attend_head_groups(parts, state, **ctx)
+        else:
+            out, new = self._attend(parts, state, window=self.window, num_sinks=self.num_sinks,
+                                    slot_bias=self.slot_bias, **ctx)
+        if new is not None:
+            cache.set_state(new)
+        out = out.transpose(1, 2).reshape(b, t, -1).to(hidden_states.dtype)
+        return self.o_proj(out), None
 
-        if cache is not None and cache.state is not None:
+    def _attend(self, parts: tuple[Tensor, ...], state: Any, *, window: int | None, num_sinks: int,
+                slot_bias: Tensor | None, valid: Tensor, want_state: bool, attention_mask: Tensor | None,
+                position_ids: Tensor | None) -> tuple[Tensor, NHAState | None]:
+        """The op on head-first (q, q_rot, k, k_rot, v, log_alpha): (B, Hq, T, Dv) output, and the state a prefill
+        builds when `want_state` (None after a decode step, which updates `state` in place)."""
+        q, q_rot, k, k_rot, v, log_alpha = parts
+        b, t = valid.shape
+        bias = {} if slot_bias is None else {"slot_bias": slot_bias}  # none: the calls of before
+        common = dict(window=window, num_sinks=num_sinks, scale=self.scaling, **bias)
+        if state is not None:
             # Continue from the cache one token at a time: exact, and the usual decode case is t == 1.
             step = nha_decode_fn(q)
-            out = torch.stack(
-                [step(cache.state, q[:, :, i], q_rot[:, :, i], k[:, :, i], k_rot[:, :, i], v[:, :, i],
+            return torch.stack(
+                [step(state, q[:, :, i], q_rot[:, :, i], k[:, :, i], k_rot[:, :, i], v[:, :, i],
                       log_alpha[:, :, i], valid[:, i], scale=self.scaling, **bias) for i in range(t)],
                 dim=2,
-            )
-        elif cache is None and (cu := cu_seqlens_of(kwargs.get("position_ids"), b)) is not None:
+            ), None
+        if not want_state and (cu := cu_seqlens_of(position_ids, b)) is not None:
             # Packed rows (training): the sequences that the position ids delimit never see each other.
-            flat = [flatten_rows(x) for x in (q, q_rot, k, k_rot, v, log_alpha)]
+            flat = [flatten_rows(x) for x in parts]
             # No attention mask: every position is real, and valid=None lets the kernels share one layout across
             # the layers of this forward (prep.make_layout) instead of rebuilding it in each.
             packed_valid = None if attention_mask is None else valid.reshape(1, -1)
-            out, _ = nha_forward(*flat, valid=packed_valid, chunk_size=self.chunk_size, cu_seqlens=cu,
-                                 **common)
-            out = unflatten_rows(out, b)
-        else:
-            out, slots = nha_forward(q, q_rot, k, k_rot, v, log_alpha, valid=valid,
-                                     chunk_size=self.chunk_size, return_state=cache is not None, **common)
-            if cache is not None:
-                cache.set_state(NHAState.from_prefill(k, k_rot, v, log_alpha, valid, slots,
-                                                      window=self.window, num_sinks=self.num_sinks))
-        out = out.transpose(1, 2).reshape(b, t, -1).to(hidden_states.dtype)
-        return self.o_proj(out), None
+            out, _ = nha_forward(*flat, valid=packed_valid, chunk_size=self.chunk_size, cu_seqlens=cu, **common)
+            return unflatten_rows(out, b), None
+        out, slots = nha_forward(q, q_rot, k, k_rot, v, log_alpha, valid=valid, chunk_size=self.chunk_size,
+                                 return_state=want_state, **common)
+        if not want_state:
+            return out, None
+        return out, NHAState.from_prefill(k, k_rot, v, log_alpha, valid, slots, window=window, num_sinks=num_sinks)
+
+    def _attend_head_groups(self, parts: tuple[Tensor, ...], state: HeadGroupsState | None,
+                            **ctx: Any) -> tuple[Tensor, HeadGroupsState | None]:
+        """Exact heads: the full KV heads (with their query heads) run the op as a full layer does (window None, no
+        slots, sinks or slot bias), the other heads as this NHA layer; outputs go back into head order."""
+        q, q_rot, k, k_rot, v, log_alpha = parts
+        groups, order = self._groups(q.device)
+        outs, states = [], []
+        for g, (kv, qh) in enumerate(groups):
+            full = g == 0
+            la = log_alpha.index_select(1, kv)
+            group = (q.index_select(1, qh), q_rot.index_select(1, qh), k.index_select(1, kv),
+                     k_rot.index_select(1, kv), v.index_select(1, kv), la[..., :0] if full else la)
+            bias = None if full or self.slot_bias is None else self.slot_bias.index_select(0, qh)
+            out, new = self._attend(group, None if state is None else state.states[g],
+                                    window=None if full else self.window, num_sinks=0 if full else self.num_sinks,
+                                    slot_bias=bias, **ctx)
+            outs.append(out)
+            states.append(new)
+        out = outs[0] if order is None else torch.cat(outs, dim=1).index_select(1, order)
+        return out, (HeadGroupsState(tuple(states)) if states[0] is not None else None)
+
+    def _groups(self, device: torch.device) -> tuple[list[tuple[Tensor, Tensor]], Tensor | None]:
+        """(KV heads, their query heads) of the full group, then of the NHA group (left out when empty), and where
+        each query head sits in the groups' concatenated outputs (None: one group, already in order). Index
+        tensors made once per device, outside any graph capture (the prefill builds them)."""
+        if device not in self._head_index:
+            g = self.config.num_attention_heads // self.num_kv_heads
+            rest = [h for h in range(self.num_kv_heads) if h not in self.full_heads]
+            groups = [(torch.tensor(kv, device=device),
+                       torch.tensor([h * g + i for h in kv for i in range(g)], device=device))
+                      for kv in ([list(self.full_heads)] + ([rest] if rest else []))]
+            order = torch.cat([qh for _, qh in groups]).argsort() if rest else None
+            self._head_index[device] = (groups, order)
+        return self._head_index[device]
 
 
 def padding_mask(attention_mask: Tensor | None, b: int, t: int, device: torch.device) -> Tensor:

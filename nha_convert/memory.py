@@ -41,4 +41,11 @@ def nha_state_bytes(config: Any, seq_len: int, dtype: torch.dtype = torch.bfloat
     """Decode state of a whole NHA model for one sequence."""
     nha = ResolvedNHA.from_config(config)
     _, h, d = _dims(config)
-    return sum(nha_layer_state_bytes(w, nha.slots, nha.sinks, h, d, seq_len, dtype) for w in nha.windows)
+    total = 0
+    for i, w in enumerate(nha.windows):
+        full = len(nha.full_heads.get(i, ()))  # exact heads: a KV buffer of their own, no slots or sinks
+        if full:
+            total += nha_layer_state_bytes(None, 0, 0, full, d, seq_len, dtype)
+        if h > full:
+            total += nha_layer_state_bytes(w, nha.slots, nha.sinks, h - full, d, seq_len, dtype)
+    return total

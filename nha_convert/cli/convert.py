@@ -46,6 +46,9 @@ def convert_command(
     full_layers: Annotated[str, typer.Option(help="Layers that keep full attention, e.g. 0,15,31; or auto:K to "
                                                 "choose the K best from calibration data.")] = "",
     full_every: Annotated[int | None, typer.Option(help="Keep full attention in layers 0, k, 2k, ...")] = None,
+    full_heads: Annotated[str, typer.Option(help="KV heads kept at full attention inside NHA layers (exact heads), "
+                                                "as layer:head pairs, e.g. 3:0,5:1; or auto:K to choose the K heads "
+                                                "that attend most beyond the window on calibration data.")] = "",
     gate_init: Annotated[str, typer.Option(help="Gate init: pooled-k (from W_k), constant, or multiscale (pooled-k "
                                            "with slot memory horizons from 16 to 16384 tokens).")] = "pooled-k",
     gate_decay: Annotated[float, typer.Option(help="Mean slot decay of the constant gate init.")] = 0.99,
@@ -55,7 +58,8 @@ def convert_command(
              "Unset: no bias (the paper's layer).")] = None,
     dtype: Annotated[str, typer.Option(help="auto (the checkpoint's), bfloat16, float16 or float32.")] = "auto",
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
-    calibration_len: Annotated[int, typer.Option(help="Tokens per calibration sequence of --full-layers auto:K.")] = 2048,
+    calibration_len: Annotated[int, typer.Option(
+        help="Tokens per calibration sequence of --full-layers / --full-heads auto:K.")] = 2048,
     calibration_seqs: Annotated[int, typer.Option(help="Text sequences and retrieval documents (each) of auto:K.")] = 8,
     version: VersionOption = False,
 ) -> None:
@@ -74,7 +78,7 @@ def convert_command(
     started = time.perf_counter()
     settings = NHASettings(window=window, slots=slots, sinks=sinks, full_layers=parse_layers(full_layers),
                            full_every=full_every, gate_init=gate_init, gate_decay=gate_decay,
-                           gate_temperature=gate_temperature, slot_bias=slot_bias)
+                           gate_temperature=gate_temperature, slot_bias=slot_bias, full_heads=full_heads)
     torch_dtype = parse_dtype(dtype)
     check_output_dir(output, overwrite)  # exists, is a file, or cannot be written: said before any loading
     base_config = hub.load_config(model)
@@ -127,6 +131,17 @@ def _auto_choice(nha: dict) -> str:
             f"({nha['full_layer_selection']['seconds']} s)")
 
 
+def _full_heads(nha: dict, s: ResolvedNHA) -> str:
+    """The exact heads (layer:head) and, for auto:K, the best head scores (attention mass beyond the window)."""
+    text = ", ".join(f"{i}:{h}" for i, hs in sorted(s.full_heads.items()) for h in hs)
+    scores = nha.get("full_head_scores")
+    if scores:
+        ranked = sorted(((int(i), h, v) for i, vs in scores.items() for h, v in enumerate(vs)), key=lambda x: -x[2])
+        best = ", ".join(f"{i}:{h}: {v:.3f}" for i, h, v in ranked[: max(5, nha["full_heads_auto"])])
+        text += f"; best scores {best} ({nha['full_head_selection']['seconds']} s)"
+    return text
+
+
 def summary(model, base_params: int, name: str, output: Path, elapsed: float) -> Table:
     cfg, nha = model.config, model.config.nha
     s = ResolvedNHA.from_config(cfg)  # the settings, typed; `nha` still holds the auto:K record (scores, timing)
@@ -141,6 +156,9 @@ def summary(model, base_params: int, name: str, output: Path, elapsed: float) ->
                   + ("" if s.slot_bias is None else f", slot bias {s.slot_bias:g}"))
     if nha.get("full_layer_scores"):
         table.add_row(f"full layers auto:{nha['full_layers_auto']}", _auto_choice(nha))
+    if s.full_heads:
+        auto = f" auto:{nha['full_heads_auto']}" if nha.get("full_head_scores") else ""
+        table.add_row(f"full heads{auto}", _full_heads(nha, s))
     table.add_row("new parameters", f"{new:,} ({100 * new / base_params:.2f}% of {base_params:,})")
     for ctx in CONTEXTS:
         kv, st = kv_cache_bytes(cfg, ctx), nha_state_bytes(cfg, ctx)

@@ -85,6 +85,7 @@ def freeze_unused_gates(model: nn.Module) -> None:
         g = getattr(attn, "g_proj", None)
         if g is None:
             continue
-        if getattr(attn, "window", 0) is None or getattr(attn, "num_slots", 1) == 0:
+        if (getattr(attn, "window", 0) is None or getattr(attn, "num_slots", 1) == 0
+                or len(getattr(attn, "full_heads", ())) == getattr(attn, "num_kv_heads", -1)):  # every head exact
             for p in g.parameters():
                 p.requires_grad_(False)

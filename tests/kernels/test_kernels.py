@@ -490,3 +490,29 @@ def test_gradients_with_the_torch_gate_gradient_match_reference(monkeypatch):
     for case in (GRAD_CASES[0], GRAD_CASES[1], GRAD_CASES[2], GRAD_CASES[5]):
         test_gradients_match_reference(*case)
     test_packed_sequence_gradients()
+
+
+def test_layer_with_exact_heads_on_the_kernels_matches_the_torch_reference(monkeypatch):
+    """A model whose NHA layers keep some KV heads at full attention (--full-heads): the full group runs the kernels
+    with window None and no slots, the NHA group the NHA kernels; prefill (left padding) and the kernel decode
+    steps equal the torch reference."""
+    import nha_kernels
+
+    import nha_convert.layer as layer
+    from nha_convert import NHACache, NHASettings, convert
+    from tests.helpers.models import batch, max_diff, tiny
+
+    model = convert(tiny(), NHASettings(window=4, slots=8, sinks=2, slot_bias=-1.0, full_heads="0:1,1:0,1:1,2:0"))
+    ids, mask = batch(t=16, pad=(0, 3, 5))
+    calls = []
+    with torch.no_grad():
+        ref = model(ids, attention_mask=mask, use_cache=False).logits
+        monkeypatch.setattr(layer, "triton_kernels", lambda x: calls.append(1) or nha_kernels)
+        out = model(ids, attention_mask=mask, use_cache=False).logits
+        cache = NHACache(model.config, capacity=16)
+        steps = [model(ids[:, :9], attention_mask=mask[:, :9], past_key_values=cache).logits]
+        steps += [model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], past_key_values=cache).logits
+                  for t in range(9, 16)]
+    assert len(calls) == (1 + 1 + 7) * 5  # every forward and decode step of the 5 head groups went to the kernels
+    assert max_diff(ref, out, mask) <= 1e-4 * ref.abs().max()
+    assert max_diff(ref, torch.cat(steps, 1), mask) <= 1e-4 * ref.abs().max()

@@ -9,11 +9,8 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from .. import hub
-from ..convert import convert, nha_config_for
 from ..errors import NHAError
 from ..io import check_output_dir, check_weights, save
-from ..memory import kv_cache_bytes, nha_state_bytes
 from ..settings import AUTO, NHASettings, ResolvedNHA
 from .common import Steps, VersionOption, console, parse_dtype, run_app
 
@@ -71,6 +68,9 @@ def convert_command(
 
     nha-convert llama-3-8b -o llama3-nha --window 512 --full-every 8 --sinks 4
     """
+    from .. import hub  # torch and transformers: imported by the command, so --help and --version start at once
+    from ..convert import convert, nha_config_for
+
     started = time.perf_counter()
     settings = NHASettings(window=window, slots=slots, sinks=sinks, full_layers=parse_layers(full_layers),
                            full_every=full_every, gate_init=gate_init, gate_decay=gate_decay,
@@ -128,6 +128,8 @@ def _auto_choice(nha: dict) -> str:
 
 
 def summary(model, base_params: int, name: str, output: Path, elapsed: float) -> Table:
+    from ..memory import kv_cache_bytes, nha_state_bytes
+
     cfg, nha = model.config, model.config.nha
     s = ResolvedNHA.from_config(cfg)  # the settings, typed; `nha` still holds the auto:K record (scores, timing)
     new = sum(layer.self_attn.g_proj.weight.numel() + layer.self_attn.g_proj.bias.numel()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import shlex
 import sys
 from pathlib import Path
@@ -71,14 +72,17 @@ def _load_expected(path: Path) -> dict[str, Any]:
     exp = gate.load_expected(path)
     for key, spec in exp["metrics"].items():
         value, tol = (spec.get("value"), spec.get("tolerance", 0.0)) if isinstance(spec, dict) else (spec, 0.0)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or \
-                isinstance(tol, bool) or not isinstance(tol, (int, float)):
-            raise NHAError(f"{path}: metric {key!r} must be a number or {{\"value\": x, \"tolerance\": t}}; "
-                           f"got {spec!r}")
+        if not _finite_number(value) or not _finite_number(tol) or tol < 0:
+            raise NHAError(f"{path}: metric {key!r} must be a number or {{\"value\": x, \"tolerance\": t}} "
+                           f"(finite, t >= 0); got {spec!r}")
     tol = exp.get("tolerance", 0.01)
-    if isinstance(tol, bool) or not isinstance(tol, (int, float)):
-        raise NHAError(f"{path}: 'tolerance' must be a number; got {tol!r}")
+    if not _finite_number(tol) or tol < 0:
+        raise NHAError(f"{path}: 'tolerance' must be a number >= 0; got {tol!r}")
     return exp
+
+
+def _finite_number(x: Any) -> bool:
+    return not isinstance(x, bool) and isinstance(x, (int, float)) and math.isfinite(x)
 
 
 def _check_output_file(path: Path, option: str) -> None:
@@ -172,8 +176,11 @@ def nha_eval(
     from ..io import check_writable
 
     # Everything that can be checked without a model, checked before any model loads.
-    if limit is not None and limit <= 0:
-        raise NHAError(f"--limit must be > 0 (documents per task, or a fraction of them below 1); got {limit:g}")
+    if limit is not None and (not math.isfinite(limit) or limit <= 0):
+        raise NHAError(f"--limit must be > 0 and finite (documents per task, or a fraction of them below 1); "
+                       f"got {limit:g}")
+    if tolerance is not None and (not math.isfinite(tolerance) or tolerance < 0):
+        raise NHAError(f"--tolerance must be a number >= 0 (how far a metric may fall); got {tolerance:g}")
     expected = _load_expected(check) if check is not None else None
     if out.exists() and not out.is_dir():
         raise NHAError(f"--out {out} is a file; give a folder for results.json, report.md and the charts")

@@ -170,8 +170,17 @@ def nha_eval(
     seed: Annotated[int, typer.Option(help="Seed for lm-eval sampling and the probes.")] = 1234,
     version: VersionOption = False,
 ) -> None:
-    """Evaluate base, NHA and baseline models [b]side by side[/b]: lm-eval tasks (offline copies by default),
-    recall probes, perplexity by position, speed and memory; write JSON, Markdown and PNG; gate regressions."""
+    """Evaluate base, NHA and baseline models [b]side by side[/b]: lm-eval tasks, recall, perplexity by position,
+    speed and memory; write JSON, Markdown and PNG; gate regressions.
+
+    [b]Examples[/b] (more after the options)
+
+    nha-eval out/smollm2-nha --compare smollm2-135m --baseline swa-sinks --tasks commonsense,lambada
+
+    nha-eval out/smollm2-nha --tasks none --recall --recall-lengths 1024,4096 --ppl
+
+    nha-eval out/smollm2-nha --tasks piqa --limit 200 --check expected.json
+    """
     from ..eval import gate, report
     from ..io import check_writable
 
@@ -242,6 +251,33 @@ def nha_eval(
     if parity_failed:
         console.print(f"[bold red]error:[/] {len(parity_failed)} parity path(s) past tolerance", highlight=False)
         sys.exit(1)
+
+
+# The options in panels by purpose: each panel sizes its own name column, so the help text gets the width.
+PANELS = {
+    "Tasks (lm-eval)": "limit num_fewshot batch_size data mmlu_split",
+    "Recall": "recall_lengths recall_n recall_probes recall_pairs recall_file",
+    "Perplexity": "ppl_len ppl_seqs",
+    "Speed (--bench) and baselines": "baseline window slots sinks full_layers full_every bench_contexts "
+                                     "bench_batches bench_steps bench_models bench_graph bench_base_runs",
+    "Parity": "parity_tolerance",
+    "Output and regression gate": "out results_file check tolerance write_expected",
+    "Device": "device dtype seed",
+}
+
+
+def _set_panels() -> None:
+    from typing import get_args, get_type_hints
+
+    hints = get_type_hints(nha_eval, include_extras=True)
+    for panel, names in PANELS.items():
+        for name in names.split():
+            info = next(a for a in get_args(hints[name]) if isinstance(a, typer.models.OptionInfo))
+            info.rich_help_panel = panel
+    nha_eval.__annotations__.update(hints)  # the evaluated hints, panels set, are what typer reads back
+
+
+_set_panels()
 
 
 def _console_progress() -> Progress:

@@ -112,7 +112,11 @@ def finetune(
     if output is not None:
         overrides.append(f"output.dir={output}")
     r = read_recipe(recipe, budget=None if budget == "none" else budget, overrides=overrides)
-    if check:
+    if check:  # every check the run makes before training, so a recipe --check passes is one the run starts
+        preflight(r)
+        from ..finetune.checkpoints import check_run_dir
+
+        check_run_dir(Path(r.output.dir), resume=resume, overwrite=overwrite)
         err.print(f"recipe {recipe} is valid (budget: {r.budget or 'none'}); run folder {r.output.dir}")
         for i, s in enumerate(r.stages):
             amount = (f"{s.steps} steps" if s.steps is not None else

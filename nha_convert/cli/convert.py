@@ -85,6 +85,7 @@ def convert_command(
     with Steps() as steps:
         steps.start("loading base model")
         base, tokenizer = hub.load_base_model(model, dtype=torch_dtype)
+        check_finite(base, model or "smollm2-135m")
         base_params = sum(p.numel() for p in base.parameters())
         steps.start("converting attention layers")
         nha = convert(base, settings, tokenizer=tokenizer, seq_len=calibration_len, text_seqs=calibration_seqs,
@@ -93,6 +94,17 @@ def convert_command(
         save(nha, tokenizer, output, overwrite=overwrite)
     elapsed = time.perf_counter() - started
     console.print(summary(nha, base_params, model or "smollm2-135m (embedded)", output, elapsed))
+
+
+def check_finite(model, name: str) -> None:
+    """A base model with NaN or inf weights (damaged bytes of the right size pass the file checks) converts into a
+    model that outputs NaN: refuse it, naming the first such tensor."""
+    import torch
+
+    bad = [n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    if bad:
+        raise NHAError(f"model {name}: {len(bad)} weight tensor(s) hold NaN or inf (first: {bad[0]}); its weights are "
+                       "damaged: re-save or re-download the model")
 
 
 def _layer_groups(windows: list[int | None]) -> str:

@@ -158,25 +158,25 @@ class Trainer:
 
     # -- checkpoints --
 
-    def _save(self, pos: Position, scheduler: Any, run: StageRun | None = None) -> Path:
-        if run is not None and not self._finite_trainables(run):  # never a checkpoint of NaN weights
-            self._stop_non_finite(run, "the trained weights")
+    def _save(self, pos: Position, scheduler: Any, student: nn.Module, name: str) -> Path:
+        if not self._finite_trainables(student):  # never a checkpoint of NaN weights
+            self._stop_non_finite(name, pos.step, "the trained weights")
         return save_checkpoint(self.accelerator, self.run_dir, pos, scheduler,
                                {"recipe": self.recipe.source, "budget": self.recipe.budget},
                                self.recipe.output.keep_checkpoints)
 
     # -- non-finite values: stop with one line, keep the last good checkpoint --
 
-    def _finite_trainables(self, run: StageRun) -> bool:
-        bad = any(not torch.isfinite(getattr(p, "_local_tensor", p)).all() for p in run.student.parameters()
+    def _finite_trainables(self, student: nn.Module) -> bool:
+        bad = any(not torch.isfinite(getattr(p, "_local_tensor", p)).all() for p in student.parameters()
                   if p.requires_grad)  # the local shard under FSDP; all processes agree through the max
         return not reduce(self.accelerator, torch.tensor([float(bad)], device=self.device), "max").item()
 
-    def _stop_non_finite(self, run: StageRun, what: str) -> None:
+    def _stop_non_finite(self, stage: str, step: int, what: str) -> None:
         kept = checkpoint_dirs(self.run_dir)
         last = (f"the last good checkpoint, {kept[-1].name}, is kept: lower the lr (or check the model and data) "
                 f"and continue with --resume") if kept else "no checkpoint was saved: lower the lr or check the data"
-        raise NHAError(f"stage {run.name}: {what} became non-finite (NaN or inf) at step {run.pos.step}; training "
+        raise NHAError(f"stage {stage}: {what} became non-finite (NaN or inf) at step {step}; training "
                        f"stopped without saving; {last}")
 
     # -- Ctrl-C and SIGTERM --
@@ -284,7 +284,7 @@ class Trainer:
         else:
             pos = Position(stage=idx, step=0, global_step=pos.global_step, tokens=pos.tokens, total=budget.planned)
             if recipe.output.checkpoint_every > 0:
-                self._save(pos, scheduler)
+                self._save(pos, scheduler, student, name)
         if pos.step == 0:
             forget_optimizer_state(optimizer)
         amount = (f"{stage.minutes} min" if budget.planned is None and pos.total is None
@@ -326,7 +326,7 @@ class Trainer:
                 logged[1] += len(rows) * stage.seq_len
                 loss = run.objective.stage_loss_value(stats, denom)
                 if not math.isfinite(loss):
-                    self._stop_non_finite(run, f"the loss ({loss})")
+                    self._stop_non_finite(name, pos.step, f"the loss ({loss})")
                 if pos.total is None and budget.timing_done(pos.step):  # a time budget: fix the step count
                     pos.total = self._steps_for_time(run)
                     budget.fix(pos.total)
@@ -347,11 +347,11 @@ class Trainer:
                 if self.step_callback is not None:
                     self.step_callback(pos.global_step)
                 if self._should_stop():
-                    path = self._save(pos, run.scheduler, run)
+                    path = self._save(pos, run.scheduler, run.student, name)
                     raise Interrupted(path, pos.global_step, self._stop or signal.SIGINT)
                 every = recipe.output.checkpoint_every
                 if every and pos.step % every == 0 and budget.left(pos.step) > 0:
-                    self._save(pos, run.scheduler, run)
+                    self._save(pos, run.scheduler, run.student, name)
                 if budget.past_deadline():
                     bar.note(f"stage {name}: time limit of {stage.max_minutes} min reached at step {pos.step}")
                     break

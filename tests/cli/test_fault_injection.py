@@ -90,6 +90,20 @@ def test_eval_of_a_nan_model_writes_the_report_and_fails_the_gate(tiny, tmp_path
     assert (out / "perplexity.png").is_file() and json.loads((out / "results.json").read_text(), parse_constant=str)
 
 
+@pytest.mark.parametrize("fault", ["nan", "garbage"])
+def test_convert_refuses_a_model_with_nan_or_garbage_weights(tiny, tmp_path, run_cli, fault):
+    if fault == "nan":
+        model = _nan_copy(tiny / "base", tmp_path / "bad")
+    else:
+        model = shutil.copytree(tiny / "base", tmp_path / "bad")
+        _garbage_same_size(model / "model.safetensors")
+    code, _, err = run_cli(convert_cli.main, "nha-convert", model, "-o", tmp_path / "out", "--window", "8",
+                           "--slots", "4")
+    final_error(code, err, f"model {model}: ")
+    assert "weight tensor(s) hold NaN or inf (first: model." in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad"]
+
+
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
 def test_gate_fails_every_non_finite_metric(value):
     from nha_convert.eval import gate

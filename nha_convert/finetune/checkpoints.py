@@ -197,6 +197,7 @@ def save_checkpoint(accelerator: Any, run_dir: Path, pos: Position, scheduler: A
     if main:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
+        _verified[final.resolve()] = _stamp(final)  # its checksums were just taken from these files
         rotate(run_dir, keep)
     acc.wait_for_everyone()
     return final

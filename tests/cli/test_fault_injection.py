@@ -63,10 +63,15 @@ def _nan_copy(src: Path, dst: Path) -> Path:
 
 def _garbage_same_size(path: Path) -> None:
     """Overwrite a safetensors file's tensor bytes in place with random bytes: header and size unchanged."""
+    from nha_convert.finetune import checkpoints
+
     data = bytearray(path.read_bytes())
     header = 8 + int.from_bytes(data[:8], "little")
     data[header:] = os.urandom(len(data) - header)
     path.write_bytes(bytes(data))
+    # Damage comes long after the save, in practice: forget what this process verified, as a later one would
+    # (within one filesystem clock tick a same-size rewrite keeps the file's mtime).
+    checkpoints._verified.clear()
 
 
 def _enospc(*args, **kwargs):

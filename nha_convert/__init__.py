@@ -1,20 +1,63 @@
 """nha-convert: turn pretrained Llama / Qwen2 / Qwen3 / Mistral models into Native Hybrid Attention models.
 
-Importing the package registers the `nha_*` model types with transformers' Auto classes.
+The `nha_*` model types are registered with transformers' Auto classes whenever transformers is in use: at once if
+transformers is already imported, else the moment it is (an import hook), so `import nha_convert` then
+`AutoModelForCausalLM.from_pretrained(folder)` works as before. The public names below load on first use: the
+commands' `--help` and `--version` then start without torch and transformers (well under a second).
 """
 
-from .cache import NHACache
-from .convert import convert, supported_model_types
-from .decode_graph import generate_fast
-from .errors import NHAError
-from .io import save
-from .layer import NHAAttention
-from .loading import load
-from .modeling import ARCHITECTURES
-from .settings import NHASettings
+from __future__ import annotations
 
-__all__ = [
-    "ARCHITECTURES", "NHAAttention", "NHACache", "NHAError", "NHASettings",
-    "convert", "generate_fast", "load", "save", "supported_model_types",
-]
+import importlib
+import importlib.abc
+import importlib.util
+import sys
+from typing import Any
+
+# public name -> the module that defines it
+_LAZY = {
+    "NHACache": "cache", "convert": "convert", "supported_model_types": "convert", "generate_fast": "decode_graph",
+    "NHAError": "errors", "save": "io", "NHAAttention": "layer", "load": "loading", "ARCHITECTURES": "modeling",
+    "NHASettings": "settings",
+}
+
+__all__ = sorted(_LAZY)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])
+
+
+class _RegisterAfterTransformers(importlib.abc.MetaPathFinder):
+    """Runs `import nha_convert.modeling` (which registers the model types) right after transformers is imported."""
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> Any:
+        if name != "transformers":
+            return None
+        sys.meta_path.remove(self)  # once; and find the real spec without finding this finder again
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.loader is None:
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def exec_then_register(module: Any) -> None:
+            exec_module(module)
+            importlib.import_module(f"{__name__}.modeling")
+
+        spec.loader.exec_module = exec_then_register  # type: ignore[method-assign]
+        return spec
+
+
+if "transformers" in sys.modules:
+    importlib.import_module(f"{__name__}.modeling")
+elif not any(isinstance(f, _RegisterAfterTransformers) for f in sys.meta_path):
+    sys.meta_path.insert(0, _RegisterAfterTransformers())

@@ -1,20 +1,115 @@
 """Files, written atomically: NHA checkpoints as standard Hugging Face folders, single files (`atomic_write`), and
-checks that a folder or a checkpoint's weights are usable before any work starts. Loading is in loading.py."""
+checks that a folder or a checkpoint's weights are usable before any work starts. Loading is in loading.py.
+
+A full disk is one NHAError (`OutOfSpace`) naming the folder and the bytes needed, with the partial files removed;
+writes whose size is known check the free space first.
+"""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
 import struct
 import tempfile
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
-
-from transformers import PreTrainedModel
+from typing import TYPE_CHECKING, Any, Callable
 
 from .errors import NHAError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+
+# --- free space -----------------------------------------------------------------------------------------
+
+_NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+# safetensors (Rust) reports a full disk as its own error whose text carries the OS error
+_NO_SPACE_TEXT = ("No space left on device", "StorageFull", "Disk quota exceeded", "QuotaExceeded")
+
+
+class OutOfSpace(NHAError):
+    """The disk (or quota) of `folder` is full; partial files are already removed."""
+
+    def __init__(self, folder: Path, needed: int | None, what: str):
+        self.folder, self.needed = Path(folder), needed
+        need = f"; {what} needs about {needed:,} bytes" if needed else f" while writing {what}"
+        try:
+            free = f", {shutil.disk_usage(_existing(self.folder)).free:,} bytes free"
+        except OSError:
+            free = ""
+        super().__init__(f"out of disk space in {self.folder}{need}{free}; free some space or choose another folder")
+
+
+def is_no_space(error: BaseException) -> bool:
+    """True for a full disk or quota, as an OSError or as a library's own error that wraps one (any cause)."""
+    seen: set[int] = set()
+    e: BaseException | None = error
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OutOfSpace):
+            return True
+        if isinstance(e, OSError) and e.errno in _NO_SPACE_ERRNOS:
+            return True
+        if not isinstance(e, NHAError) and any(t in str(e) for t in _NO_SPACE_TEXT):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _existing(path: Path) -> Path:
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    return path
+
+
+def check_free_space(folder: str | os.PathLike, needed: int, what: str) -> None:
+    """OutOfSpace now, before writing, when `folder`'s disk has less than `needed` bytes free."""
+    folder = Path(folder)
+    if shutil.disk_usage(_existing(folder)).free < needed:
+        raise OutOfSpace(folder, needed, what)
+
+
+@contextmanager
+def no_space_is_one_line(folder: str | os.PathLike, what: str, needed: int | None = None) -> Iterator[None]:
+    """Turn a full disk inside the block into OutOfSpace (the block removes its own partial files)."""
+    try:
+        yield
+    except NHAError:
+        raise
+    except Exception as e:
+        if is_no_space(e):
+            raise OutOfSpace(Path(folder), needed, what) from None
+        raise
+
+
+def tensor_bytes(model: Any) -> int:
+    """Bytes of a model's parameters and buffers (tied weights once): what its safetensors file holds."""
+    seen, total = set(), 0
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def check_replaceable(folder: str | os.PathLike, option: str = "--overwrite") -> None:
+    """Fail now if an existing `folder` cannot be moved aside (immutable, a mount point, a busy folder): --overwrite
+    replaces it by renaming, and finding that out after the work would waste the work. Renames it and back."""
+    folder = Path(folder)
+    if not folder.exists():
+        return
+    probe = folder.with_name(f".{folder.name}.move-probe")
+    try:
+        os.rename(folder, probe)
+    except OSError as e:
+        raise NHAError(f"{option}: {folder} cannot be replaced ({e.strerror or e}: it cannot be moved; a mount "
+                       "point or immutable folder?); choose another output folder or remove it yourself") from None
+    os.rename(probe, folder)
 
 
 def check_output_dir(out_dir: str | os.PathLike, overwrite: bool) -> Path:
@@ -24,6 +119,8 @@ def check_output_dir(out_dir: str | os.PathLike, overwrite: bool) -> Path:
     if out.exists() and not overwrite:
         raise NHAError(f"output folder {out} already exists; pass --overwrite to replace it")
     check_writable(out.parent if out.exists() else out)  # save() writes beside `out`, then renames
+    if out.exists():
+        check_replaceable(out)
     return out
 
 
@@ -74,15 +171,16 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     the whole new one, never a part."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        default_permissions(tmp)  # mkstemp made it 0600; others may read a results folder, as the umask says
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with no_space_is_one_line(path.parent, path.name):
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+        os.close(fd)
+        try:
+            write(Path(tmp))
+            default_permissions(tmp)  # mkstemp made it 0600; others may read a results folder, as the umask says
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
     return path
 
 
@@ -161,13 +259,13 @@ def save(model: PreTrainedModel, tokenizer: Any, out_dir: str | os.PathLike, ove
     an interrupted save never leaves a folder that looks like a checkpoint.
     """
     out = check_output_dir(out_dir, overwrite)
+    needed = tensor_bytes(model)
+    check_free_space(out.parent, needed, f"the model ({out.name})")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        default_permissions(tmp)
+        with no_space_is_one_line(out.parent, f"the model ({out.name})", needed):
+            _save_into(model, tokenizer, tmp)
         if out.exists():
             old = out.with_name(f".{out.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -180,4 +278,11 @@ def save(model: PreTrainedModel, tokenizer: Any, out_dir: str | os.PathLike, ove
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _save_into(model: PreTrainedModel, tokenizer: Any, tmp: Path) -> None:
+    model.save_pretrained(tmp, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    default_permissions(tmp)
 

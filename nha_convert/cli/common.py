@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import signal
 import sys
 import warnings
@@ -20,6 +21,7 @@ import typer
 from rich.console import Console
 
 from ..errors import NHAError
+from ..io import is_no_space
 
 console = Console(stderr=True)
 
@@ -232,9 +234,14 @@ def _sigterm_unwinds() -> Iterator[None]:
 
 def run(app: typer.Typer, prog: str, args: list[str] | None = None) -> int:
     """Run a typer app and return its exit code; every failure the user can cause is one line on stderr."""
+    from . import restore_default_handlers
+
+    quiet_libraries()
+    caught = {name: _exception_classes(name) for name in ("ClickException", "NoArgsIsHelpError", "Exit", "Abort")}
     _terminated.clear()
+    restore_default_handlers()  # the start-up handlers of cli/__init__ end here: from now on the except clauses
     with _sigterm_unwinds():
-        code = _run(app, prog, args)
+        code = _run(app, prog, args, caught)
     if _terminated and code in (1, 130):
         console.print("terminated", highlight=False)
         return 143
@@ -243,12 +250,10 @@ def run(app: typer.Typer, prog: str, args: list[str] | None = None) -> int:
     return code
 
 
-def _run(app: typer.Typer, prog: str, args: list[str] | None) -> int:
-    quiet_libraries()
-    click_exception = _exception_classes("ClickException")
-    no_args = _exception_classes("NoArgsIsHelpError")
-    exits = (typer.Exit, *_exception_classes("Exit"))
-    aborts = (typer.Abort, *_exception_classes("Abort"))
+def _run(app: typer.Typer, prog: str, args: list[str] | None, caught: dict[str, tuple[type, ...]]) -> int:
+    click_exception, no_args = caught["ClickException"], caught["NoArgsIsHelpError"]
+    exits = (typer.Exit, *caught["Exit"])
+    aborts = (typer.Abort, *caught["Abort"])
     try:
         code = app(args=args, prog_name=prog, standalone_mode=False)
     except NHAError as e:
@@ -268,9 +273,15 @@ def _run(app: typer.Typer, prog: str, args: list[str] | None) -> int:
     except BrokenPipeError:  # `nha-eval ... | head`
         return 1
     except Exception as e:
-        if not _raised_while_interrupted(e):
+        if _raised_while_interrupted(e):
+            code = 130
+        elif is_no_space(e):  # a full disk where no size was known beforehand: still one line
+            where = getattr(e, "filename", None)
+            console.print(f"[bold red]error:[/] out of disk space{f' writing {where}' if where else ''}; free some "
+                          "space or choose another folder", highlight=False, soft_wrap=True)
+            return 1
+        else:
             raise
-        code = 130
     return code if isinstance(code, int) else 0
 
 
@@ -296,6 +307,12 @@ def run_app(app: typer.Typer, prog: str) -> Callable[[], None]:
         if code in (130, 143):  # a further signal while Python exits would land in an atexit hook as a traceback
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            # Python marks a KeyboardInterrupt raised inside an import it ran for `python -m` as unhandled even
+            # though the runner caught it, and then kills itself with SIGINT at exit (status -2, not 130): leave
+            # now, with the output flushed (cleanup already ran as the interrupt unwound).
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
         sys.exit(code)
 
     return main

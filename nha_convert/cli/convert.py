@@ -9,11 +9,8 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from .. import hub
-from ..convert import convert, nha_config_for
 from ..errors import NHAError
 from ..io import check_output_dir, check_weights, save
-from ..memory import kv_cache_bytes, nha_state_bytes
 from ..settings import AUTO, NHASettings, ResolvedNHA
 from .common import Steps, VersionOption, console, parse_dtype, run_app
 
@@ -75,6 +72,9 @@ def convert_command(
 
     nha-convert llama-3-8b -o llama3-nha --window 512 --full-every 8 --sinks 4
     """
+    from .. import hub  # torch and transformers: imported by the command, so --help and --version start at once
+    from ..convert import convert, nha_config_for
+
     started = time.perf_counter()
     settings = NHASettings(window=window, slots=slots, sinks=sinks, full_layers=parse_layers(full_layers),
                            full_every=full_every, gate_init=gate_init, gate_decay=gate_decay,
@@ -89,6 +89,7 @@ def convert_command(
     with Steps() as steps:
         steps.start("loading base model")
         base, tokenizer = hub.load_base_model(model, dtype=torch_dtype)
+        check_finite(base, model or "smollm2-135m")
         base_params = sum(p.numel() for p in base.parameters())
         steps.start("converting attention layers")
         nha = convert(base, settings, tokenizer=tokenizer, seq_len=calibration_len, text_seqs=calibration_seqs,
@@ -97,6 +98,17 @@ def convert_command(
         save(nha, tokenizer, output, overwrite=overwrite)
     elapsed = time.perf_counter() - started
     console.print(summary(nha, base_params, model or "smollm2-135m (embedded)", output, elapsed))
+
+
+def check_finite(model, name: str) -> None:
+    """A base model with NaN or inf weights (damaged bytes of the right size pass the file checks) converts into a
+    model that outputs NaN: refuse it, naming the first such tensor."""
+    import torch
+
+    bad = [n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    if bad:
+        raise NHAError(f"model {name}: {len(bad)} weight tensor(s) hold NaN or inf (first: {bad[0]}); its weights are "
+                       "damaged: re-save or re-download the model")
 
 
 def _layer_groups(windows: list[int | None]) -> str:
@@ -143,6 +155,8 @@ def _full_heads(nha: dict, s: ResolvedNHA) -> str:
 
 
 def summary(model, base_params: int, name: str, output: Path, elapsed: float) -> Table:
+    from ..memory import kv_cache_bytes, nha_state_bytes
+
     cfg, nha = model.config, model.config.nha
     s = ResolvedNHA.from_config(cfg)  # the settings, typed; `nha` still holds the auto:K record (scores, timing)
     new = sum(layer.self_attn.g_proj.weight.numel() + layer.self_attn.g_proj.bias.numel()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import shlex
 import sys
 from pathlib import Path
@@ -71,14 +72,17 @@ def _load_expected(path: Path) -> dict[str, Any]:
     exp = gate.load_expected(path)
     for key, spec in exp["metrics"].items():
         value, tol = (spec.get("value"), spec.get("tolerance", 0.0)) if isinstance(spec, dict) else (spec, 0.0)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or \
-                isinstance(tol, bool) or not isinstance(tol, (int, float)):
-            raise NHAError(f"{path}: metric {key!r} must be a number or {{\"value\": x, \"tolerance\": t}}; "
-                           f"got {spec!r}")
+        if not _finite_number(value) or not _finite_number(tol) or tol < 0:
+            raise NHAError(f"{path}: metric {key!r} must be a number or {{\"value\": x, \"tolerance\": t}} "
+                           f"(finite, t >= 0); got {spec!r}")
     tol = exp.get("tolerance", 0.01)
-    if isinstance(tol, bool) or not isinstance(tol, (int, float)):
-        raise NHAError(f"{path}: 'tolerance' must be a number; got {tol!r}")
+    if not _finite_number(tol) or tol < 0:
+        raise NHAError(f"{path}: 'tolerance' must be a number >= 0; got {tol!r}")
     return exp
+
+
+def _finite_number(x: Any) -> bool:
+    return not isinstance(x, bool) and isinstance(x, (int, float)) and math.isfinite(x)
 
 
 def _check_output_file(path: Path, option: str) -> None:
@@ -166,14 +170,26 @@ def nha_eval(
     seed: Annotated[int, typer.Option(help="Seed for lm-eval sampling and the probes.")] = 1234,
     version: VersionOption = False,
 ) -> None:
-    """Evaluate base, NHA and baseline models [b]side by side[/b]: lm-eval tasks (offline copies by default),
-    recall probes, perplexity by position, speed and memory; write JSON, Markdown and PNG; gate regressions."""
+    """Evaluate base, NHA and baseline models [b]side by side[/b]: lm-eval tasks, recall, perplexity by position,
+    speed and memory; write JSON, Markdown and PNG; gate regressions.
+
+    [b]Examples[/b] (more after the options)
+
+    nha-eval out/smollm2-nha --compare smollm2-135m --baseline swa-sinks --tasks commonsense,lambada
+
+    nha-eval out/smollm2-nha --tasks none --recall --recall-lengths 1024,4096 --ppl
+
+    nha-eval out/smollm2-nha --tasks piqa --limit 200 --check expected.json
+    """
     from ..eval import gate, report
     from ..io import check_writable
 
     # Everything that can be checked without a model, checked before any model loads.
-    if limit is not None and limit <= 0:
-        raise NHAError(f"--limit must be > 0 (documents per task, or a fraction of them below 1); got {limit:g}")
+    if limit is not None and (not math.isfinite(limit) or limit <= 0):
+        raise NHAError(f"--limit must be > 0 and finite (documents per task, or a fraction of them below 1); "
+                       f"got {limit:g}")
+    if tolerance is not None and (not math.isfinite(tolerance) or tolerance < 0):
+        raise NHAError(f"--tolerance must be a number >= 0 (how far a metric may fall); got {tolerance:g}")
     expected = _load_expected(check) if check is not None else None
     if out.exists() and not out.is_dir():
         raise NHAError(f"--out {out} is a file; give a folder for results.json, report.md and the charts")
@@ -235,6 +251,33 @@ def nha_eval(
     if parity_failed:
         console.print(f"[bold red]error:[/] {len(parity_failed)} parity path(s) past tolerance", highlight=False)
         sys.exit(1)
+
+
+# The options in panels by purpose: each panel sizes its own name column, so the help text gets the width.
+PANELS = {
+    "Tasks (lm-eval)": "limit num_fewshot batch_size data mmlu_split",
+    "Recall": "recall_lengths recall_n recall_probes recall_pairs recall_file",
+    "Perplexity": "ppl_len ppl_seqs",
+    "Speed (--bench) and baselines": "baseline window slots sinks full_layers full_every bench_contexts "
+                                     "bench_batches bench_steps bench_models bench_graph bench_base_runs",
+    "Parity": "parity_tolerance",
+    "Output and regression gate": "out results_file check tolerance write_expected",
+    "Device": "device dtype seed",
+}
+
+
+def _set_panels() -> None:
+    from typing import get_args, get_type_hints
+
+    hints = get_type_hints(nha_eval, include_extras=True)
+    for panel, names in PANELS.items():
+        for name in names.split():
+            info = next(a for a in get_args(hints[name]) if isinstance(a, typer.models.OptionInfo))
+            info.rich_help_panel = panel
+    nha_eval.__annotations__.update(hints)  # the evaluated hints, panels set, are what typer reads back
+
+
+_set_panels()
 
 
 def _console_progress() -> Progress:

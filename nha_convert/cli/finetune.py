@@ -85,6 +85,10 @@ def _remove_unused_run_dir(run_dir: Path) -> None:
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
+def _resume_command(recipe: Path, output: Path | None) -> str:
+    return f"nha-finetune {recipe} --resume" + (f" -o {output}" if output else "")
+
+
 @app.command(help=__doc__, epilog=EXAMPLES)
 def finetune(
     recipe: Path = typer.Argument(..., help="Recipe YAML (see recipes/ and docs/recipes.md)."),
@@ -108,7 +112,11 @@ def finetune(
     if output is not None:
         overrides.append(f"output.dir={output}")
     r = read_recipe(recipe, budget=None if budget == "none" else budget, overrides=overrides)
-    if check:
+    if check:  # every check the run makes before training, so a recipe --check passes is one the run starts
+        preflight(r)
+        from ..finetune.checkpoints import check_run_dir
+
+        check_run_dir(Path(r.output.dir), resume=resume, overwrite=overwrite)
         err.print(f"recipe {recipe} is valid (budget: {r.budget or 'none'}); run folder {r.output.dir}")
         for i, s in enumerate(r.stages):
             amount = (f"{s.steps} steps" if s.steps is not None else
@@ -123,7 +131,8 @@ def finetune(
     run_dir = Path(r.output.dir)
     main_process = os.environ.get("RANK", "0") == "0"  # one lock per run, taken by the main process
     with RunLock(run_dir) if main_process else nullcontext():
-        from ..finetune.checkpoints import check_run_dir
+        from ..finetune.checkpoints import check_run_dir, checkpoint_dirs
+        from ..io import OutOfSpace
 
         check_run_dir(run_dir, resume=resume, overwrite=overwrite)  # under the lock, before the models load
         fresh = not resume and (overwrite or not run_dir.exists())
@@ -136,9 +145,14 @@ def finetune(
             for sig in STOP_SIGNALS:
                 signal.signal(sig, signal.SIG_IGN)  # stopping anyway: a late second signal must not hit atexit
             err.print(f"interrupted after step {stop.global_step}; checkpoint {stop.checkpoint}; "
-                      f"continue with: nha-finetune {recipe} --resume" + (f" -o {output}" if output else ""),
-                      highlight=False, soft_wrap=True)
+                      f"continue with: {_resume_command(recipe, output)}", highlight=False, soft_wrap=True)
             sys.exit(128 + stop.signum)  # 130 after Ctrl-C, 143 after SIGTERM, as a shell reports them
+        except OutOfSpace as e:
+            if fresh and main_process:
+                _remove_unused_run_dir(run_dir)
+            if not checkpoint_dirs(run_dir):
+                raise
+            raise NHAError(f"{e}; then continue with: {_resume_command(recipe, output)}") from None
         except BaseException:
             if fresh and main_process:
                 _remove_unused_run_dir(run_dir)

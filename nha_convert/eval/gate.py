@@ -8,10 +8,12 @@ expected.json:
 
 Higher-is-better metrics fail when value < expected - tolerance (absolute). Lower-is-better ones (perplexity,
 latency, memory) fail when value > expected * (1 + tolerance) (relative: perplexities have no fixed scale).
+A NaN or infinite value fails whatever its direction (`nan > limit` is False: a plain comparison would pass it).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,8 @@ class Failure:
     def __str__(self) -> str:
         if self.value is None:
             return f"{self.metric}: missing from the results (expected {self.expected:.4g})"
+        if not math.isfinite(self.value):
+            return f"{self.metric}: {self.value} is not a finite number (expected {self.expected:.4g})"
         if self.lower_is_better:
             limit = self.expected * (1 + self.tolerance)
             return (f"{self.metric}: {self.value:.4g} > {limit:.4g} (expected {self.expected:.4g}, "
@@ -93,7 +97,7 @@ def check(results: dict[str, Any], expected: dict[str, Any], tolerance: float | 
         low = lower_is_better(key)
         if got is None:
             failures.append(Failure(key, None, want, tol, low))
-        elif (got > want * (1 + tol)) if low else (got < want - tol):
+        elif not math.isfinite(got) or ((got > want * (1 + tol)) if low else (got < want - tol)):
             failures.append(Failure(key, got, want, tol, low))
     return failures
 
@@ -109,5 +113,9 @@ def expected_from(results: dict[str, Any], label: str | None = None, tolerance: 
         keys += [k for k in flat if k == "average" or k.startswith(("recall/", "perplexity/overall"))]
         if not keys:
             keys = list(flat)
+    bad = [k for k in keys if isinstance(flat.get(k), float) and not math.isfinite(flat[k])]
+    if bad:
+        raise NHAError(f"cannot write expected values from a run whose metrics are not finite numbers "
+                       f"({', '.join(f'{k} = {flat[k]}' for k in bad)}); fix the model and run again")
     return {"model": label or results.get("subject") or results["models"][0]["label"], "tolerance": tolerance,
             "metrics": {k: flat[k] for k in keys if k in flat}}

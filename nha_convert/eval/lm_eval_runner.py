@@ -113,7 +113,11 @@ def task_manager(tasks: list[str], mode: str, mmlu_split: str = "validation") ->
 def check_tasks(manager: Any, tasks: list[str]) -> None:
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
-        raise NHAError(f"unknown task {unknown[0]!r}; use a group ({', '.join(T.TASK_GROUPS)}) "
+        import difflib
+
+        close = difflib.get_close_matches(unknown[0], [*T.TASK_GROUPS, *manager.all_tasks], n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise NHAError(f"unknown task {unknown[0]!r}; {hint}use a group ({', '.join(T.TASK_GROUPS)}) "
                        "or an lm-eval task name (lm-eval ls tasks)")
 
 

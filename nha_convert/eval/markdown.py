@@ -32,7 +32,7 @@ def _f(x: Any, spec: str = ".4f") -> str:
     if x is None:
         return "–"
     if isinstance(x, float) and (math.isnan(x) or math.isinf(x)):
-        return str(x)
+        return f"**{x}**"  # a broken model's number: marked, never formatted as if it were one
     return format(x, spec) if isinstance(x, (int, float)) else str(x)
 
 

@@ -2,12 +2,15 @@
 
 A checkpoint (run_dir/checkpoints/step-XXXXXXXX-stageS) holds accelerate's save_state (weights of the model being
 trained, optimizer, the RNG of every process), the scheduler and the position (stage, step). trainer_state.json is
-written last and lists every other file with its size, so a later loss (a file deleted, a copy cut short, a full
-disk) is found before loading: `--resume` then continues from the newest intact checkpoint and says so.
+written last and lists every other file with its size and SHA-256, so a later loss (a file deleted, a copy cut
+short, a full disk, bytes overwritten in place) is found before loading: `--resume` then continues from the newest
+intact checkpoint and says so. Rotation keeps the newest `keep` intact checkpoints: a damaged one never pushes a
+good one out. A full disk while saving removes the partial folder and is one line (io.OutOfSpace).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -19,7 +22,8 @@ from typing import Any
 import torch
 
 from ..errors import NHAError
-from ..io import safetensors_problem, torch_file_problem
+from ..io import (check_free_space, check_replaceable, no_space_is_one_line, safetensors_problem,
+                  torch_file_problem)
 from ..run_folder import STATE_FILE, checkpoint_dirs  # the layout evaluation reads too
 
 SCHEDULER_FILE = "scheduler_state.pt"
@@ -46,6 +50,35 @@ def read_position(ckpt: Path) -> Position:
 def _files(folder: Path) -> dict[str, int]:
     return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*"))
             if p.is_file() and p.name != STATE_FILE}
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(1 << 23):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# (checkpoint, the (size, mtime) of its files) whose checksums matched: rotation asks at every save, and files
+# that did not change since need no second read.
+_verified: dict[Path, tuple[tuple[str, int, int], ...]] = {}
+
+
+def _stamp(ckpt: Path) -> tuple[tuple[str, int, int], ...]:
+    stats = [(p, p.stat()) for p in sorted(ckpt.rglob("*")) if p.is_file()]
+    return tuple((str(p), st.st_size, st.st_mtime_ns) for p, st in stats)
+
+
+def _checksum_problem(ckpt: Path, sums: dict[str, str]) -> str | None:
+    stamp = _stamp(ckpt)
+    if _verified.get(ckpt.resolve()) == stamp:
+        return None
+    for rel, want in sums.items():
+        if sha256(ckpt / rel) != want:
+            return f"{rel} does not match its checksum (damaged since it was saved)"
+    _verified[ckpt.resolve()] = stamp
+    return None
 
 
 def problem(ckpt: Path) -> str | None:
@@ -79,7 +112,12 @@ def problem(ckpt: Path) -> str | None:
             continue
         if bad:
             return bad
-    return None
+    sums = state.get("sha256")
+    return _checksum_problem(ckpt, sums) if isinstance(sums, dict) else None
+
+
+def checkpoint_bytes(ckpt: Path) -> int:
+    return sum(p.stat().st_size for p in ckpt.rglob("*") if p.is_file())
 
 
 def newest_intact(run_dir: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
@@ -107,35 +145,71 @@ def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> Path | Non
             raise NHAError(f"no intact checkpoint in {run_dir / 'checkpoints'} ({damaged[0][0].name}: "
                            f"{damaged[0][1]}); start over with --overwrite")
         return ckpt
-    if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
-        raise NHAError(f"run folder {run_dir} is not empty; pass --resume to continue it or --overwrite to start over")
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not overwrite:
+            raise NHAError(f"run folder {run_dir} is not empty; pass --resume to continue it or --overwrite to "
+                           "start over")
+        check_replaceable(run_dir)
     return None
 
 
 def save_checkpoint(accelerator: Any, run_dir: Path, pos: Position, scheduler: Any, extra: dict[str, Any],
                     keep: int) -> Path:
     """Write a checkpoint into a hidden temporary folder and rename it into place (all processes call this);
-    then drop all but the newest `keep`."""
+    then drop all but the newest `keep` intact ones. The free space is checked first against the size of the
+    previous checkpoint; a full disk removes the partial folder and raises io.OutOfSpace."""
     acc, main = accelerator, accelerator.is_main_process
     root = Path(run_dir) / "checkpoints"
     name = checkpoint_name(pos)
     tmp, final = root / f".{name}.partial", root / name
+    previous = checkpoint_dirs(run_dir)
+    needed = checkpoint_bytes(previous[-1]) if previous else None
+    try:
+        with no_space_is_one_line(root, f"checkpoint {name}", needed):
+            if main:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+                if needed:
+                    check_free_space(root, needed, f"checkpoint {name}")
+            acc.wait_for_everyone()
+            acc.save_state(str(tmp), safe_serialization=True)
+            acc.wait_for_everyone()  # every process has written its part (shards, RNG state) before the rename
+            if main:
+                torch.save({"scheduler": scheduler.state_dict()}, tmp / SCHEDULER_FILE)
+                files = _files(tmp)
+                state = {**asdict(pos), **extra, "files": files, "sha256": {f: sha256(tmp / f) for f in files}}
+                (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
+    except BaseException:
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    acc.wait_for_everyone()
-    acc.save_state(str(tmp), safe_serialization=True)
-    acc.wait_for_everyone()  # every process has written its part (shards, RNG state) before the rename
-    if main:
-        torch.save({"scheduler": scheduler.state_dict()}, tmp / SCHEDULER_FILE)
-        state = {**asdict(pos), **extra, "files": _files(tmp)}
-        (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        for old in checkpoint_dirs(run_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        _verified[final.resolve()] = _stamp(final)  # its checksums were just taken from these files
+        rotate(run_dir, keep)
     acc.wait_for_everyone()
     return final
+
+
+def rotate(run_dir: Path, keep: int) -> list[Path]:
+    """Delete the checkpoints older than the `keep` newest intact ones (none while fewer are intact); damaged ones
+    newer than those stay for the user to look at. Returns what was deleted."""
+    if keep <= 0:
+        return []
+    intact = []
+    for ckpt in reversed(checkpoint_dirs(run_dir)):
+        if problem(ckpt) is None:
+            intact.append(ckpt)
+            if len(intact) == keep:
+                break
+    if len(intact) < keep:
+        return []
+    dirs = checkpoint_dirs(run_dir)
+    older = dirs[:dirs.index(intact[-1])]
+    for old in older:
+        shutil.rmtree(old, ignore_errors=True)
+    return older
 
 
 def load_checkpoint(accelerator: Any, ckpt: Path, scheduler: Any) -> Position:

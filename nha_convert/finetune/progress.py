@@ -22,6 +22,7 @@ class StageProgress:
         self.log_every = max(1, log_every)
         self.start_step = start
         self.t0 = time.perf_counter()
+        self._first: tuple[int, float] | None = None  # (step, time) when the first step after (re)start ended
         self.tokens = 0
         self.bar: Progress | None = None
         if enabled and console.is_terminal:
@@ -51,7 +52,19 @@ class StageProgress:
         dt = time.perf_counter() - self.t0
         return self.tokens / dt if dt > 0 else 0.0
 
+    def _eta(self, step: int) -> float:
+        """Seconds left at the pace since the first step: the first one after a start or a resume carries the
+        warm-up (after a resume not even the stage's first evaluation came before it) and alone gave ~20x."""
+        now = time.perf_counter()
+        if self._first is None or step - self._first[0] == 0:
+            done, elapsed = step - self.start_step, now - self.t0
+        else:
+            done, elapsed = step - self._first[0], now - self._first[1]
+        return elapsed / done * (self.total - step) if done and self.total else math.nan
+
     def update(self, step: int, loss: float, tokens: int) -> None:
+        if self._first is None:
+            self._first = (step, time.perf_counter())
         self.tokens += tokens
         if not self.enabled:
             return
@@ -59,8 +72,7 @@ class StageProgress:
         if self.bar is not None:
             self.bar.update(self.task, completed=step, tps=f"{tps:,.0f}", loss=f"{loss:.4g}")
         elif step % self.log_every == 0 or step == self.total:
-            done = step - self.start_step
-            eta = (time.perf_counter() - self.t0) / done * (self.total - step) if done and self.total else math.nan
+            eta = self._eta(step)
             self.console.print(f"{self.name}: step {step}/{self.total or '?'}  loss {loss:.4g}  {tps:,.0f} tok/s  "
                                f"ETA {eta:,.0f} s", highlight=False)
 

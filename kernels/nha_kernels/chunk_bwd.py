@@ -32,11 +32,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from nha_convert.backend import environment
-
-from .chunk_fwd import FAST_LIMIT, FwdOut, precisions, span_scan, split_products
-from .fwd_common import _band_block, _band_range, _mm_state, _seq_of_span, _slot_kv, _slot_writers
+from .chunk_fwd import FwdOut, span_scan
+from .fwd_common import _band_block, _band_range, _seq_of_span, _slot_kv, _slot_writers
 from .gate_grad import gate_grad_triton
+from .options import DEFAULT, KernelOptions
+from .precision import FAST_LIMIT, _mm_state, precisions, split_products
 from .prep import Layout, next_pow2
 from .triton_utils import expm1, group_rows, pick_col, pick_row, rows_of, slot_bias_rows, sum_heads
 
@@ -500,36 +500,21 @@ def _delta(do: Tensor, fwd: FwdOut) -> Tensor:
     return delta
 
 
-def _bwd_kv_launches() -> tuple[int, ...]:
-    """NHA_BWD_KV=split (default: the K and V sides as the two values of grid axis 2, one launch) or split2 (two
+def _bwd_kv_launches(mode: str) -> tuple[int, ...]:
+    """bwd_kv split (default: the K and V sides as the two values of grid axis 2, one launch) or split2 (two
     launches, one per side: SIDE as a compile-time constant)."""
-    mode = environment().bwd_kv
-    if mode not in ("split", "split2"):
-        raise ValueError(f"NHA_BWD_KV must be 'split' or 'split2', got {mode!r}")
     return (-1,) if mode == "split" else (0, 1)
 
 
-def _slot_tile(default: int, d: int) -> int:
-    """Slots per tile of the backward's slot kernels: NHA_BWD_SLOT_TILE (16, 32 or 64); else 64 for head dims up to 64
+def _slot_tile(default: int, d: int, tile: int | None) -> int:
+    """Slots per tile of the backward's slot kernels: `tile` (bwd_slot_tile: 16, 32 or 64); else 64 for head dims up to 64
     and the config's default (16) above. On the H200 (session 11, docs/performance.md), at d = 64 (the SmolLM2
     training rows, 64 x 1K and 64 x 4K) tile 64 takes 15 % less forward + backward time than 16, on both GPUs of one
     machine; at d = 128, where a tile holds twice the live registers, 64 passes the GPU gradient tests but is
     untimed."""
-    tile = environment().bwd_slot_tile
     if tile is None:
         return 64 if d <= 64 else default
-    if tile not in (16, 32, 64):
-        raise ValueError(f"NHA_BWD_SLOT_TILE must be 16, 32 or 64, got {tile}")
     return tile
-
-
-def _gate_grad_mode() -> str:
-    """NHA_GATE_GRAD=triton (default: gate_grad.py, two passes instead of ~25 torch ops; equal to the torch form in
-    the interpreter and GPU tests, faster on the H200) or torch (`gate_grad_torch`, the reference)."""
-    mode = environment().gate_grad
-    if mode not in ("torch", "triton"):
-        raise ValueError(f"NHA_GATE_GRAD must be 'torch' or 'triton', got {mode!r}")
-    return mode
 
 
 def _add_sink_grads(dx: Tensor, d_sink: Tensor, lay: Layout) -> None:
@@ -548,9 +533,11 @@ def _add_sink_grads(dx: Tensor, d_sink: Tensor, lay: Layout) -> None:
 
 
 def nha_bwd(fwd: FwdOut, do: Tensor, q, q_rot, k, k_rot, v, log_alpha, *, window, num_sinks, scale,
-            slot_bias: Tensor | None = None):
+            slot_bias: Tensor | None = None, options: KernelOptions = DEFAULT):
     """Gradients (dq, dq_rot, dk, dk_rot, dv, dlog_alpha, dslot_bias) of the op whose forward produced `fwd`.
-    dslot_bias (None without a bias) = the sum of the slot logits' gradients dl of each query head."""
+    dslot_bias (None without a bias) = the sum of the slot logits' gradients dl of each query head. `options`:
+    bwd_kv, bwd_slot_tile and gate_grad pick the variants (gate_grad triton: gate_grad.py, two passes instead of
+    ~25 torch ops; equal to the torch form in the interpreter and GPU tests, faster on the H200)."""
     lay, cfg = fwd.layout, fwd.config
     b, hq, t_len, d = q.shape
     hkv, dv, m = k.shape[1], v.shape[-1], log_alpha.shape[-1]
@@ -603,7 +590,7 @@ def nha_bwd(fwd: FwdOut, do: Tensor, q, q_rot, k, k_rot, v, log_alpha, *, window
         psb = torch.empty(b, hq, t_len, m, dtype=torch.float32, device=dev)
         st_k = torch.stack([fwd.span_k, torch.empty_like(fwd.span_k)])  # [0] span starts, [1] running
         st_v = torch.stack([fwd.span_v, torch.empty_like(fwd.span_v)])
-        mc = min(_slot_tile(cfg.mc_bwd, d), mp)
+        mc = min(_slot_tile(cfg.mc_bwd, d, options.bwd_slot_tile), mp)
         nsph = lay.n_spans * hkv
         _bwd_slot_q_kernel[grid](
             q, k, v, la, do, fwd.lse, delta, lay.tok, span_table, st_k, st_v, dq, xg, dlb, psb,
@@ -633,12 +620,12 @@ def nha_bwd(fwd: FwdOut, do: Tensor, q, q_rot, k, k_rot, v, log_alpha, *, window
         dss = torch.zeros(2, b, hkv, t_len, m, dtype=torch.float32, device=dev)  # K part, V part of ds
         args = (q, k, v, la, do, lay.tok, span_table, dlb, psb, rb_k, rb_v, dks, dvs, *dss,
                 *common, num_sinks, cfg.span, lay.spans_per_row, hkv, nsph, scale, 1.0)
-        for side in _bwd_kv_launches():
+        for side in _bwd_kv_launches(options.bwd_kv):
             _bwd_slot_kv_kernel[grid + (2 if side < 0 else 1,)](
                 *args, G=g, GP=gp, BM=bm, D=d, DV=dv, M=m, DP=dp_, DVP=dvp, MP=mp, MC=mc, SPLIT=split,
                 VARLEN=lay.varlen, PREC=prec, PREC_SLOT=prec_slot, FAST_LIMIT=FAST_LIMIT, SIDE=side,
                 num_warps=cfg.num_warps, num_stages=1)
-        if _gate_grad_mode() == "triton":
+        if options.gate_grad == "triton":
             dla = gate_grad_triton(xg, dss, la, lay, w_eff, num_sinks)
         else:
             dla = gate_grad_torch(xg, dss, la, lay, w_eff, num_sinks)

@@ -381,7 +381,7 @@ def check_long(args, budget: Budget) -> dict:
 
     from bench_common import inputs
     from nha_convert.ops import nha_chunk
-    from nha_kernels import nha_chunk_triton
+    from nha_convert.backend import triton_chunk as nha_chunk_triton
 
     s = LONG
     xs = [x.requires_grad_(True) for x in inputs(1, s.hq, s.hkv, CHECK_T, s.d, s.m, seed=1)]
@@ -406,7 +406,7 @@ def bench_long(args, bw: float, budget: Budget, result: dict) -> None:
     import torch
 
     from bench_common import bench, inputs
-    from nha_kernels import nha_chunk_triton
+    from nha_convert.backend import triton_chunk as nha_chunk_triton
 
     s = LONG
     scale = s.d**-0.5
@@ -478,7 +478,7 @@ def bench_training(args, bw: float, budget: Budget, result: dict) -> None:
 
     from bench_common import bench, inputs
     from nha_convert.ops.packed import flatten_rows
-    from nha_kernels import nha_chunk_triton
+    from nha_convert.backend import triton_chunk as nha_chunk_triton
 
     s = TRAIN
     b, docs = args.train_batch, args.docs_per_row

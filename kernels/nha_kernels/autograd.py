@@ -17,6 +17,7 @@ from torch import Tensor
 from .chunk_bwd import nha_bwd
 from .chunk_fwd import FwdConfig, nha_fwd
 from .options import DEFAULT, KernelOptions
+from .prep import to_device
 
 
 @dataclass
@@ -78,10 +79,13 @@ def _final_state(fwd, k: Tensor, v: Tensor, m: int, window: int | None, num_sink
     if fwd.final_k is None:
         return SlotState(k=torch.zeros(n, hkv, m, d, device=dev), v=torch.zeros(n, hkv, m, dv, device=dev),
                          count=torch.zeros(n, dtype=torch.long, device=dev))
-    # Slot tokens so far: real non-sink tokens at or before seq_end - 1 - w.
-    rows = torch.tensor([r for r, _, _ in lay.seq_bounds], device=dev)
-    starts = torch.tensor([a for _, a, _ in lay.seq_bounds], device=dev)
-    last = torch.tensor([e - 1 - window for _, _, e in lay.seq_bounds], device=dev)
+    # Slot tokens so far: real non-sink tokens at or before seq_end - 1 - w. The bounds come from the host: one
+    # asynchronous copy per layout and window (three blocking ones per layer of every prefill before).
+    key = ("final_state", window)
+    if key not in lay.derived:
+        lay.derived[key] = to_device(dev, [[r for r, _, _ in lay.seq_bounds], [a for _, a, _ in lay.seq_bounds],
+                                            [e - 1 - window for _, _, e in lay.seq_bounds]])
+    rows, starts, last = lay.derived[key]
     cv = (lay.tok >> 1)[rows, last.clamp(min=0)].long()
     count = torch.where(last >= starts, (cv - num_sinks).clamp(min=0), torch.zeros_like(cv))
     return SlotState(k=fwd.final_k[:, :, :m, :d].clone(), v=fwd.final_v[:, :, :m, :dv].clone(), count=count)

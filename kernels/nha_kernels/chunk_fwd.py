@@ -190,8 +190,10 @@ def _span_scan_tree_kernel(
 def span_scan(loc: Tensor, loc_a: Tensor, seq_table: Tensor, final: Tensor, lay: Layout, hkv: int, mp: int, xp: int,
               reverse: bool = False) -> None:
     """State at every span start (in place over the local states in `loc`) and after the last span (`final`)."""
-    max_spans = lay.spans_per_row if not lay.varlen else max(
-        (-(-(e - a) // lay.span) for _, a, e in lay.seq_bounds), default=1)
+    if "max_spans" not in lay.derived:  # a loop over the documents on the host: once per layout
+        lay.derived["max_spans"] = lay.spans_per_row if not lay.varlen else max(
+            (-(-(e - a) // lay.span) for _, a, e in lay.seq_bounds), default=1)
+    max_spans = lay.derived["max_spans"]
     ncp = next_pow2(max(2, max_spans))
     if ncp <= 4096:  # the whole walk of E entries in registers: E x NCP <= 32K values
         e = max(8, min(mp * xp, 4096 // ncp))

@@ -106,7 +106,7 @@ def _build_layout(valid: Tensor | None, cu_seqlens: Tensor | None, batch: int, s
             for s0 in range(a, b, span):
                 rows.append((a, b, s0, n))
             seqs.append((first, len(rows) - first, a, b))
-        starts, lens, span_table, seq_table = _to_device(
+        starts, lens, span_table, seq_table = to_device(
             device, [cu[:-1], [b - a for a, b in zip(cu, cu[1:])], rows or [(0, 0, 0, 0)], seqs])
         span_table, seq_table = span_table.to(torch.int32), seq_table.to(torch.int32)
         before = torch.where(starts > 0, gc[0, (starts - 1).clamp(min=0)], torch.zeros_like(starts, dtype=torch.int32))
@@ -142,7 +142,7 @@ def _build_layout(valid: Tensor | None, cu_seqlens: Tensor | None, batch: int, s
     )
 
 
-def _to_device(device: torch.device, tables: list[list]) -> list[Tensor]:
+def to_device(device: torch.device, tables: list[list]) -> list[Tensor]:
     """Host-built int tables (lists of ints or of equal-length tuples) on `device` as int64, in one copy. On CUDA the
     copy is from pinned memory and asynchronous: a pageable copy waits for the GPU to drain (a host sync), and a
     layout used to make six of them."""

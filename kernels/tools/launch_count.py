@@ -81,7 +81,7 @@ def record(step, warm: int = 1):
                 src = tensors[-1] if name == "copy_" else tensors[0]
                 dst = out if name != "copy_" else tensors[0]
                 if not src.device.type == DEV and dst.device.type == DEV:
-                    # non_blocking: the launchers pin the host side on CUDA (prep._to_device), so it does not wait
+                    # non_blocking: the launchers pin the host side on CUDA (prep.to_device), so it does not wait
                     if not kwargs.get("non_blocking"):
                         syncs.append(f"{name} host -> device {tuple(src.shape)}")
                     launches.append(("copy", "host -> device" + (" (async)" if kwargs.get("non_blocking") else "")))

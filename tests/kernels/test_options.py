@@ -40,8 +40,8 @@ def test_kernel_options_follow_the_environment(monkeypatch):
                                          ("NHA_GATE_GRAD", "torch", "gate_grad", "torch")]:
         set_nha_env(monkeypatch, name, value)
         assert getattr(backend.kernel_options(), field) == expected, name
-    with backend.overriding(fwd="parallel"):
-        assert backend.kernel_options().fwd == "parallel"
+    with backend.overriding(fwd="parallel", fwd_state_span=None):  # None: the kernels' default
+        assert backend.kernel_options().fwd == "parallel" and backend.kernel_options().fwd_state_span is None
     assert backend.kernel_options().fwd == "serial"
     set_nha_env(monkeypatch, "NHA_BWD_SLOT_TILE", "48")
     with pytest.raises(NHAError, match="NHA_BWD_SLOT_TILE must be 16, 32 or 64, got 48"):

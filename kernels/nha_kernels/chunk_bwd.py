@@ -32,11 +32,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from nha_convert.backend import environment
-
-from .chunk_fwd import FAST_LIMIT, FwdOut, precisions, span_scan, split_products
-from .fwd_common import _band_block, _band_range, _mm_state, _seq_of_span, _slot_kv, _slot_writers
+from .chunk_fwd import FwdOut, span_scan
+from .fwd_common import _band_block, _band_range, _seq_of_span, _slot_kv, _slot_writers
 from .gate_grad import gate_grad_triton
+from .options import DEFAULT, KernelOptions
+from .precision import FAST_LIMIT, _mm_state, precisions, split_products
 from .prep import Layout, next_pow2
 from .triton_utils import expm1, group_rows, pick_col, pick_row, rows_of, slot_bias_rows, sum_heads
 
@@ -78,12 +78,14 @@ def _exact_cols(y, a, s, a_rows, jb, tt, BM: tl.constexpr):
 
 @triton.jit
 def _bwd_band_q_kernel(
-    qr, kr, v, do, lse, delta, tok, sink_pos, span_table, dqr, dk_sink, dv_sink,
+    qr, kr, v, do, lse, delta, tok, sink_pos, span_table, dqr, dkr, dvb,
     T, W, L, SPANS_PER_ROW, H, scale,
     G: tl.constexpr, GP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     D: tl.constexpr, DV: tl.constexpr, DP: tl.constexpr, DVP: tl.constexpr, SP: tl.constexpr,
     HAS_SINKS: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr, SPLIT: tl.constexpr,
 ):
+    """dq_rot over band and sink keys. The sinks seen as sinks (after they left the band) add their dk_rot and dv
+    atomically into the band's fp32 gradients dkr / dvb at their positions: `_bwd_band_kv_kernel` must have run."""
     ROWS: tl.constexpr = GP * BM
     pid = tl.program_id(0)
     h = tl.program_id(1)
@@ -101,7 +103,7 @@ def _bwd_band_q_kernel(
         spos = tl.load(sink_pos + n * SP + spi)
         s_ok = spos >= 0
         spos_c = tl.where(s_ok, spos, 0).to(tl.int64)
-        sink_out = ((n * H + h) * SP + spi).to(tl.int64)
+        sink_at = bh * T + spos_c
 
     for t0 in range(span_start, span_end, BM):
         t = t0 + tt
@@ -122,9 +124,10 @@ def _bwd_band_q_kernel(
             p_s = tl.where(vis_s, tl.exp(sc_s - lse_r[:, None]), 0.0)
             ds_s = p_s * (tl.dot(d_o, tl.trans(v_sink), input_precision=PREC) - dl_r[:, None])
             dq += _dot_split(ds_s, k_sink, SPLIT)
-            tl.atomic_add(dk_sink + sink_out[:, None] * DP + dd[None, :],
+            # absent sinks (position -1, read as 0) add exact zeros: their p_s column is 0
+            tl.atomic_add(dkr + sink_at[:, None] * DP + dd[None, :],
                           _dot_split(tl.trans(ds_s), q_rot, SPLIT) * scale)
-            tl.atomic_add(dv_sink + sink_out[:, None] * DVP + dv[None, :],
+            tl.atomic_add(dvb + sink_at[:, None] * DVP + dv[None, :],
                           tl.dot(tl.trans(p_s).to(d_o.dtype), d_o, input_precision=PREC))
         lo, hi = _band_range(seq_start, seq_end, t0, W, BM)
         for kb in range(lo, hi, BN):
@@ -379,9 +382,10 @@ def _kv_side_sweep(
     T, W, S, L, SPANS_PER_ROW, H, NSPH,
     GP: tl.constexpr, BM: tl.constexpr, G: tl.constexpr, DX: tl.constexpr, M: tl.constexpr, DXP: tl.constexpr,
     MP: tl.constexpr, MC: tl.constexpr, SPLIT: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr,
-    PREC_SLOT: tl.constexpr, FAST_LIMIT: tl.constexpr, P_SPLIT: tl.constexpr,
+    PREC_SLOT: tl.constexpr, FAST_LIMIT: tl.constexpr, P_SPLIT: tl.constexpr, ACC: tl.constexpr,
 ):
-    """The whole reverse sweep of one span for one side (see _kv_chunk): dx of its slot tokens, its part of ds."""
+    """The whole reverse sweep of one span for one side (see _kv_chunk): dx of its slot tokens, its part of ds.
+    dx goes to the tokens' own positions js = t - w (no shift to undo after), added to what dxs holds there if ACC."""
     ROWS: tl.constexpr = GP * BM
     pid = tl.program_id(0)
     h = tl.program_id(1)
@@ -422,12 +426,18 @@ def _kv_side_sweep(
                      mask=(tb < seq_end)[:, None] & (ic < M)[None, :])
             tl.store(rb0 + run + off, bnew)
         tl.debug_barrier()
-        tl.store(dxs + (bh * T + tb.to(tl.int64))[:, None] * DXP + dx[None, :], acc, mask=(tb < seq_end)[:, None])
+        # recomputed here rather than kept live from the block's start (that added ~100 bytes of spills)
+        js_out = t0 - W + jb
+        ok_out = (js_out >= seq_start) & (t0 + jb < seq_end)
+        dst = dxs + (bh * T + js_out.to(tl.int64))[:, None] * DXP + dx[None, :]
+        if ACC:
+            acc += tl.load(dst, mask=ok_out[:, None], other=0.0)
+        tl.store(dst, acc, mask=ok_out[:, None])
 
 
 @triton.jit
 def _bwd_slot_kv_kernel(
-    q, k, v, la, do, tok, span_table, dlb, psb, rb_k, rb_v, dks, dvs, dss_k, dss_v,
+    q, k, v, la, do, tok, span_table, dlb, psb, rb_k, rb_v, dks, dvb, dss_k, dss_v,
     T, W, S, L, SPANS_PER_ROW, H, NSPH, scale, one,
     G: tl.constexpr, GP: tl.constexpr, BM: tl.constexpr,
     D: tl.constexpr, DV: tl.constexpr, M: tl.constexpr, DP: tl.constexpr, DVP: tl.constexpr, MP: tl.constexpr,
@@ -437,14 +447,15 @@ def _bwd_slot_kv_kernel(
     """Gradients of the slot tokens' k, v and write weights, one side per program (SIDE 0: K, 1: V, -1: grid axis 2
     picks), so the K-side and V-side adjoint tiles are never live together (one program carrying both spilled 1.8 KB
     per thread and took 10.2 ms at T = 32K against 3.6 ms split: docs/performance.md, bwd v4). ds = dss_k + dss_v.
-    `one` = 1.0 passed at run time: with the literal 1.0 folded in, ptxas spills ~10x more on the V side."""
+    `one` = 1.0 passed at run time: with the literal 1.0 folded in, ptxas spills ~10x more on the V side.
+    dks (zeros) gets the slot part of dk; dvb (the band's dv, sinks added) gets the slot part of dv added."""
     side = tl.program_id(2) if SIDE < 0 else SIDE
     if side == 0:
         _kv_side_sweep(k, q, dlb, scale, rb_k, dks, dss_k, la, tok, span_table, T, W, S, L, SPANS_PER_ROW, H, NSPH,
-                       GP, BM, G, D, M, DP, MP, MC, SPLIT, VARLEN, PREC, PREC_SLOT, FAST_LIMIT, True)
+                       GP, BM, G, D, M, DP, MP, MC, SPLIT, VARLEN, PREC, PREC_SLOT, FAST_LIMIT, True, False)
     else:
-        _kv_side_sweep(v, do, psb, one, rb_v, dvs, dss_v, la, tok, span_table, T, W, S, L, SPANS_PER_ROW, H, NSPH,
-                       GP, BM, G, DV, M, DVP, MP, MC, SPLIT, VARLEN, PREC, PREC_SLOT, FAST_LIMIT, False)
+        _kv_side_sweep(v, do, psb, one, rb_v, dvb, dss_v, la, tok, span_table, T, W, S, L, SPANS_PER_ROW, H, NSPH,
+                       GP, BM, G, DV, M, DVP, MP, MC, SPLIT, VARLEN, PREC, PREC_SLOT, FAST_LIMIT, False, True)
 
 
 def _unshift(x: Tensor, w: int, lay, dim: int = 2) -> Tensor:
@@ -500,57 +511,29 @@ def _delta(do: Tensor, fwd: FwdOut) -> Tensor:
     return delta
 
 
-def _bwd_kv_launches() -> tuple[int, ...]:
-    """NHA_BWD_KV=split (default: the K and V sides as the two values of grid axis 2, one launch) or split2 (two
+def _bwd_kv_launches(mode: str) -> tuple[int, ...]:
+    """bwd_kv split (default: the K and V sides as the two values of grid axis 2, one launch) or split2 (two
     launches, one per side: SIDE as a compile-time constant)."""
-    mode = environment().bwd_kv
-    if mode not in ("split", "split2"):
-        raise ValueError(f"NHA_BWD_KV must be 'split' or 'split2', got {mode!r}")
     return (-1,) if mode == "split" else (0, 1)
 
 
-def _slot_tile(default: int, d: int) -> int:
-    """Slots per tile of the backward's slot kernels: NHA_BWD_SLOT_TILE (16, 32 or 64); else 64 for head dims up to 64
+def _slot_tile(default: int, d: int, tile: int | None) -> int:
+    """Slots per tile of the backward's slot kernels: `tile` (bwd_slot_tile: 16, 32 or 64); else 64 for head dims up to 64
     and the config's default (16) above. On the H200 (session 11, docs/performance.md), at d = 64 (the SmolLM2
     training rows, 64 x 1K and 64 x 4K) tile 64 takes 15 % less forward + backward time than 16, on both GPUs of one
     machine; at d = 128, where a tile holds twice the live registers, 64 passes the GPU gradient tests but is
     untimed."""
-    tile = environment().bwd_slot_tile
     if tile is None:
         return 64 if d <= 64 else default
-    if tile not in (16, 32, 64):
-        raise ValueError(f"NHA_BWD_SLOT_TILE must be 16, 32 or 64, got {tile}")
     return tile
 
 
-def _gate_grad_mode() -> str:
-    """NHA_GATE_GRAD=triton (default: gate_grad.py, two passes instead of ~25 torch ops; equal to the torch form in
-    the interpreter and GPU tests, faster on the H200) or torch (`gate_grad_torch`, the reference)."""
-    mode = environment().gate_grad
-    if mode not in ("torch", "triton"):
-        raise ValueError(f"NHA_GATE_GRAD must be 'torch' or 'triton', got {mode!r}")
-    return mode
-
-
-def _add_sink_grads(dx: Tensor, d_sink: Tensor, lay: Layout) -> None:
-    """dx (B, Hkv, T, P) += each sequence's sink gradients d_sink (n_seqs, Hkv, SP, P) at its sink positions.
-
-    One index_add over all sequences: a loop with a boolean index per sequence made two host syncs per packed
-    document per layer (70% of a training step's syncs on an H200). Absent sinks (position -1) add zeros at
-    position 0 of their row, which changes nothing."""
-    b, hkv, t_len, p = dx.shape
-    pos = lay.sink_pos.long()  # (n_seqs, SP)
-    rows = lay.seq_rows
-    heads = torch.arange(hkv, device=dx.device)
-    idx = (rows[:, None, None] * hkv + heads[None, :, None]) * t_len + pos.clamp(min=0)[:, None, :]  # (n, Hkv, SP)
-    src = d_sink[..., :p] * (pos >= 0)[:, None, :, None]
-    dx.view(b * hkv * t_len, p).index_add_(0, idx.reshape(-1), src.reshape(-1, p))
-
-
 def nha_bwd(fwd: FwdOut, do: Tensor, q, q_rot, k, k_rot, v, log_alpha, *, window, num_sinks, scale,
-            slot_bias: Tensor | None = None):
+            slot_bias: Tensor | None = None, options: KernelOptions = DEFAULT):
     """Gradients (dq, dq_rot, dk, dk_rot, dv, dlog_alpha, dslot_bias) of the op whose forward produced `fwd`.
-    dslot_bias (None without a bias) = the sum of the slot logits' gradients dl of each query head."""
+    dslot_bias (None without a bias) = the sum of the slot logits' gradients dl of each query head. `options`:
+    bwd_kv, bwd_slot_tile and gate_grad pick the variants (gate_grad triton: gate_grad.py, two passes instead of
+    ~25 torch ops; equal to the torch form in the interpreter and GPU tests, faster on the H200)."""
     lay, cfg = fwd.layout, fwd.config
     b, hq, t_len, d = q.shape
     hkv, dv, m = k.shape[1], v.shape[-1], log_alpha.shape[-1]
@@ -574,36 +557,34 @@ def nha_bwd(fwd: FwdOut, do: Tensor, q, q_rot, k, k_rot, v, log_alpha, *, window
     common = (t_len, w_eff)
 
     dq_rot = torch.empty_like(q_rot)
-    dk_sink = torch.zeros(lay.n_seqs, hkv, lay.sink_pad, dp_, dtype=torch.float32, device=dev)
-    dv_sink = torch.zeros(lay.n_seqs, hkv, lay.sink_pad, dvp, dtype=torch.float32, device=dev)
+    # dk_rot, dv in fp32: the band's (stored), then the sinks' (atomic adds at their positions), then the slots' (dv).
+    # Every launch here is host time at the training shapes, where the GPU work is small (session 15: the scatter of
+    # the sink gradients and the shift of the slot gradients were 38 of the backward's 67 torch launches).
     dk_rot32 = torch.empty(b, hkv, t_len, dp_, dtype=torch.float32, device=dev)
     dv32 = torch.empty(b, hkv, t_len, dvp, dtype=torch.float32, device=dev)
     if lay.n_spans:
-        _bwd_band_q_kernel[grid](
-            q_rot, k_rot, v, do, fwd.lse, delta, lay.tok, lay.sink_pos, span_table, dq_rot, dk_sink, dv_sink,
-            *common, cfg.span, lay.spans_per_row, hkv, scale,
-            G=g, GP=gp, BM=bm, BN=cfg.bn, D=d, DV=dv, DP=dp_, DVP=dvp, SP=lay.sink_pad, HAS_SINKS=has_sinks,
-            VARLEN=lay.varlen, PREC=prec, SPLIT=split, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
         _bwd_band_kv_kernel[grid](
             q_rot, k_rot, v, do, fwd.lse, delta, lay.tok, span_table, dk_rot32, dv32,
             *common, cfg.span, lay.spans_per_row, hkv, scale,
             G=g, GP=gp, BM=bm, BN=cfg.bn, D=d, DV=dv, DP=dp_, DVP=dvp, VARLEN=lay.varlen, PREC=prec, SPLIT=split,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
-    if has_sinks:  # sink keys seen as sinks (after they left the band): scatter-add their gradients
-        _add_sink_grads(dk_rot32, dk_sink, lay)
-        _add_sink_grads(dv32, dv_sink, lay)
+        _bwd_band_q_kernel[grid](
+            q_rot, k_rot, v, do, fwd.lse, delta, lay.tok, lay.sink_pos, span_table, dq_rot, dk_rot32, dv32,
+            *common, cfg.span, lay.spans_per_row, hkv, scale,
+            G=g, GP=gp, BM=bm, BN=cfg.bn, D=d, DV=dv, DP=dp_, DVP=dvp, SP=lay.sink_pad, HAS_SINKS=has_sinks,
+            VARLEN=lay.varlen, PREC=prec, SPLIT=split, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
 
     if has_slots:
         dq = torch.empty_like(q)
-        xg = torch.zeros(b, hkv, t_len, m, dtype=torch.float32, device=dev)
+        xg = torch.empty(b, hkv, t_len, m, dtype=torch.float32, device=dev)  # every position written
         # The kernel writes dl only where slots are in reach; d slot_bias sums all of it, so start from zeros then.
         dlb = (torch.empty if slot_bias is None else torch.zeros)(b, hq, t_len, m, dtype=torch.float32, device=dev)
         psb = torch.empty(b, hq, t_len, m, dtype=torch.float32, device=dev)
         st_k = torch.stack([fwd.span_k, torch.empty_like(fwd.span_k)])  # [0] span starts, [1] running
         st_v = torch.stack([fwd.span_v, torch.empty_like(fwd.span_v)])
-        mc = min(_slot_tile(cfg.mc_bwd, d), mp)
+        mc = min(_slot_tile(cfg.mc_bwd, d, options.bwd_slot_tile), mp)
         nsph = lay.n_spans * hkv
         _bwd_slot_q_kernel[grid](
             q, k, v, la, do, fwd.lse, delta, lay.tok, span_table, st_k, st_v, dq, xg, dlb, psb,
@@ -628,22 +609,21 @@ def nha_bwd(fwd: FwdOut, do: Tensor, q, q_rot, k, k_rot, v, log_alpha, *, window
         fin_v = torch.empty(lay.n_seqs, hkv, mp, dvp, dtype=torch.float32, device=dev)
         for loc, fin, xp in ((rb_k, fin_k, dp_), (rb_v, fin_v, dvp)):
             span_scan(loc, rb_a, seq_table, fin, lay, hkv, mp, xp, reverse=True)
+        # zeros: the last w tokens of a sequence never enter the slots; ds: every (shifted) position written
         dks = torch.zeros(b, hkv, t_len, dp_, dtype=torch.float32, device=dev)
-        dvs = torch.zeros(b, hkv, t_len, dvp, dtype=torch.float32, device=dev)
-        dss = torch.zeros(2, b, hkv, t_len, m, dtype=torch.float32, device=dev)  # K part, V part of ds
-        args = (q, k, v, la, do, lay.tok, span_table, dlb, psb, rb_k, rb_v, dks, dvs, *dss,
+        dss = torch.empty(2, b, hkv, t_len, m, dtype=torch.float32, device=dev)  # K part, V part of ds
+        args = (q, k, v, la, do, lay.tok, span_table, dlb, psb, rb_k, rb_v, dks, dv32, *dss,
                 *common, num_sinks, cfg.span, lay.spans_per_row, hkv, nsph, scale, 1.0)
-        for side in _bwd_kv_launches():
+        for side in _bwd_kv_launches(options.bwd_kv):
             _bwd_slot_kv_kernel[grid + (2 if side < 0 else 1,)](
                 *args, G=g, GP=gp, BM=bm, D=d, DV=dv, M=m, DP=dp_, DVP=dvp, MP=mp, MC=mc, SPLIT=split,
                 VARLEN=lay.varlen, PREC=prec, PREC_SLOT=prec_slot, FAST_LIMIT=FAST_LIMIT, SIDE=side,
                 num_warps=cfg.num_warps, num_stages=1)
-        if _gate_grad_mode() == "triton":
+        if options.gate_grad == "triton":
             dla = gate_grad_triton(xg, dss, la, lay, w_eff, num_sinks)
         else:
             dla = gate_grad_torch(xg, dss, la, lay, w_eff, num_sinks)
-        dk = _unshift(dks, w_eff, lay)[..., :d].to(k.dtype)
-        dv32 = dv32 + _unshift(dvs, w_eff, lay)
+        dk = dks[..., :d].to(k.dtype)
     else:
         dq = torch.zeros_like(q)
         dk = torch.zeros_like(k)

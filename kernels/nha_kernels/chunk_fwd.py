@@ -35,15 +35,14 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from nha_convert.backend import environment
-
 from ._compat import interpreting
-from .fwd_common import _mm_state, _seq_of_span, _sinks_band_store, _slot_kv, _slot_writers
+from .fwd_common import _seq_of_span, _sinks_band_store, _slot_kv, _slot_writers
 from .fwd_parallel import _chunk_walk_kernel, _nha_fwd_par_kernel
+from .options import DEFAULT, KernelOptions
+from .precision import FAST_LIMIT, _mm_state, precisions, split_products
 from .prep import Layout, make_layout, next_pow2
 from .triton_utils import expm1, group_rows, pick_col, pick_row, rows_of, slot_bias_rows
 
-FAST_LIMIT = -80.0  # smallest block log decay for the factored (matrix) path
 LAST_COMPILED: dict = {}  # name -> the last compiled kernel launched (n_regs, n_spills for the notes)
 
 
@@ -191,8 +190,10 @@ def _span_scan_tree_kernel(
 def span_scan(loc: Tensor, loc_a: Tensor, seq_table: Tensor, final: Tensor, lay: Layout, hkv: int, mp: int, xp: int,
               reverse: bool = False) -> None:
     """State at every span start (in place over the local states in `loc`) and after the last span (`final`)."""
-    max_spans = lay.spans_per_row if not lay.varlen else max(
-        (-(-(e - a) // lay.span) for _, a, e in lay.seq_bounds), default=1)
+    if "max_spans" not in lay.derived:  # a loop over the documents on the host: once per layout
+        lay.derived["max_spans"] = lay.spans_per_row if not lay.varlen else max(
+            (-(-(e - a) // lay.span) for _, a, e in lay.seq_bounds), default=1)
+    max_spans = lay.derived["max_spans"]
     ncp = next_pow2(max(2, max_spans))
     if ncp <= 4096:  # the whole walk of E entries in registers: E x NCP <= 32K values
         e = max(8, min(mp * xp, 4096 // ncp))
@@ -350,24 +351,14 @@ class FwdConfig:
 SMS = 132  # H100 streaming multiprocessors: below this many programs a pass leaves SMs idle
 
 
-def parallel_default() -> bool:
-    """NHA_FWD=parallel|serial picks the forward main kernel. parallel (the default; fwd_parallel.py) runs one
-    program per query block from chunk states walked out of span states; serial walks each span in one program."""
-    mode = environment().fwd
-    if mode not in ("parallel", "serial"):
-        raise ValueError(f"NHA_FWD must be 'parallel' or 'serial', got {mode!r}")
-    return mode == "parallel"
-
-
-def state_span(chunk: int, programs: Callable[[int], int], longest: int) -> int:
+def state_span(chunk: int, programs: Callable[[int], int], longest: int, chosen: int | None = None) -> int:
     """Span length whose start states the parallel forward walks to its chunk states (a multiple of the chunk).
 
-    NHA_FWD_STATE_SPAN=L overrides it (0: a scan over all chunks instead of the walk). Otherwise the longest span,
-    shortened while the span passes would have fewer programs than SMs (H100, T = 32K, B = 1, w = 64: chunk states
-    by a scan over 512 chunks 2.63 ms, walked from spans of 1024 2.01 ms)."""
-    env = environment().fwd_state_span
-    if env is not None:
-        span = env
+    `chosen` (KernelOptions.fwd_state_span, NHA_FWD_STATE_SPAN) overrides it (0: a scan over all chunks instead of the
+    walk). Otherwise the longest span, shortened while the span passes would have fewer programs than SMs (H100,
+    T = 32K, B = 1, w = 64: chunk states by a scan over 512 chunks 2.63 ms, walked from spans of 1024 2.01 ms)."""
+    if chosen is not None:
+        span = chosen
         if span and span % chunk:
             raise ValueError(f"NHA_FWD_STATE_SPAN={span} must be a multiple of the state chunk {chunk}")
         return span
@@ -377,8 +368,12 @@ def state_span(chunk: int, programs: Callable[[int], int], longest: int) -> int:
     return span
 
 
-def default_config(batch: int, hkv: int, t_len: int, gp: int, dtype: torch.dtype = torch.bfloat16) -> FwdConfig:
-    par = parallel_default()
+def default_config(batch: int, hkv: int, t_len: int, gp: int, dtype: torch.dtype = torch.bfloat16,
+                   options: KernelOptions = DEFAULT) -> FwdConfig:
+    """The tiles for this shape; `options.fwd` picks the main kernel: parallel (fwd_parallel.py) runs one program per
+    query block from chunk states walked out of span states; serial walks each span in one program."""
+    par = options.fwd == "parallel"
+    chosen = options.fwd_state_span
 
     def programs(span: int) -> int:  # programs of a pass with one program per (span, KV head)
         return batch * hkv * -(-t_len // span)
@@ -387,17 +382,17 @@ def default_config(batch: int, hkv: int, t_len: int, gp: int, dtype: torch.dtype
         rows = max(16, 16 * gp)
         chunk = 2 * (rows // gp)
         return FwdConfig(rows=rows, bn=16, span=chunk, cs=16, num_warps=4, num_stages=1, mc=16,
-                         parallel=par, state_span=state_span(chunk, programs, 2 * chunk) if par else 0)
+                         parallel=par, state_span=state_span(chunk, programs, 2 * chunk, chosen) if par else 0)
     if dtype != torch.bfloat16:  # fp32 tiles take twice the shared memory; fp16 enters its products as fp32 too
         rows = max(64, 16 * gp)
         span = max(64, rows // gp) if par else 512
         return FwdConfig(rows=rows, bn=32, span=span, cs=32, num_warps=4, num_stages=1, mc=16, parallel=par,
-                         state_span=state_span(span, programs, 512) if par else 0)
+                         state_span=state_span(span, programs, 512, chosen) if par else 0)
     rows = max(128, 16 * gp)
     if par:  # state chunks of 64 positions (at least one query block)
         chunk = max(64, rows // gp)
         return FwdConfig(rows=rows, bn=64, span=chunk, cs=64, num_warps=8, num_stages=1, parallel=True,
-                         state_span=state_span(chunk, programs, 1024))
+                         state_span=state_span(chunk, programs, 1024, chosen))
     # Long spans keep the slot-state traffic low (measured on an H100, T = 32K, B = 1: L = 1024 2.64 ms,
     # L = 512 2.82 ms, L = 256 3.50 ms); shorten them only when there would be fewer programs than SMs.
     span = 1024
@@ -419,30 +414,18 @@ class FwdOut:
     config: FwdConfig
 
 
-def split_products(dtype: torch.dtype) -> bool:
-    """The kernels' SPLIT: bf16 inputs multiply fp32 slot quantities as bf16 hi + lo parts on the bf16 tensor cores.
-    fp32 and fp16 inputs take 3-pass tf32 products instead (fp16 is exact in tf32; as bf16 parts it would lose 3
-    mantissa bits, and bf16 and fp16 tiles cannot meet in one product)."""
-    return dtype == torch.bfloat16
-
-
-def precisions(dtype: torch.dtype) -> tuple[str, str]:
-    """(dots of input-dtype operands, dots of fp32 slot operands). fp32 inputs get 3-pass tf32 (about fp32 accuracy,
-    and it compiles in seconds where exact fp32 products take minutes)."""
-    return ("tf32x3", "tf32x3") if dtype == torch.float32 else ("tf32", "tf32")
-
-
 def nha_fwd(
     q: Tensor, q_rot: Tensor, k: Tensor, k_rot: Tensor, v: Tensor, log_alpha: Tensor, *,
     window: int | None, num_sinks: int, scale: float, valid: Tensor | None, cu_seqlens: Tensor | None,
     config: FwdConfig | None = None, store_lo: bool = False, slot_bias: Tensor | None = None,
+    options: KernelOptions = DEFAULT,
 ) -> FwdOut:
     """`slot_bias` (Hq,): the optional slot-logit bias b_h (nha_convert/ops/common.add_slot_bias)."""
     b, hq, t_len, d = q.shape
     hkv, dv, m = k.shape[1], v.shape[-1], log_alpha.shape[-1]
     g = hq // hkv
     gp = next_pow2(g)
-    cfg = config or default_config(b, hkv, t_len, gp, q.dtype)
+    cfg = config or default_config(b, hkv, t_len, gp, q.dtype, options)
     bm = cfg.rows // gp
     assert bm >= 16 and cfg.span % bm == 0 and cfg.span % min(cfg.cs, cfg.span) == 0, cfg
     dev = q.device

@@ -18,18 +18,21 @@ it), so a captured step replays correctly at every later position.
 from __future__ import annotations
 
 from dataclasses import fields
+from typing import Any
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from nha_convert.ops.recurrent import NHAState
-
-from .chunk_fwd import precisions, split_products
-from .fwd_common import _mm_state, _online
+from .fwd_common import _online
+from .precision import _mm_state, precisions, split_products
 from .prep import next_pow2
 from .triton_utils import expm1, slot_bias_rows
+
+# nha_convert.ops.NHAState, the state the torch step updates: used by its fields (the kernels import nothing from
+# nha_convert, so the type is not named here).
+NHAState = Any
 
 
 # Slots / ring entries per block and launch shape. The G query heads of a KV head are the rows of one tile, padded

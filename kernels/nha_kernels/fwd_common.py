@@ -1,6 +1,6 @@
 """@triton.jit helpers shared by the forward kernels (chunk_fwd.py, fwd_parallel.py) and the backward (chunk_bwd.py):
 which span and sequence a program owns, which tokens enter the slots and their loads, the online softmax step, the
-fp32-accurate slot products, the band walk, and the common end of both forward kernels (sinks, band, store)."""
+band walk, and the common end of both forward kernels (sinks, band, store)."""
 
 from __future__ import annotations
 
@@ -55,34 +55,6 @@ def _online(m_i, l_i, acc, sc, vals, PREC_PV: tl.constexpr):
     l_i = l_i * alpha + tl.sum(p, axis=1)
     acc = acc * alpha[:, None] + tl.dot(p.to(vals.dtype), vals, input_precision=PREC_PV)
     return m_new, l_i, acc
-
-
-@triton.jit
-def _mm_state(a, b, SPLIT: tl.constexpr):
-    """a @ b with fp32 accuracy where one side or both are fp32 slot quantities (states, probabilities) and the
-    rest is in the input dtype (the decode kernel also passes two input-dtype operands: one plain product).
-
-    bf16 inputs (SPLIT): each fp32 operand is split into bf16 hi + lo parts, so the products run on the bf16 tensor
-    cores and carry ~16 mantissa bits (lo x lo dropped). fp32 and fp16 inputs: one 3-pass tf32 product
-    (chunk_fwd.split_products)."""
-    if SPLIT:
-        if a.dtype == tl.float32 and b.dtype == tl.float32:
-            a_hi = a.to(tl.bfloat16)
-            b_hi = b.to(tl.bfloat16)
-            return (tl.dot(a_hi, b_hi) + tl.dot(a_hi, (b - b_hi.to(tl.float32)).to(tl.bfloat16))
-                    + tl.dot((a - a_hi.to(tl.float32)).to(tl.bfloat16), b_hi))
-        elif a.dtype != tl.float32 and b.dtype != tl.float32:
-            return tl.dot(a, b)
-        elif a.dtype == tl.float32:
-            a_hi = a.to(tl.bfloat16)
-            a_lo = (a - a_hi.to(tl.float32)).to(tl.bfloat16)
-            return tl.dot(a_hi, b.to(tl.bfloat16)) + tl.dot(a_lo, b.to(tl.bfloat16))
-        else:
-            b_hi = b.to(tl.bfloat16)
-            b_lo = (b - b_hi.to(tl.float32)).to(tl.bfloat16)
-            return tl.dot(a, b_hi) + tl.dot(a, b_lo)
-    else:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32x3")
 
 
 @triton.jit

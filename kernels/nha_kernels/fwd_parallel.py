@@ -19,7 +19,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .fwd_common import _mm_state, _seq_of_span, _sinks_band_store, _slot_kv, _slot_writers
+from .fwd_common import _seq_of_span, _sinks_band_store, _slot_kv, _slot_writers
+from .precision import _mm_state
 from .triton_utils import expm1, group_rows, pick_col, pick_row, rows_of, slot_bias_rows
 
 

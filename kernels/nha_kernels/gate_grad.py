@@ -91,13 +91,17 @@ def gate_grad_triton(xg: Tensor, dss: Tensor, la: Tensor, lay: Layout, w: int, n
     _gate_grad_kernel[grid](*args, head, head, head, t_len, h, nc, bhtm, w, num_sinks, CT=chunk, M=m, MP=mp,
                             HEAD_PASS=True, num_warps=4)
     # carry[c] = sum of y over [c1, seq_end(c1 - 1)): the first segments of the chunks c+1 .. k, where chunk k holds
-    # that sequence's last position (a difference of suffix sums over chunks; nothing when the sequence ends at c1).
-    c1 = torch.clamp(torch.arange(1, nc + 1, device=dev) * chunk, max=t_len)
-    ends = lay.seq_end_at[c1 - 1]
-    k = torch.div(ends - 1, chunk, rounding_mode="floor")
-    rcs = torch.cat([head.flip(1).cumsum(1).flip(1), head.new_zeros(b * h, 1, mp)], dim=1)
-    carry = torch.where((ends > c1)[None, :, None], rcs[:, 1:] - rcs[:, k + 1], 0.0)
+    # that sequence's last position (a difference of prefix sums over chunks; nothing when the sequence ends at c1).
+    # k and that mask depend on the layout only: built once per layout, not in every layer's backward.
+    key = ("gate_grad", chunk)
+    if key not in lay.derived:
+        c1 = torch.clamp(torch.arange(1, nc + 1, device=dev) * chunk, max=t_len)
+        ends = lay.seq_end_at[c1 - 1]
+        lay.derived[key] = (torch.div(ends - 1, chunk, rounding_mode="floor"), (ends > c1).float()[None, :, None])
+    k, later = lay.derived[key]
+    pre = head.cumsum(1)
+    carry = (pre[:, k] - pre).mul_(later)
     dla = torch.zeros(b, h, t_len, m, dtype=torch.float32, device=dev)
-    _gate_grad_kernel[grid](*args, head, carry.contiguous(), dla, t_len, h, nc, bhtm, w, num_sinks, CT=chunk, M=m,
+    _gate_grad_kernel[grid](*args, head, carry, dla, t_len, h, nc, bhtm, w, num_sinks, CT=chunk, M=m,
                             MP=mp, HEAD_PASS=False, num_warps=4)
     return dla

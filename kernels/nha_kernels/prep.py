@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import weakref
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -40,6 +40,9 @@ class Layout:
     seq_rows: Tensor  # (n_seqs,) long: the batch row of each sequence
     seq_start_at: Tensor  # (T,) long: start of the sequence that position t belongs to (0 in dense mode)
     seq_end_at: Tensor  # (T,) long: its end (exclusive; T in dense mode)
+    # Device tensors the launchers derive from this layout (e.g. gate_grad's chunk bounds), built once per layout:
+    # each build is several small launches, and a layout serves every layer of a step and their backward.
+    derived: dict = field(default_factory=dict, repr=False)
 
 
 # Layouts of all-real inputs (valid None), by boundaries and shape: every layer of a forward and its backward hands
@@ -97,8 +100,15 @@ def _build_layout(valid: Tensor | None, cu_seqlens: Tensor | None, batch: int, s
         if cu[0] != 0 or cu[-1] != seq_len or any(a > b for a, b in zip(cu, cu[1:])):
             raise ValueError(f"cu_seqlens must rise from 0 to T={seq_len}, got {cu}")
         bounds = [(0, a, b) for a, b in zip(cu, cu[1:])]
-        starts = torch.tensor(cu[:-1], device=device, dtype=torch.long)
-        lens = torch.tensor([b - a for a, b in zip(cu, cu[1:])], device=device, dtype=torch.long)
+        rows, seqs = [], []
+        for n, (_, a, b) in enumerate(bounds):
+            first = len(rows)
+            for s0 in range(a, b, span):
+                rows.append((a, b, s0, n))
+            seqs.append((first, len(rows) - first, a, b))
+        starts, lens, span_table, seq_table = to_device(
+            device, [cu[:-1], [b - a for a, b in zip(cu, cu[1:])], rows or [(0, 0, 0, 0)], seqs])
+        span_table, seq_table = span_table.to(torch.int32), seq_table.to(torch.int32)
         before = torch.where(starts > 0, gc[0, (starts - 1).clamp(min=0)], torch.zeros_like(starts, dtype=torch.int32))
         cv = gc - torch.repeat_interleave(before, lens, output_size=seq_len)[None]
         # Per-position sequence bounds for the backward's shifts and scans, built here once per layout rather than
@@ -106,15 +116,7 @@ def _build_layout(valid: Tensor | None, cu_seqlens: Tensor | None, batch: int, s
         seq_rows = torch.zeros(len(cu) - 1, dtype=torch.long, device=device)
         seq_start_at = torch.repeat_interleave(starts, lens, output_size=seq_len)
         seq_end_at = torch.repeat_interleave(starts + lens, lens, output_size=seq_len)
-        rows, seqs = [], []
-        for n, (_, a, b) in enumerate(bounds):
-            first = len(rows)
-            for s0 in range(a, b, span):
-                rows.append((a, b, s0, n))
-            seqs.append((first, len(rows) - first, a, b))
         n_spans, per_row = len(rows), 0
-        span_table = torch.tensor(rows or [(0, 0, 0, 0)], dtype=torch.int32, device=device)
-        seq_table = torch.tensor(seqs, dtype=torch.int32, device=device)
     tok = (cv * 2 + valid.to(torch.int32)).to(torch.int32).contiguous()
 
     sp = max(16, next_pow2(num_sinks))
@@ -129,17 +131,31 @@ def _build_layout(valid: Tensor | None, cu_seqlens: Tensor | None, batch: int, s
             sink_pos[:, :num_sinks] = torch.where(pos < end, pos, -1).to(torch.int32)
         else:
             base = torch.cat([torch.zeros(1, dtype=torch.int32, device=device), gc[0]])
-            a = torch.tensor([x[1] for x in bounds], device=device)
-            b = torch.tensor([x[2] for x in bounds], device=device)
-            target = base[a][:, None] + ks[None, :]  # global running count of the k-th real token
+            target = base[starts][:, None] + ks[None, :]  # global running count of the k-th real token
             pos = torch.searchsorted(gc[0].contiguous(), target.reshape(-1).contiguous()).view(len(bounds), -1)
-            sink_pos[:, :num_sinks] = torch.where(pos < b[:, None], pos, -1).to(torch.int32)
+            sink_pos[:, :num_sinks] = torch.where(pos < (starts + lens)[:, None], pos, -1).to(torch.int32)
     return Layout(
         batch=batch, seq_len=seq_len, span=span, n_seqs=len(bounds), n_spans=n_spans, spans_per_row=per_row,
         varlen=cu_seqlens is not None, span_table=span_table, seq_table=seq_table, seq_bounds=bounds,
         tok=tok, sink_pos=sink_pos.contiguous(), sink_pad=sp, seq_rows=seq_rows, seq_start_at=seq_start_at,
         seq_end_at=seq_end_at,
     )
+
+
+def to_device(device: torch.device, tables: list[list]) -> list[Tensor]:
+    """Host-built int tables (lists of ints or of equal-length tuples) on `device` as int64, in one copy. On CUDA the
+    copy is from pinned memory and asynchronous: a pageable copy waits for the GPU to drain (a host sync), and a
+    layout used to make six of them."""
+    host = [torch.tensor(t, dtype=torch.long) for t in tables]
+    flat = torch.cat([h.reshape(-1) for h in host])
+    if device.type == "cuda":
+        flat = flat.pin_memory()
+    dev = flat.to(device, non_blocking=True)
+    out, at = [], 0
+    for h in host:
+        out.append(dev[at:at + h.numel()].view(h.shape))
+        at += h.numel()
+    return out
 
 
 def dummy(device: torch.device) -> Tensor:

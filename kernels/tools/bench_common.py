@@ -51,7 +51,7 @@ def decode_setup(batch: int, hq: int, h: int, d: int, m: int, window: int, sinks
     """A windowed NHA layer's decode state for `batch` sequences, prefilled with window + 37 tokens by the Triton
     kernel, and the next step's inputs as a model passes them: (state, step args)."""
     from nha_convert.ops.recurrent import NHAState
-    from nha_kernels import nha_chunk_triton
+    from nha_convert.backend import triton_chunk as nha_chunk_triton
 
     pre = window + 37
     ys = inputs(batch, hq, h, pre + 1, d, m, seed=3)

@@ -5,7 +5,7 @@
     python kernels/tools/bench_kernels.py --preset decode      # one decode step only
     python kernels/tools/bench_kernels.py --preset sweep       # T = 2K-128K x w = 64/512/2048 (the earlier table)
         [--seq T ...] [--windows W ...] [--tokens B*T] [--train-seq T ...] [--train-batch B] [--docs-per-row N]
-        [--decode-batch B] [--flex [--flex-seq T ...]] [--no-bwd] [--no-check] [--budget-s 270]
+        [--train-8b ROWSxT ...] [--decode-batch B] [--flex [--flex-seq T ...]] [--no-bwd] [--no-check] [--budget-s 270]
         [--out docs/bench/kernels.json]
 
 Rows (bf16, random inputs, gates `logsigmoid(2 + 2 N(0,1)) / 8`; times are medians of triton.testing.do_bench):
@@ -18,6 +18,8 @@ Rows (bf16, random inputs, gates `logsigmoid(2 + 2 N(0,1)) / 8`; times are media
   --train-batch rows of T positions, each row packed with --docs-per-row documents of uneven lengths: one call over
   the flattened batch with cu_seqlens, as the model's training path makes it (nha_convert/layer.py). Forward and
   forward + backward against SDPA of the same shape unpacked (B rows, causal), flash and cuDNN.
+- training 8B: the same at the 8B recipes' shapes (recipes/llama-3-8b.yaml: 32 query / 8 KV heads, d = 128,
+  w = 512, m = 64, 4 sinks), per --train-8b ROWSxT: the transfer stage's 4 x 2048 and the distill stage's 1 x 8192.
 - decode: one step for --decode-batch sequences of a Llama-3-8B layer (w = 64, m = 64, 4 sinks), replayed from a
   CUDA graph (bench_common.time_decode, as kernels/tools/gpu_check.py times it), against reading the decode state
   once (window ring buffer + sinks + fp32 slot state: nha_convert/memory.py) at the copy bandwidth.
@@ -62,16 +64,19 @@ class Shape:
 
 LONG = Shape(hq=32, hkv=8, d=128, m=64)  # Llama-3-8B attention, no sinks (as in the earlier tables)
 TRAIN = Shape(hq=9, hkv=3, d=64, m=64, window=64, sinks=4)  # recipes/smollm2-135m.yaml
+TRAIN_8B = Shape(hq=32, hkv=8, d=128, m=64, window=512, sinks=4)  # recipes/llama-3-8b.yaml (qwen3-8b: the same)
 DECODE = Shape(hq=32, hkv=8, d=128, m=64, window=64, sinks=4)  # Llama-3-8B, the NHA defaults
 CHECK_T = 4096
 DEFAULT_OUT = ROOT / "docs" / "bench" / "kernels.json"
 FLEX_NOTE = ("flex_attention skipped (opt in with --flex): its torch.compile took > 400 s on a fresh machine, "
              "and each T compiles it again")
 PRESETS = {
-    "issue13": dict(seq=[32768], windows=[64, 512], train_seq=[1024, 2048, 4096], decode=True),
-    "sweep": dict(seq=[2048, 8192, 32768, 131072], windows=[64, 512, 2048], train_seq=[], decode=False),
-    "training": dict(seq=[], windows=[64, 512], train_seq=[1024, 2048, 4096], decode=False),
-    "decode": dict(seq=[], windows=[64, 512], train_seq=[], decode=True),
+    "issue13": dict(seq=[32768], windows=[64, 512], train_seq=[1024, 2048, 4096], train_8b=["4x2048", "1x8192"],
+                    decode=True),
+    "sweep": dict(seq=[2048, 8192, 32768, 131072], windows=[64, 512, 2048], train_seq=[], train_8b=[], decode=False),
+    "training": dict(seq=[], windows=[64, 512], train_seq=[1024, 2048, 4096], train_8b=["4x2048", "1x8192"],
+                     decode=False),
+    "decode": dict(seq=[], windows=[64, 512], train_seq=[], train_8b=[], decode=True),
 }
 
 
@@ -87,6 +92,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--train-seq", type=int, nargs="*", default=None, help="T of the training rows (none: none)")
     ap.add_argument("--train-batch", type=int, default=8, help="rows per training step (the recipe's batch_size)")
     ap.add_argument("--docs-per-row", type=int, default=4, help="documents packed into each training row")
+    ap.add_argument("--train-8b", nargs="*", default=None, metavar="ROWSxT",
+                    help="training rows at the 8B shapes, e.g. 4x2048 1x8192 (none: none)")
     ap.add_argument("--decode", action=argparse.BooleanOptionalAction, default=None, help="the decode row")
     ap.add_argument("--decode-batch", type=int, default=64)
     ap.add_argument("--flex", action="store_true", help="also time flex_attention (compiles for minutes)")
@@ -105,15 +112,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key) is None:
             setattr(args, key, list(value) if isinstance(value, list) else value)
+    try:
+        args.train_8b = [tuple(int(x) for x in r.split("x")) for r in args.train_8b]
+        assert all(len(r) == 2 for r in args.train_8b)
+    except (ValueError, AssertionError):
+        ap.error(f"--train-8b takes ROWSxT pairs such as 4x2048, got {' '.join(map(str, args.train_8b))}")
     if args.flex_seq is None:
         args.flex_seq = [t for t in args.seq if t <= 32768]
     if args.budget_s < 0:
         ap.error("--budget-s must be >= 0 (0: no bound)")
     if min([args.tokens, args.train_batch, args.docs_per_row, args.decode_batch, *args.seq, *args.windows,
-            *args.train_seq]) < 1:
+            *args.train_seq, *(x for r in args.train_8b for x in r)]) < 1:
         ap.error("sizes, windows and counts must be >= 1")
     total = max(sum(doc_weights(r, args.docs_per_row)) for r in range(3))  # every document >= 1 position
-    if any(t < total for t in args.train_seq):
+    if any(t < total for t in [*args.train_seq, *(t for _, t in args.train_8b)]):
         ap.error(f"--train-seq values must be >= {total} to hold {args.docs_per_row} documents per row")
     return args
 
@@ -266,7 +278,8 @@ def format_tables(result: dict) -> str:
            f"x floor = NHA / HBM floor"]
     notes = []
     shapes = result.get("shapes", {})
-    long_rows, train, dec = (result.get(key, []) for key in ("rows", "training", "decode"))
+    long_rows, dec = (result.get(key, []) for key in ("rows", "decode"))
+    train = result.get("training", []) + result.get("training_8b", [])
     sections = []  # (title, headers, rows)
     for part, name in (("fwd", "forward"), ("fwdbwd", "forward + backward")) if long_rows else ():
         s = shapes["long"]
@@ -276,15 +289,17 @@ def format_tables(result: dict) -> str:
             [[str(r["T"]), str(r["B"]), str(r["window"]), *_sdpa_cells(r, part), _cell(r.get(f"floor_{part}_ms")),
               _cell(r.get(f"x_floor_{part}"), 1), _cell(r.get(f"flex_{part}_ms")), _cell(r.get(f"gsa_{part}_ms"))]
              for r in long_rows]))
-    if train:
-        s = shapes["training"]
+    for key in ("training", "training_8b"):
+        if not result.get(key):
+            continue
+        s = shapes[key]
         sections.append((
-            f"training shapes, packed: {s['hq']}/{s['hkv']} heads, d = {s['d']}, w = {s['window']}, m = {s['m']}, "
-            f"{s['sinks']} sinks; SDPA on the same rows unpacked (causal)",
+            f"{key.replace('_', ' ')} shapes, packed: {s['hq']}/{s['hkv']} heads, d = {s['d']}, w = {s['window']}, "
+            f"m = {s['m']}, {s['sinks']} sinks; SDPA on the same rows unpacked (causal)",
             ["T", "rows", "docs", "NHA fwd", "flash", "x", "cuDNN", "x", "NHA f+b", "flash f+b", "x", "cuDNN f+b", "x",
              "floor f+b", "x floor"],
             [[str(r["T"]), str(r["B"]), str(r["docs_per_row"]), *_sdpa_cells(r, "fwd"), *_sdpa_cells(r, "fwdbwd"),
-              _cell(r.get("floor_fwdbwd_ms")), _cell(r.get("x_floor_fwdbwd"), 1)] for r in train]))
+              _cell(r.get("floor_fwdbwd_ms")), _cell(r.get("x_floor_fwdbwd"), 1)] for r in result[key]]))
     if dec:
         s = shapes["decode"]
         sections.append((
@@ -381,7 +396,7 @@ def check_long(args, budget: Budget) -> dict:
 
     from bench_common import inputs
     from nha_convert.ops import nha_chunk
-    from nha_kernels import nha_chunk_triton
+    from nha_convert.backend import triton_chunk as nha_chunk_triton
 
     s = LONG
     xs = [x.requires_grad_(True) for x in inputs(1, s.hq, s.hkv, CHECK_T, s.d, s.m, seed=1)]
@@ -406,7 +421,7 @@ def bench_long(args, bw: float, budget: Budget, result: dict) -> None:
     import torch
 
     from bench_common import bench, inputs
-    from nha_kernels import nha_chunk_triton
+    from nha_convert.backend import triton_chunk as nha_chunk_triton
 
     s = LONG
     scale = s.d**-0.5
@@ -471,19 +486,19 @@ def bench_long(args, bw: float, budget: Budget, result: dict) -> None:
         torch.cuda.empty_cache()
 
 
-def bench_training(args, bw: float, budget: Budget, result: dict) -> None:
+def bench_training(args, bw: float, budget: Budget, result: dict, s: Shape = TRAIN,
+                   rows_t: Sequence[tuple[int, int]] | None = None, key: str = "training") -> None:
     """The training rows: packed NHA (one call over the flattened batch, cu_seqlens on the CPU as the model makes
-    them) against SDPA on the same rows unpacked."""
+    them) against SDPA on the same rows unpacked; (rows, T) pairs, default --train-batch x each --train-seq."""
     import torch
 
     from bench_common import bench, inputs
     from nha_convert.ops.packed import flatten_rows
-    from nha_kernels import nha_chunk_triton
+    from nha_convert.backend import triton_chunk as nha_chunk_triton
 
-    s = TRAIN
-    b, docs = args.train_batch, args.docs_per_row
-    for t in args.train_seq:
-        if not budget.allows(f"training row T={t}"):
+    docs = args.docs_per_row
+    for b, t in rows_t if rows_t is not None else [(args.train_batch, t) for t in args.train_seq]:
+        if not budget.allows(f"{key} row {b}x{t}"):
             continue
         do_bwd = not args.no_bwd
         dense = inputs(b, s.hq, s.hkv, t, s.d, s.m, seed=4)
@@ -506,7 +521,7 @@ def bench_training(args, bw: float, budget: Budget, result: dict) -> None:
         row.update(sdpa_row(qr, kr, vr, grad, do_bwd, rep=100))
         row["floor_fwd_ms"] = floor_ms(nha_bytes(b * t, s.hq, s.hkv, s.d, s.m), bw)
         row["floor_fwdbwd_ms"] = floor_ms(nha_bytes(b * t, s.hq, s.hkv, s.d, s.m, backward=True), bw)
-        result["training"].append(add_ratios(row))
+        result[key].append(add_ratios(row))
         print({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items() if k != "cu_seqlens"}, flush=True)
         write_json(result, args.out)
         dense = xs = qr = kr = vr = grad = grad_flat = None  # free them before the next T
@@ -548,8 +563,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     result = {**run_info(argv), "device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "triton": triton.__version__, "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
               "preset": args.preset, "budget_s": args.budget_s, "dtype": "bf16",
-              "shapes": {"long": asdict(LONG), "training": asdict(TRAIN), "decode": asdict(DECODE)},
-              "rows": [], "training": [], "decode": [], "skipped": budget.skipped, "complete": False}
+              "shapes": {"long": asdict(LONG), "training": asdict(TRAIN), "training_8b": asdict(TRAIN_8B),
+                         "decode": asdict(DECODE)},
+              "rows": [], "training": [], "training_8b": [], "decode": [], "skipped": budget.skipped,
+              "complete": False}
     bw = copy_bandwidth()
     result["copy_bandwidth_TBps"] = bw / 1e12
     print(f"{result['device']}: copy {bw / 1e12:.2f} TB/s; {result['command']}", flush=True)
@@ -559,6 +576,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         bench_long(args, bw, budget, result)
     if args.train_seq:
         bench_training(args, bw, budget, result)
+    if args.train_8b:
+        bench_training(args, bw, budget, result, TRAIN_8B, args.train_8b, "training_8b")
     if args.decode:
         bench_decode(args, bw, budget, result)
     result["elapsed_s"] = budget.elapsed()

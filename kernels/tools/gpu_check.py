@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[2]  # run by path from anywhere: the che
 sys.path[:0] = [str(ROOT / "kernels"), str(ROOT)]
 
 from bench_common import bench, copy_bandwidth, inputs, nha_bytes, time_decode  # noqa: E402
-from nha_kernels import nha_chunk_triton  # noqa: E402
+from nha_convert.backend import triton_chunk as nha_chunk_triton  # noqa: E402
 from nha_kernels.chunk_fwd import LAST_COMPILED, FwdConfig, nha_fwd  # noqa: E402
 
 

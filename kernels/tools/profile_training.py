@@ -50,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from bench_common import inputs
     from bench_kernels import TRAIN, fwd_bwd, packed_cu_seqlens
     from nha_convert.ops.packed import flatten_rows
-    from nha_kernels import nha_chunk_triton
+    from nha_convert.backend import triton_chunk as nha_chunk_triton
 
     s = TRAIN
     for b, t in args.shapes:

@@ -18,9 +18,10 @@ if not torch.cuda.is_available():
 from nha_convert import backend as nha_backend  # noqa: E402
 from nha_convert.ops import nha_chunk, nha_recurrent  # noqa: E402
 from nha_convert.ops.recurrent import NHAState  # noqa: E402
-from nha_kernels import nha_chunk_triton  # noqa: E402
+from nha_convert.backend import triton_chunk as nha_chunk_triton  # noqa: E402
 from tests.helpers.env import set_nha_env  # noqa: E402
 from nha_kernels.decode import nha_decode_step  # noqa: E402
+
 
 pytestmark = pytest.mark.gpu
 DEV = "cuda"
@@ -293,3 +294,34 @@ def test_gradients_with_the_torch_gate_gradient(monkeypatch):
     set_nha_env(monkeypatch, "NHA_GATE_GRAD", "torch")
     test_packed_sequence_gradients()
     test_gradients_match_reference(*GRAD_CASES[0])
+
+
+def test_training_call_never_waits_for_the_gpu():
+    """Forward + backward at the training shapes (8 packed rows of 1024, 9 / 3 heads, d = 64, w = 64, m = 64,
+    4 sinks, valid None, cu_seqlens on the host as the layer hands them) under torch.cuda.set_sync_debug_mode("error"):
+    a host sync raises, including the first call of a step, which builds the layouts (pinned, asynchronous copies).
+    The launch list itself is held by tests/kernels/test_launches.py."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "kernels" / "tools"))
+    from bench_kernels import packed_cu_seqlens
+
+    xs, _ = make(1, 9, 3, 8 * 1024, 64, 64, pad=False, dtype=torch.bfloat16, seed=11, requires_grad=True)
+    do = torch.randn(1, 9, 8 * 1024, 64, device=DEV, dtype=torch.bfloat16)
+    kw = dict(window=64, num_sinks=4, scale=0.125, valid=None)
+
+    def step(cu):
+        o = nha_chunk_triton(*xs, cu_seqlens=cu, **kw)[0]
+        return torch.autograd.grad(o, xs, do)
+
+    step(torch.tensor(packed_cu_seqlens(8, 1024, 4), dtype=torch.int32))  # compiles the kernels
+    cu = torch.tensor(packed_cu_seqlens(8, 1024, 3), dtype=torch.int32)  # new boundaries: new layouts inside
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(2):
+            grads = step(cu)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert all(torch.isfinite(g).all() for g in grads)

@@ -28,6 +28,7 @@ def test_default_is_the_issue_13_table():
     assert (args.seq, args.windows, args.train_seq, args.decode) == ([32768], [64, 512], [1024, 2048, 4096], True)
     assert (args.flex, args.budget_s, args.train_batch, args.docs_per_row, args.decode_batch) == (False, 270.0, 8, 4, 64)
     assert args.flex_seq == [32768] and not args.no_bwd and not args.no_check
+    assert args.train_8b == [(4, 2048), (1, 8192)]  # the 8B recipes' transfer and distill steps (issue 30)
     assert Path(args.out) == ROOT / "docs" / "bench" / "kernels.json"
 
 
@@ -48,10 +49,14 @@ def test_flags_override_the_preset():
     assert (args.seq, args.windows, args.train_seq, args.decode) == ([8192], [64], [2048], False)
     assert args.flex and args.flex_seq == [8192] and args.budget_s == 0 and args.out == "x.json"
     assert bk.parse_args(["--seq", "--train-seq"]).seq == []  # no long rows, no training rows: decode only
+    assert bk.parse_args(["--train-8b"]).train_8b == [] and bk.parse_args(["--train-8b", "2x4096"]).train_8b == [
+        (2, 4096)]
+    assert bk.parse_args(["--preset", "decode"]).train_8b == []
 
 
 @pytest.mark.parametrize("argv", [["--budget-s", "-1"], ["--preset", "nope"], ["--train-seq", "8"],
-                                  ["--docs-per-row", "0"], ["--windows", "0"]])
+                                  ["--docs-per-row", "0"], ["--windows", "0"], ["--train-8b", "4"],
+                                  ["--train-8b", "0x2048"], ["--train-8b", "1x8"]])
 def test_bad_command_lines_exit(argv, capsys):
     with pytest.raises(SystemExit) as e:
         bk.parse_args(argv)
@@ -160,7 +165,8 @@ def test_run_info(monkeypatch):
 
 
 def test_tables():
-    shapes = {"long": asdict(bk.LONG), "training": asdict(bk.TRAIN), "decode": asdict(bk.DECODE)}
+    shapes = {"long": asdict(bk.LONG), "training": asdict(bk.TRAIN), "training_8b": asdict(bk.TRAIN_8B),
+              "decode": asdict(bk.DECODE)}
     long_row = bk.add_ratios(dict(T=32768, B=1, window=64, nha_fwd_ms=2.0, sdpa_flash_fwd_ms=25.0, floor_fwd_ms=0.25,
                                   sdpa_cudnn_note="n/a: cudnn forward: RuntimeError: no kernel"))
     train_row = bk.add_ratios(dict(T=1024, B=8, docs_per_row=4, nha_fwd_ms=0.5, nha_fwdbwd_ms=3.0,
@@ -170,11 +176,14 @@ def test_tables():
                    x_floor=120.0 / 16.4, eager_us=130.0, step_us_at_1M=121.0)
     text = bk.format_tables(dict(device="GPU", torch="2", triton="3", copy_bandwidth_TBps=4.17, shapes=shapes,
                                  rows=[long_row], training=[train_row], decode=[dec_row], flex=bk.FLEX_NOTE,
+                                 training_8b=[dict(train_row, T=8192, B=1)],
                                  skipped=["skipped long rows T=131072: 280 s elapsed, past --budget-s 270"]))
     lines = text.splitlines()
     assert any(ln.split()[:10] == ["32768", "1", "64", "2.000", "25.00", "12.5", "n/a", "-", "0.2500", "8.0"] for ln in lines)
     assert any(ln.split()[:3] == ["1024", "8", "4"] and ln.split()[-2:] == ["0.1000", "30.0"] for ln in lines)
     assert any(ln.split()[:4] == ["64", "64", "65.0", "16.4"] for ln in lines)
+    assert any(ln.startswith("training 8b shapes, packed: 32/8 heads, d = 128, w = 512") for ln in lines)
+    assert any(ln.split()[:3] == ["8192", "1", "4"] for ln in lines)
     assert "- SDPA cudnn at T=32768 B=1: n/a: cudnn forward: RuntimeError: no kernel" in lines
     assert f"- flex: {bk.FLEX_NOTE}" in lines and lines[-1].startswith("- skipped long rows T=131072")
     assert bk.format_tables(dict(shapes=shapes)).startswith("?, torch ?")  # nothing measured: a header, no crash
@@ -195,7 +204,8 @@ def test_main_without_cuda_exits_with_one_line(monkeypatch):
                             "nothing was measured")
 
 
-@pytest.mark.parametrize("script", ["bench_kernels.py", "gpu_check.py", "compile_check.py", "profile_training.py"])
+@pytest.mark.parametrize("script", ["bench_kernels.py", "gpu_check.py", "compile_check.py", "profile_training.py",
+                                    "launch_count.py"])
 def test_tools_run_by_path_from_anywhere(script, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     p = subprocess.run([sys.executable, str(TOOLS / script), "--help"], cwd=tmp_path, env=env, capture_output=True,

@@ -75,10 +75,9 @@ _bool_masks_for_the_interpreter()
 
 from nha_convert.ops import nha_chunk, nha_recurrent  # noqa: E402
 from nha_convert.ops.recurrent import NHAState  # noqa: E402
-from nha_kernels import nha_chunk_triton  # noqa: E402
+from nha_convert.backend import triton_chunk as nha_chunk_triton  # noqa: E402
 from tests.helpers.env import set_nha_env  # noqa: E402
 from nha_kernels.decode import nha_decode_step  # noqa: E402
-
 
 
 def _restore_env() -> None:

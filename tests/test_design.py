@@ -141,8 +141,6 @@ def test_no_import_circle_in_nha_convert():
     assert circle is None, f"import circle: {' -> '.join(circle)}"
 
 
-@pytest.mark.xfail(reason="issue 31 item 2: the kernels read NHA_* options from nha_convert.backend, which imports "
-                          "them (the kern engineer's change removes it; then drop this mark)", strict=False)
 def test_no_import_circle_with_the_kernels():
     circle = _cycle(import_graph("nha_convert", "kernels/nha_kernels"))
     assert circle is None, f"import circle: {' -> '.join(circle)}"

@@ -29,6 +29,7 @@ class NHAAttention(nn.Module):
     """NHA layer built around a base attention module whose projections (and q_norm / k_norm) it adopts."""
 
     ADOPTED = ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm")
+    slots_masked = False  # eval/ablation.py: run as the same layer with m = 0 (exactly its sliding window)
 
     def __init__(self, base: nn.Module, config: Any, layer_idx: int, nha: ResolvedNHA | None = None):
         """`nha`: the config's settings when the caller resolved them once for all layers."""
@@ -123,6 +124,8 @@ class NHAAttention(nn.Module):
         q, q_rot, k, k_rot, v, log_alpha = self.project(hidden_states, position_embeddings)
         valid = padding_mask(attention_mask, b, t, hidden_states.device)
         bias = {} if self.slot_bias is None else {"slot_bias": self.slot_bias}  # none: the calls of before
+        if self.slots_masked:
+            log_alpha, bias = log_alpha[..., :0], {}
         common = dict(window=self.window, num_sinks=self.num_sinks, scale=self.scaling, **bias)
 
         if cache is not None and cache.state is not None:

@@ -194,6 +194,7 @@ def mqar_items(tokenizer: Any, length: int, n: int, seed: int = 0, n_pairs: int 
 
 
 def make_items(probe: str, tokenizer: Any, length: int, n: int, seed: int = 0, **kw: Any) -> list[ProbeItem]:
+    """Passkey or MQAR items; every probe by name (the natural ones too): eval/probes.items_for."""
     if probe == "passkey":
         return passkey_items(tokenizer, length, n, seed)
     if probe == "mqar":
@@ -222,7 +223,9 @@ def read_recall_file(path: str | Path) -> tuple[str, list[FileQuestion]]:
     """
     path = Path(path)
     name = path.stem
-    if name in (*PROBES, "chance"):
+    from .probes import PROBES as REGISTERED
+
+    if name in (*REGISTERED, "chance"):
         raise NHAError(f"--recall-file {path}: the name {name!r} is a built-in probe's; rename the file")
     try:
         text = path.read_text(encoding="utf-8")
@@ -276,16 +279,20 @@ def _norm(s: str) -> str:
 
 
 def score(items: Sequence[ProbeItem], predictions: Sequence[Sequence[str]]) -> float:
-    """Fraction of answers predicted exactly (after stripping blanks), over all questions of all items."""
+    """Fraction of answers predicted exactly (after the probe's normalisation: eval/probes.py), over all questions
+    of all items."""
+    from .probes import normalizer
+
     if len(items) != len(predictions):
         raise ValueError(f"{len(items)} items but {len(predictions)} predictions")
     total = correct = 0
     for item, preds in zip(items, predictions):
         if len(preds) != len(item.answers):
             raise ValueError(f"item has {len(item.answers)} answers but {len(preds)} predictions")
+        norm = normalizer(item.probe)
         for want, got in zip(item.answers, preds):
             total += 1
-            correct += _norm(want) == _norm(got)
+            correct += norm(want) == norm(got)
     return correct / max(total, 1)
 
 
@@ -323,68 +330,90 @@ def _query_key(query: str) -> str:
 
 @torch.no_grad()
 def model_predictions(model: Any, tokenizer: Any, items: Sequence[ProbeItem], batch_size: int = 1,
-                      on_batch: Callable[[int], None] | None = None) -> list[list[str]]:
+                      on_batch: Callable[[int], None] | None = None,
+                      batch_tokens: int | None = None) -> list[list[str]]:
     """Greedy answers under teacher forcing: the argmax token at every answer position, decoded.
 
-    Items of one length are equally long, so batches need no padding; only the logits of the question tail
-    are computed (a 32K x 49K-vocab logit matrix would not fit).
+    Items of different lengths share a batch padded on the right: a causal model never sees what follows, so the
+    padding changes no logit that is read. Only the logits of answer positions are computed (a 32K x 49K-vocab
+    logit matrix would not fit). `batch_tokens`, when given, sets the batch to that many tokens (at least one item).
     """
     device = next(model.parameters()).device
-    out: list[list[str]] = []
-    for b in range(0, len(items), batch_size):
-        batch = items[b: b + batch_size]
-        lengths = {len(it.ids) for it in batch}
-        if len(lengths) != 1:
-            raise ValueError("a batch of probe items must share one length")
-        (T,) = lengths
-        first = min(s for it in batch for s, _ in it.answer_spans)
-        keep = T - first + 1  # logits from the position before the first answer token to the end
-        ids = torch.tensor([it.ids for it in batch], device=device)
-        logits = _tail_logits(model, ids, keep)
-        pred = logits.argmax(-1).tolist()  # (B, keep); pred[:, j] predicts token T - keep + j + 1
-        for it, row in zip(batch, pred):
-            answers = []
-            for s, e in it.answer_spans:
-                toks = [row[p - 1 - (T - keep)] for p in range(s, e)]
-                answers.append(tokenizer.decode(toks, skip_special_tokens=True))
-            out.append(answers)
+    order = sorted(range(len(items)), key=lambda i: len(items[i].ids))  # similar lengths batch together
+    out: list[list[str]] = [[] for _ in items]
+    b = 0
+    while b < len(order):
+        size = batch_size if batch_tokens is None else max(1, batch_tokens // len(items[order[b]].ids))
+        idx = order[b: b + size]
+        b += len(idx)
+        batch = [items[i] for i in idx]
+        T = max(len(it.ids) for it in batch)
+        ids = torch.tensor([it.ids + [it.ids[-1]] * (T - len(it.ids)) for it in batch], device=device)
+        # position p - 1 predicts the answer token at p
+        positions = sorted({p - 1 for it in batch for s, e in it.answer_spans for p in range(s, e)})
+        col = {p: j for j, p in enumerate(positions)}
+        pred = _logits_at(model, ids, positions).argmax(-1).tolist()  # (B, len(positions))
+        for i, it, row in zip(idx, batch, pred):
+            out[i] = [tokenizer.decode([row[col[p - 1]] for p in range(s, e)], skip_special_tokens=True)
+                      for s, e in it.answer_spans]
         if on_batch:
             on_batch(len(batch))
     return out
 
 
-def _tail_logits(model: Any, ids: torch.Tensor, keep: int) -> torch.Tensor:
-    try:
-        return model(input_ids=ids, use_cache=False, logits_to_keep=keep).logits[:, -keep:].float()
-    except TypeError:  # a model class without logits_to_keep: compute the tail from the last hidden states
-        hidden = model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state[:, -keep:]
-        return model.get_output_embeddings()(hidden).float()
+def _logits_at(model: Any, ids: torch.Tensor, positions: list[int]) -> torch.Tensor:
+    """Logits at the given (sorted) positions only, (B, len(positions), vocab) in fp32."""
+    T = ids.shape[1]
+    keep = T - positions[0]
+    if keep <= max(256, 2 * len(positions)):  # a short tail of logits: what every model class takes
+        cols = [p - (T - keep) for p in positions]
+        try:
+            return model(input_ids=ids, use_cache=False, logits_to_keep=keep).logits[:, -keep:][:, cols].float()
+        except TypeError:  # a model class without logits_to_keep
+            pass
+    # answers of right-padded items far apart: the hidden states at those positions through the LM head
+    hidden = model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state[:, positions]
+    return model.get_output_embeddings()(hidden).float()
 
 
 def run_recall(model: Any, tokenizer: Any, lengths: Sequence[int], probes: Sequence[str] = PROBES,
-               n: int = 20, seed: int = 0, batch_size: int = 1, n_pairs: int = 16,
+               n: int | None = 20, seed: int = 0, batch_size: int = 1, n_pairs: int = 16,
                progress: Callable[[str, int], Callable[[int], None]] | None = None,
-               files: Sequence[tuple[str, Sequence[FileQuestion]]] = ()) -> dict[str, Any]:
+               files: Sequence[tuple[str, Sequence[FileQuestion]]] = (),
+               batch_tokens: int | None = None) -> dict[str, Any]:
     """Accuracy by probe and length: {"passkey": {"1024": 1.0, ...}, "mqar": {...}, "chance": {...}}; each recall
-    file (read_recall_file) adds {name: {bucket: accuracy}} (bucket: length_bucket of its items).
+    file (read_recall_file) adds {name: {bucket: accuracy}} (bucket: length_bucket of its items). A probe of its own
+    length (eval/probes.py: reading) reports one cell at the next power of two of its longest item.
 
-    progress(description, items) gives the callback advanced once per scored item (a bar per probe and length).
+    n: items per cell (None: each probe's default). progress(description, items) gives the callback advanced once
+    per scored item (a bar per probe and length). batch_tokens: tokens per forward (model_predictions).
     """
+    from . import probes as P
+
     limit = context_length(model)
     if probes:
         check_lengths(lengths, limit, type(model).__name__)
     res: dict[str, Any] = {p: {} for p in probes}
     res["chance"] = {}
-    for probe in probes:
-        kw = {"n_pairs": n_pairs} if probe == "mqar" else {}
-        res["chance"][probe] = chance(probe, n_pairs)
-        for L in lengths:
-            items = make_items(probe, tokenizer, L, n, seed, **kw)
-            cb = progress(f"{probe} @ {L} tokens", len(items)) if progress else None
-            res[probe][str(L)] = score(items, model_predictions(model, tokenizer, items, batch_size, cb))
+    for name in probes:
+        probe = P.get(name)
+        kw = {"n_pairs": n_pairs} if name == "mqar" else {}
+        count = probe.default_n if n is None else n
+        cells: list[tuple[str, list[ProbeItem]]] = []
+        for L in ([None] if probe.own_length else lengths):
+            items = P.items_for(name, tokenizer, L, count, seed, **kw)
+            cells.append((str(L if L is not None else length_bucket(max(len(it.ids) for it in items))), items))
+        res["chance"][name] = sum(probe.chance(items, **kw) for _, items in cells) / len(cells)
+        for cell, items in cells:
+            if limit is not None and max(len(it.ids) for it in items) > limit:
+                continue  # reading alone at a model's short context: nothing to measure
+            cb = progress(f"{name} @ {cell} tokens", len(items)) if progress else None
+            preds = model_predictions(model, tokenizer, items, batch_size, cb, batch_tokens=batch_tokens)
+            res[name][cell] = score(items, preds)
     for name, questions in files:
         res[name] = {}
         for bucket, items in file_items(name, questions, tokenizer, limit).items():
             cb = progress(f"{name} @ <= {bucket} tokens", len(items)) if progress else None
-            res[name][str(bucket)] = score(items, model_predictions(model, tokenizer, items, 1, cb))
+            res[name][str(bucket)] = score(items, model_predictions(model, tokenizer, items, 1, cb,
+                                                                    batch_tokens=batch_tokens))
     return res

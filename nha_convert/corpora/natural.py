@@ -168,18 +168,21 @@ def reading_items(tokenizer: Any, length: int | None, n: int, seed: int = 0) -> 
     t, rng = pool.t, random.Random(f"reading-{length}-{seed}")
     head = t.start() + t.enc(READING_INTRO.rstrip("\n"))
     probe = "reading" if length is None else "reading-distractors"
-    order = list(range(len(pool.reading)))
-    rng.shuffle(order)
+    def fixed(r: _Reading) -> int:
+        return len(head) + len(r.ids) + len(t.enc(READING_QUESTION.format(q=r.question))) + len(t.enc(" " + r.answer))
+
+    # among distractors, the questions whose passage leaves room for one (all of them from 1K tokens on)
+    fits = [r for r in pool.reading if length is None or fixed(r) + 32 <= length]
+    if len(fits) < min(n, 20):
+        raise NHAError(f"reading-distractors length {length} is too short; use at least 512 tokens")
+    rng.shuffle(fits)
     items = []
     for k in range(n):
-        r = pool.reading[order[k % len(order)]]
+        r = fits[k % len(fits)]
         q_text = READING_QUESTION.format(q=r.question)
-        fixed = len(head) + len(r.ids) + len(t.enc(q_text)) + len(t.enc(" " + r.answer))
         others: list[list[int]] = []
         if length is not None:
-            budget = length - fixed
-            if budget < 0:
-                raise NHAError(f"reading-distractors length {length} is too short; use at least {fixed} tokens")
+            budget = length - fixed(r)
             hit = _word_re(r.answer)
             for p in rng.sample(pool.passages, len(pool.passages)):
                 if budget < 16:
@@ -261,7 +264,7 @@ def code_items(tokenizer: Any, length: int, n: int, seed: int = 0) -> list[Natur
             budget -= len(f)
         before = rng.randint(0, len(funcs) // 4)
         if sum(map(len, funcs[before:])) <= MIN_DISTANCE:
-            raise NHAError(f"code length {length} is too short; use at least 512 tokens")
+            raise NHAError(f"code length {length} is too short; use at least 256 tokens")
         pieces = funcs[:before] + [block_ids] + funcs[before:]
         evidence_end = len(head) + sum(map(len, pieces[: before + 1]))
         items.append(_finish("code", head, pieces, evidence_end, q_text, values[asked], t, key=key,
@@ -323,7 +326,7 @@ def restated_items(tokenizer: Any, length: int, n: int, seed: int = 0) -> list[N
             cut -= 1
             tail += len(passages[cut])
         if tail <= MIN_DISTANCE:
-            raise NHAError(f"restated length {length} is too short; use at least 512 tokens")
+            raise NHAError(f"restated length {length} is too short; use at least 256 tokens")
         at = sorted(rng.randint(0, cut) for _ in range(PEOPLE))
         pieces: list[list[int]] = []
         evidence_end = 0

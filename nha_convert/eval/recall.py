@@ -376,17 +376,22 @@ def _logits_at(model: Any, ids: torch.Tensor, positions: list[int]) -> torch.Ten
     return model.get_output_embeddings()(hidden).float()
 
 
+def _vocab_id(tokenizer: Any) -> int:
+    return hash((type(tokenizer).__name__, frozenset(tokenizer.get_vocab().items())))
+
+
 def run_recall(model: Any, tokenizer: Any, lengths: Sequence[int], probes: Sequence[str] = PROBES,
                n: int | None = 20, seed: int = 0, batch_size: int = 1, n_pairs: int = 16,
                progress: Callable[[str, int], Callable[[int], None]] | None = None,
                files: Sequence[tuple[str, Sequence[FileQuestion]]] = (),
-               batch_tokens: int | None = None) -> dict[str, Any]:
+               batch_tokens: int | None = None, cache: dict[Any, list[ProbeItem]] | None = None) -> dict[str, Any]:
     """Accuracy by probe and length: {"passkey": {"1024": 1.0, ...}, "mqar": {...}, "chance": {...}}; each recall
     file (read_recall_file) adds {name: {bucket: accuracy}} (bucket: length_bucket of its items). A probe of its own
     length (eval/probes.py: reading) reports one cell at the next power of two of its longest item.
 
     n: items per cell (None: each probe's default). progress(description, items) gives the callback advanced once
-    per scored item (a bar per probe and length). batch_tokens: tokens per forward (model_predictions).
+    per scored item (a bar per probe and length). batch_tokens: tokens per forward (model_predictions). `cache`, a
+    dict the caller keeps, holds the items between calls: models with the same vocabulary reuse them.
     """
     from . import probes as P
 
@@ -401,7 +406,11 @@ def run_recall(model: Any, tokenizer: Any, lengths: Sequence[int], probes: Seque
         count = probe.default_n if n is None else n
         cells: list[tuple[str, list[ProbeItem]]] = []
         for L in ([None] if probe.own_length else lengths):
-            items = P.items_for(name, tokenizer, L, count, seed, **kw)
+            key = (name, L, count, seed, n_pairs, _vocab_id(tokenizer))
+            items = cache[key] if cache is not None and key in cache else P.items_for(name, tokenizer, L, count,
+                                                                                      seed, **kw)
+            if cache is not None:
+                cache[key] = items
             cells.append((str(L if L is not None else length_bucket(max(len(it.ids) for it in items))), items))
         res["chance"][name] = sum(probe.chance(items, **kw) for _, items in cells) / len(cells)
         for cell, items in cells:

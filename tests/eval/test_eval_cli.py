@@ -50,7 +50,8 @@ def test_side_by_side_with_baseline_and_gate(tiny_folders, tmp_path, run_cli):
     assert (swa["window"], swa["slots"], swa["sinks"], swa["windows"]) == (16, 0, 4, [16, None])
     for lab in ("base", "nha", "swa-sinks-w16"):
         assert set(res["tasks"][lab]["piqa"]) == {"acc", "acc_norm"} and res["samples"][lab]["piqa"] == 2
-        assert set(res["recall"][lab]) == {"passkey", "mqar", "chance"}
+        assert set(res["recall"][lab]) == {"passkey", "mqar", "reading", "reading-distractors", "code", "restated",
+                                           "chance"}
         assert res["perplexity"][lab]["buckets"] == ["1-64"]
     md = (out / "report.md").read_text()
     assert "nha % of base" in md and "swa-sinks-w16 % of base" in md

@@ -1,0 +1,156 @@
+"""Natural-recall probes (corpora/natural.py, eval/probes.py): every answer is in its text and beyond the window,
+no passage comes from the training data, chance is what a guesser scores; --ablate slots is the slots=0 model."""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+import nha_convert
+from tests.helpers.models import tiny
+from nha_convert import NHASettings
+from nha_convert.corpora import natural as N
+from nha_convert.errors import NHAError
+from nha_convert.eval import probes as P
+from nha_convert.eval import recall as R
+from nha_convert.eval.ablation import has_slots, slots_masked
+
+WINDOW = 64
+
+
+@pytest.fixture(scope="module")
+def tok(smollm2_path):
+    return AutoTokenizer.from_pretrained(smollm2_path)
+
+
+@pytest.fixture(scope="module")
+def cells(tok):
+    """Each natural probe at the lengths it is built for, 100 items a cell (what the GPU run uses)."""
+    return {(p, L): P.items_for(p, tok, L, 100, seed=5) for p in P.NATURAL
+            for L in ([None] if P.get(p).own_length else [512, 2048])}
+
+
+def test_answers_are_in_their_text_and_beyond_the_window(tok, cells):
+    for (probe, length), items in cells.items():
+        assert len(items) == 100
+        for it in items:
+            (s, e), answer = it.answer_spans[0], it.answers[0]
+            assert e == len(it.ids) and (length is None or len(it.ids) <= length)
+            assert N.normalize(tok.decode(it.ids[s:e])) == N.normalize(answer)
+            assert N.oracle_answer(it) == answer  # a reader of the context finds it, given the question
+            assert it.distance > WINDOW
+            # The answer's text is nowhere in the last WINDOW tokens before it, but is in the text before those
+            # (and not in the first tokens, which sinks would keep visible).
+            seen = tok.decode(it.ids[s - WINDOW: s]).lower()
+            assert not N._word_re(answer).search(seen), (probe, answer, seen)
+            assert N._word_re(answer).search(tok.decode(it.ids[8: s - WINDOW]))
+            assert not N._word_re(answer).search(tok.decode(it.ids[:8]))
+        assert P.items_for(probe, tok, length, 3, seed=5)[0].ids == items[0].ids  # a pure function of the seed
+        assert P.items_for(probe, tok, length, 3, seed=6)[0].ids != items[0].ids
+
+
+def test_oracle_scores_100_and_guesser_scores_chance(cells):
+    for (probe, _), items in cells.items():
+        spec = P.get(probe)
+        assert R.score(items, [spec.oracle(it) for it in items]) == 1.0
+        rng = random.Random(1)
+        trials = [R.score(items, [spec.guess(it, rng) for it in items]) for _ in range(20)]
+        p, n = spec.chance(items), 20 * len(items)
+        assert abs(sum(trials) / 20 - p) <= 4 * math.sqrt(p * (1 - p) / n) + 1e-9, probe
+    assert P.get("code").chance(cells[("code", 512)]) == pytest.approx(1 / N.CONSTANTS)
+    assert P.get("restated").chance(cells[("restated", 512)]) == pytest.approx(1 / N.PEOPLE)
+    assert P.get("reading").chance(cells[("reading", None)]) < 0.05
+
+
+def test_scoring_normalises_case_punctuation_and_articles(tok, cells):
+    items = cells[("restated", 512)][:2]
+    assert R.score(items, [[" " + it.answers[0].upper() + "."] for it in items]) == 1.0
+    assert R.score(items, [["the " + it.answers[0]] for it in items]) == 1.0
+    assert R.score(items, [[it.answers[0] + " x"] for it in items]) == 0.0
+
+
+def test_no_item_shares_a_passage_with_the_training_data(cells):
+    """The held-out rule: the recipe trains on the plays, BoolQ passages and retrieval documents built from them;
+    no passage of any item (target or distractor) equals, by hash, a training document or a paragraph of one."""
+    from nha_convert.finetune.data import boolq_documents, shakespeare_documents
+    from nha_convert.finetune.retrieval_data import filler_passages
+
+    training = set()
+    for doc in [*boolq_documents(), *shakespeare_documents(), *filler_passages("train"), *filler_passages("eval")]:
+        training.add(N.passage_hash(doc))
+        training.update(N.passage_hash(p) for p in doc.split("\n\n") if p.strip())
+    used = {N.passage_hash(p) for p in N.sciq_passages()}  # every passage an item can hold
+    assert len(used) > 800 and not used & training
+    targets = {N.passage_hash(it.passage) for (p, _), items in cells.items() if p.startswith("reading")
+               for it in items}
+    assert targets <= used and len(targets) >= 100
+    assert N.passage_hash(" A  b.\n") == N.passage_hash("a B.")  # blanks and case do not hide a copy
+
+
+def test_restated_names_and_values_are_disjoint_from_the_retrieval_pools():
+    from nha_convert.finetune import retrieval_data as RD
+
+    theirs = set(RD.FIRST.split()) | set(RD.LAST.split()) | set(RD.PET_NAMES.split()) | set(RD.JOBS) | set(RD.PETS)
+    theirs |= {a + b for a in RD.TOWN_A.split() for b in RD.TOWN_B.split()}
+    ours = set(N.FIRST_NAMES) | set(N.LAST_NAMES) | {v for _, _, vals in N.RESTATED.values() for v in vals}
+    assert not {w.lower() for w in ours} & {w.lower() for w in theirs}
+    for kind, (statement, question, _) in N.RESTATED.items():  # asked in other words than it was stated
+        said = set(statement.replace("{name}", "").replace("{v}", "").lower().split())
+        asked = set(question.split("\n")[0].replace("{name}", "").lower().split())
+        assert len(said & asked) <= 2, kind
+
+
+def test_registry_parses_probe_lists():
+    assert P.parse("natural") == list(P.NATURAL) == ["reading", "reading-distractors", "code", "restated"]
+    assert P.parse("all")[:2] == ["passkey", "mqar"] and P.parse("code, code,passkey") == ["code", "passkey"]
+    with pytest.raises(NHAError, match="unknown recall probe 'cod'"):
+        P.parse("cod")
+    with pytest.raises(NHAError, match="code length 64 is too short"):
+        N.code_items(_Tiny(), 64, 1)
+
+
+class _Tiny:
+    """A character tokenizer: enough for the builders' length checks."""
+
+    def __call__(self, text, add_special_tokens=True, **kw):
+        return {"input_ids": [ord(c) % 256 for c in text]}
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(i) for i in ids)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_slots_masked_is_the_model_converted_with_zero_slots(arch):
+    base = tiny(arch)
+    nha = nha_convert.convert(copy.deepcopy(base), NHASettings(window=8, slots=4, sinks=2, full_layers=[1],
+                                                               slot_bias=-1.0))
+    swa = nha_convert.convert(copy.deepcopy(base), NHASettings(window=8, slots=0, sinks=2, full_layers=[1]))
+    ids = torch.randint(0, 256, (2, 50), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = nha(ids).logits
+        with slots_masked(nha):
+            masked = nha(ids).logits
+        after = nha(ids).logits
+        want = swa(ids).logits
+    assert torch.equal(masked, want)  # exactly: the op with m = 0 is the sliding window
+    assert torch.equal(before, after) and not torch.allclose(before, want)  # restored; the slots did something
+    assert has_slots(nha) and not has_slots(swa) and not has_slots(base)
+
+
+def test_right_padded_batches_give_the_answers_of_single_items(tok):
+    """Items of different lengths in one batch (padded on the right) read exactly what they read alone."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=1, vocab_size=len(tok))).eval()
+    model = nha_convert.convert(model, NHASettings(window=16, slots=4))
+    items = P.items_for("reading", tok, None, 6, seed=1) + R.mqar_items(tok, 300, 2, n_pairs=4)
+    alone = R.model_predictions(model, tok, items, batch_size=1)
+    assert R.model_predictions(model, tok, items, batch_tokens=4096) == alone
+    assert len({len(it.ids) for it in items}) > 3

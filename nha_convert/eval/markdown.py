@@ -63,8 +63,11 @@ def recall_markdown(results: dict[str, Any]) -> str | None:
     rec = results.get("recall") or {}
     if not rec:
         return None
+    from .probes import NATURAL
+
     masked = masked_recall(results)
-    lines = [recall_summary_markdown(results)]
+    natural = any(p in NATURAL for p in recall_probes(rec))
+    lines = [recall_summary_markdown(results)] if masked or natural else []  # passkey / MQAR alone: as before
     for probe in recall_probes(rec):
         lengths = sorted({int(L) for r in rec.values() for L in (r.get(probe) or {})})
         if not lengths:

@@ -1,9 +1,10 @@
 """A short recall probe at the end of every training stage, so metrics.jsonl shows whether recall is trending up.
 
 Recall is what a sliding window cannot fake: passkey and multi-query associative recall (eval/recall.py, the
-project's own formats) and the held-out split of the retrieval documents (retrieval_data.py: formats, keys,
-answers and filler passages the training split never holds), each at the recipe's `probe.lengths`. Scored by
-greedy decoding under teacher forcing (one forward per item). Runs on the main process only.
+project's own formats), natural recall where the recipe lists it (reading, code, restated: eval/probes.py) and the
+held-out split of the retrieval documents (retrieval_data.py: formats, keys, answers and filler passages the
+training split never holds), each at the recipe's `probe.lengths`. Scored by greedy decoding under teacher forcing
+(one forward per item). Runs on the main process only.
 """
 
 from __future__ import annotations
@@ -34,10 +35,10 @@ def retrieval_accuracy(model: Any, tokenizer: Any, length: int, n: int, seed: in
 @torch.no_grad()
 def recall_probe(model: Any, tokenizer: Any, spec: ProbeSpec, seed: int = 0) -> dict[str, dict[str, float]]:
     """{probe: {length: accuracy}} for the probes of `spec`."""
-    from ..eval.recall import PROBES, run_recall
+    from ..eval.recall import run_recall
 
     out: dict[str, dict[str, float]] = {}
-    own = [p for p in spec.probes if p in PROBES]
+    own = [p for p in spec.probes if p != "retrieval"]  # passkey, mqar and natural recall (eval/probes.py)
     if own:
         res = run_recall(model, tokenizer, spec.lengths, own, n=spec.items, seed=seed)
         out.update({p: res[p] for p in own})

@@ -190,7 +190,8 @@ class ProbeSpec(Spec):
 
     lengths: list[Positive] = Field(default_factory=lambda: [1024, 2048], min_length=1)
     items: Positive = 8
-    probes: list[Literal["passkey", "mqar", "retrieval"]] = Field(default_factory=lambda: list(PROBE_KINDS))
+    probes: list[Literal["passkey", "mqar", "retrieval", "reading", "reading-distractors", "code", "restated"]] = \
+        Field(default_factory=lambda: list(PROBE_KINDS))  # the last four: eval/probes.py's natural recall
 
 
 class DataSpec(Spec):

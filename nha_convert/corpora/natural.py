@@ -54,6 +54,12 @@ def normalize(text: str) -> str:
     return " ".join(words)
 
 
+def contains(want: str, got: str) -> bool:
+    """Whether the normalised answer occurs as whole words in the normalised prediction (a generated answer may say
+    more: "Surface tension is the energy ..." answers "surface tension")."""
+    return f" {normalize(want)} " in f" {normalize(got)} "
+
+
 def passage_hash(text: str) -> str:
     """Identity of a passage across sources: its words, lower-cased, hashed."""
     return hashlib.blake2b(" ".join(text.lower().split()).encode("utf-8"), digest_size=12).hexdigest()
@@ -279,18 +285,21 @@ FIRST_NAMES = ("Mara Tobias Ingrid Kofi Anouk Dmitri Leila Rafael Sunniva Tomasz
                "Matteo Saoirse Henrik Amara Jonas Mirela Bastian Oona Teodor").split()
 LAST_NAMES = ("Voss Halvorsen Okafor Brandt Moreau Novak Castell Lindqvist Adeyemi Kowalski Ferreira Strand Havel "
               "Ibarra Nakamura Duarte Sorensen Varga Quintero Aalto").split()
-RESTATED: dict[str, tuple[str, str, tuple[str, ...]]] = {  # kind: (statement, question in other words, values)
-    "city": ("{name} was born in {v}.", "Question: In which city did {name} come into the world?\nAnswer:",
+# kind: (statement, question in other words with an answer cue: the instruct model ends its turn after "Answer:")
+RESTATED: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "city": ("{name} was born in {v}.",
+             "Question: In which city did {name} come into the world?\nAnswer: {name} came into the world in",
              tuple("Tallinn Porto Bergen Krakow Lyon Graz Turin Ghent Aarhus Tampere Seville Utrecht Brno Split "
                    "Kaunas Gdansk Leipzig Bilbao Malmo Zagreb".split())),
     "instrument": ("{name} plays the {v} in a small orchestra.",
-                   "Question: What instrument is {name} a musician on?\nAnswer:",
+                   "Question: What instrument is {name} a musician on?\nAnswer: {name} is a musician on the",
                    tuple("cello oboe viola harp bassoon clarinet trombone flute tuba piccolo".split())),
-    "language": ("{name} grew up speaking {v} at home.", "Question: What is {name}'s mother tongue?\nAnswer:",
+    "language": ("{name} grew up speaking {v} at home.",
+                 "Question: What is {name}'s mother tongue?\nAnswer: {name}'s mother tongue is",
                  tuple("Finnish Estonian Basque Welsh Hungarian Icelandic Swahili Catalan Latvian Maltese "
                        "Slovak Tagalog".split())),
     "number": ("{name} lives in flat {v} of the old tower.",
-               "Question: What number is on the door of {name}'s home?\nAnswer:", ()),
+               "Question: What number is on the door of {name}'s home?\nAnswer: The number on the door is", ()),
 }
 RESTATED_RE = re.compile(r"([A-Z][a-z]+ [A-Z][a-z]+) (?:was born in|plays the|grew up speaking|lives in flat) "
                          r"(\w+)")

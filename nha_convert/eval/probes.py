@@ -19,6 +19,9 @@ from ..errors import NHAError
 from . import recall as R
 
 
+READING_TOKENS = 16  # a reading answer is read from up to 16 generated tokens (its first line)
+
+
 @dataclass(frozen=True)
 class RecallProbe:
     name: str
@@ -27,6 +30,8 @@ class RecallProbe:
     oracle: Callable[[R.ProbeItem], list[str]]  # answers read from the context alone (100 %)
     guess: Callable[[R.ProbeItem, random.Random], list[str]]
     normalize: Callable[[str], str]  # applied to gold and prediction before they are compared
+    match: Callable[[str, str], bool] | None = None  # (gold, prediction) -> right; None: equal once normalised
+    generate: int = 0  # > 0: answers are greedy generations of up to this many tokens, else teacher-forced
     default_n: int = 20  # items per cell when the request does not say
     own_length: bool = False  # one cell at its items' own length (next power of two), not --recall-lengths
     natural: bool = False  # real text (reported in the natural-recall summary)
@@ -43,18 +48,20 @@ def _synthetic(name: str, about: str) -> RecallProbe:
         normalize=R._norm)
 
 
-def _natural(name: str, about: str, own_length: bool = False) -> RecallProbe:
+def _natural(name: str, about: str, own_length: bool = False, generate: int = 0) -> RecallProbe:
     return RecallProbe(
         name=name, about=about, build=N.BUILDERS[name], chance=lambda items, **kw: N.chance(items),
         oracle=lambda item: [N.oracle_answer(item)], guess=lambda item, rng: [N.guess_answer(item, rng)],
-        normalize=N.normalize, default_n=100, own_length=own_length, natural=True)
+        normalize=N.normalize, match=N.contains if generate else None, generate=generate, default_n=100,
+        own_length=own_length, natural=True)
 
 
 PROBES: dict[str, RecallProbe] = {p.name: p for p in (
     _synthetic("passkey", "a five-digit key in neutral filler"),
     _synthetic("mqar", "word -> number pairs in filler, four asked back"),
-    _natural("reading", "a SciQ passage, then its question (answer a span of it)", own_length=True),
-    _natural("reading-distractors", "the same among other SciQ passages"),
+    _natural("reading", "a SciQ passage, then its question (answer a span of it)", own_length=True,
+             generate=READING_TOKENS),
+    _natural("reading-distractors", "the same among other SciQ passages", generate=READING_TOKENS),
     _natural("code", "a constant assigned in generated Python, asked by an assert far below"),
     _natural("restated", "a fact about one of six people, asked in other words"),
 )}
@@ -67,9 +74,14 @@ def get(name: str) -> RecallProbe:
     return PROBES[name]
 
 
-def normalizer(probe: str) -> Callable[[str], str]:
-    """How a probe's answers are compared; items of --recall-file (not registered) as passkey's."""
-    return PROBES[probe].normalize if probe in PROBES else R._norm
+def matcher(probe: str) -> Callable[[str, str], bool]:
+    """How a probe's answers are compared, (gold, prediction) -> right; items of --recall-file (not registered) as
+    passkey's."""
+    spec = PROBES.get(probe)
+    if spec is not None and spec.match is not None:
+        return spec.match
+    norm = spec.normalize if spec is not None else R._norm
+    return lambda want, got: norm(want) == norm(got)
 
 
 def parse(text: str) -> list[str]:

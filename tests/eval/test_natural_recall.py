@@ -176,3 +176,25 @@ def test_reading_is_right_when_the_generation_contains_the_answer(cells):
     assert R.score(items, [[f"The answer is {it.answers[0].upper()}, of course."] for it in items]) == 1.0
     assert R.score(items, [[it.answers[0] + "x"] for it in items]) == 0.0
     assert N.contains("surface tension", "Surface tension is the energy") and not N.contains("ion", "tension")
+
+
+def test_ablation_round_trips_merges_and_fills_the_summary():
+    from nha_convert.eval.markdown import recall_markdown
+    from nha_convert.eval.results import EvalResults
+    from nha_convert.eval.tables import recall_rows
+
+    chance = {"code": 0.2, "passkey": 1e-5}
+    data = {"models": [{"label": "base"}, {"label": "nha"}], "reference": "base",
+            "recall": {"base": {"code": {"1024": 0.9}, "passkey": {"1024": 1.0}, "chance": chance},
+                       "nha": {"code": {"1024": 0.5}, "passkey": {"1024": 1.0}, "chance": chance}},
+            "ablation": {"nha": {"slots": {"recall": {"code": {"1024": 0.25}, "passkey": {"1024": 0.0},
+                                                      "chance": chance}, "perplexity": None}}}}
+    res = EvalResults.from_dict(data)
+    assert EvalResults.from_json(res.to_json()).to_dict() == res.to_dict() and res.to_dict()["ablation"]
+    other = EvalResults.from_dict({"models": [{"label": "nha2"}], "ablation": {"nha2": {"slots": {}}}})
+    assert set(res.merge(other).ablation) == {"nha", "nha2"}
+    columns, rows = recall_rows(data)
+    assert columns == ["base", "nha", "nha slots masked", "nha slots carry", "chance"]
+    assert [(r["probe"], r["values"]["nha slots carry"]) for r in rows] == [("passkey", 1.0), ("code", 0.25)]
+    md = recall_markdown(data)
+    assert "| code | 1024 | 0.90 | 0.50 | 0.25 | +0.25 | 0.2 |" in md and "| nha, slots carry | +1.00 |" in md

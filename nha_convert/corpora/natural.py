@@ -253,7 +253,8 @@ def code_items(tokenizer: Any, length: int, n: int, seed: int = 0) -> list[Natur
         as_dict = rng.random() < 0.5
         if as_dict:
             block = "CONFIG = {\n" + "".join(f'    "{k.lower()}": {v},\n' for k, v in zip(names, values)) + "}\n"
-            q_text, key = f'\n\ndef test_config():\n    assert CONFIG["{names[asked].lower()}"] ==', names[asked].lower()
+            key = names[asked].lower()
+            q_text = f'\n\ndef test_config():\n    assert CONFIG["{key}"] =='
         else:
             block = "".join(f"{k} = {v}\n" for k, v in zip(names, values))
             q_text, key = f"\n\ndef test_settings():\n    assert {names[asked]} ==", names[asked]

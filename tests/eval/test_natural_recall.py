@@ -19,6 +19,7 @@ from nha_convert.errors import NHAError
 from nha_convert.eval import probes as P
 from nha_convert.eval import recall as R
 from nha_convert.eval.ablation import has_slots, slots_masked
+from nha_convert.eval.answers import generated_predictions
 
 WINDOW = 64
 
@@ -32,7 +33,7 @@ def tok(smollm2_path):
 def cells(tok):
     """Each natural probe at the lengths it is built for, 100 items a cell (what the GPU run uses)."""
     return {(p, L): P.items_for(p, tok, L, 100, seed=5) for p in P.NATURAL
-            for L in ([None] if P.get(p).own_length else [512, 2048])}
+            for L in ([None] if P.get(p).own_length else [512, 1024])}
 
 
 def test_answers_are_in_their_text_and_beyond_the_window(tok, cells):
@@ -164,11 +165,11 @@ def test_generated_answers_batched_and_masked(tok):
     swa = nha_convert.convert(copy.deepcopy(base), NHASettings(window=16, slots=0, sinks=2))
     items = P.items_for("reading", tok, None, 4, seed=2)
     assert len({it.answer_spans[0][0] for it in items}) == 4
-    alone = R.generated_predictions(nha, tok, items, 5)
-    assert R.generated_predictions(nha, tok, items, 5, batch_tokens=1 << 16) == alone
+    alone = generated_predictions(nha, tok, items, 5)
+    assert generated_predictions(nha, tok, items, 5, batch_tokens=1 << 16) == alone
     with slots_masked(nha):
-        masked = R.generated_predictions(nha, tok, items, 5, batch_tokens=1 << 16)
-    assert masked == R.generated_predictions(swa, tok, items, 5, batch_tokens=1 << 16)
+        masked = generated_predictions(nha, tok, items, 5, batch_tokens=1 << 16)
+    assert masked == generated_predictions(swa, tok, items, 5, batch_tokens=1 << 16)
 
 
 def test_reading_is_right_when_the_generation_contains_the_answer(cells):

@@ -21,8 +21,9 @@ from typing import Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from nha_convert.corpora import synthetic  # noqa: E402
+from nha_convert.corpora.items import ProbeItem, model_predictions  # noqa: E402
 from nha_convert.corpora.synthetic import mqar_items  # noqa: E402
-from nha_convert.eval import recall  # noqa: E402
 
 KINDS = ("right", "another value", "number not in item", "not a number")
 
@@ -53,14 +54,14 @@ def digit_match(want: str, got: str) -> float:
     return sum(a == b for a, b in zip(want, got)) / max(len(want), 1)
 
 
-def classify(items: Sequence[recall.ProbeItem], predictions: Sequence[Sequence[str]]) -> Errors:
+def classify(items: Sequence[ProbeItem], predictions: Sequence[Sequence[str]]) -> Errors:
     """Each answer of each MQAR item sorted into KINDS."""
     out = Errors()
     for item, preds in zip(items, predictions, strict=True):
-        pairs = recall.MQAR_RE.findall(item.context)
+        pairs = synthetic.MQAR_RE.findall(item.context)
         keys, values = [k for k, _ in pairs], [v for _, v in pairs]
         for query, want, got in zip(item.queries, item.answers, preds, strict=True):
-            asked, given = keys.index(recall._query_key(query)), got.strip()
+            asked, given = keys.index(synthetic._query_key(query)), got.strip()
             if given == want:
                 kind = "right"
             elif given in values:
@@ -94,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     device = models.resolve_device(args.device)
     m = models.load(args.model, torch.bfloat16 if device == "cuda" else torch.float32, device)
     items = mqar_items(m.tokenizer, args.length, args.items, n_pairs=args.pairs)
-    errors = classify(items, recall.model_predictions(m.model, m.tokenizer, items, args.batch_size))
+    errors = classify(items, model_predictions(m.model, m.tokenizer, items, args.batch_size))
     print("\n".join(errors.examples[: args.show]))
     for kind, frac in errors.fractions().items():
         print(f"{kind:>20}: {frac:6.1%}")

@@ -30,6 +30,7 @@ class NHAAttention(nn.Module):
     """NHA layer built around a base attention module whose projections (and q_norm / k_norm) it adopts."""
 
     ADOPTED = ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm")
+    slots_masked = False  # eval/ablation.py: run as the same layer with m = 0 (exactly its sliding window)
 
     def __init__(self, base: nn.Module, config: Any, layer_idx: int, nha: ResolvedNHA | None = None):
         """`nha`: the config's settings when the caller resolved them once for all layers."""
@@ -146,6 +147,8 @@ class NHAAttention(nn.Module):
                 position_ids: Tensor | None) -> tuple[Tensor, NHAState | None]:
         """The op on head-first (q, q_rot, k, k_rot, v, log_alpha): (B, Hq, T, Dv) output, and the state a prefill
         builds when `want_state` (None after a decode step, which updates `state` in place)."""
+        if self.slots_masked:  # --ablate slots: the op with m = 0 is this model's own sliding window (eval/ablation.py)
+            parts, slot_bias = (*parts[:5], parts[5][..., :0]), None
         q, q_rot, k, k_rot, v, log_alpha = parts
         b, t = valid.shape
         bias = {} if slot_bias is None else {"slot_bias": slot_bias}  # none: the calls of before

@@ -24,6 +24,7 @@ EXAMPLES = """
   nha-eval out/smollm2-nha --compare smollm2-135m --baseline swa-sinks --tasks commonsense,lambada
   nha-eval smollm2-135m --tasks mmlu --limit 20 --out eval-out
   nha-eval out/smollm2-nha --tasks none --recall --recall-lengths 1024,4096 --ppl
+  nha-eval out/smollm2-nha --compare smollm2-135m --baseline swa-sinks --tasks none --recall --ablate slots
   nha-eval out/smollm2-nha --compare smollm2-135m --tasks none --recall-file my-needles.jsonl
   nha-eval llama-3-8b-random --bench --window 64 --slots 64 --full-every 8 --bench-contexts 4096,32768
   nha-eval out/smollm2-nha --tasks piqa --limit 200 --check expected.json --tolerance 0.01
@@ -41,6 +42,12 @@ def _ints(text: str, what: str) -> list[int]:
 
 def _words(text: str) -> list[str]:
     return [w.strip() for w in text.split(",") if w.strip()]
+
+
+def _probes(text: str) -> list[str]:
+    from ..eval.probes import parse
+
+    return parse(text)
 
 
 def _batches(text: str) -> list[int | str]:
@@ -123,12 +130,23 @@ def nha_eval(
                                            "data; offline; online.")] = "auto",
     mmlu_split: Annotated[str, typer.Option(help="MMLU split: validation (1531 questions) or test (14042).")]
     = "validation",
-    recall: Annotated[bool, typer.Option("--recall", help="Run the passkey and MQAR recall probes.")] = False,
+    recall: Annotated[bool, typer.Option("--recall", help="Run the recall probes: passkey, MQAR and natural "
+                                         "recall (reading, reading-distractors, code, restated).")] = False,
     recall_lengths: Annotated[Optional[str], typer.Option(
         help="Probe lengths in tokens. Default: 1024,2048,...,32768 up to the models' context length.",
         show_default=False)] = None,
-    recall_n: Annotated[int, typer.Option(help="Items per probe and length.")] = 20,
-    recall_probes: Annotated[str, typer.Option(help="passkey, mqar or both.")] = "passkey,mqar",
+    recall_n: Annotated[Optional[int], typer.Option(
+        "--recall-n", "--recall-items", help="Items per probe and length. Default: 20 for passkey / MQAR, 100 "
+        "for the natural probes.", show_default=False)] = None,
+    recall_probes: Annotated[str, typer.Option(
+        help="Comma-separated: passkey, mqar, reading, reading-distractors, code, restated; 'natural' for the "
+             "last four, 'all' for every one.")] = "all",
+    recall_batch_tokens: Annotated[Optional[int], typer.Option(
+        help="Tokens per forward of the recall probes. Default: 65536 on CUDA, 8192 on CPU.",
+        show_default=False)] = None,
+    ablate: Annotated[str, typer.Option(
+        help="'slots': score recall (and --ppl) of each NHA model again with its slot path masked (the same model "
+             "as its sliding window): a 'slots masked' row and the difference next to each score.")] = "",
     recall_pairs: Annotated[int, typer.Option(help="Word-number pairs per MQAR item (chance = 1/pairs).")] = 16,
     recall_file: Annotated[Optional[list[Path]], typer.Option(
         "--recall-file", help="Recall items of your own: a JSON-lines file of {\"prompt\": ..., \"answer\": ...}, "
@@ -213,8 +231,9 @@ def nha_eval(
             batch_size=_batch_size(batch_size), device=device, dtype=parse_dtype(dtype), data=data,
             mmlu_split=mmlu_split, seed=seed, parity=parity, parity_tolerance=parity_tolerance,
             command="nha-eval " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
-            recall=RecallRequest(lengths=lengths, n=recall_n, probes=_words(recall_probes) if recall else [],
-                                 pairs=recall_pairs, files=list(recall_file or []))
+            ablate=_words(ablate),
+            recall=RecallRequest(lengths=lengths, n=recall_n, probes=_probes(recall_probes) if recall else [],
+                                 pairs=recall_pairs, files=list(recall_file or []), batch_tokens=recall_batch_tokens)
             if recall or recall_file else None,
             ppl=PerplexityRequest(seq_len=ppl_len, sequences=ppl_seqs) if ppl else None,
             bench=BenchRequest(

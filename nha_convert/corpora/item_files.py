@@ -11,6 +11,7 @@ from typing import Any, Sequence
 
 from ..errors import NHAError
 from .items import ItemTokenizer, ProbeItem
+from .natural import NATURAL
 from .synthetic import PROBES
 
 
@@ -31,7 +32,7 @@ def read_recall_file(path: str | Path) -> tuple[str, list[FileQuestion]]:
     """
     path = Path(path)
     name = path.stem
-    if name in (*PROBES, "chance"):
+    if name in (*PROBES, *NATURAL, "chance"):
         raise NHAError(f"--recall-file {path}: the name {name!r} is a built-in probe's; rename the file")
     try:
         text = path.read_text(encoding="utf-8")

@@ -80,17 +80,29 @@ def _norm(s: str) -> str:
     return s.strip().rstrip(".").strip()
 
 
-def score(items: Sequence[ProbeItem], predictions: Sequence[Sequence[str]]) -> float:
-    """Fraction of answers predicted exactly (after stripping blanks), over all questions of all items."""
+Match = Callable[[str, str], bool]  # (gold, prediction) -> right
+
+
+def exact(want: str, got: str) -> bool:
+    """The default grading: equal after stripping blanks and a final full stop."""
+    return _norm(want) == _norm(got)
+
+
+def score(items: Sequence[ProbeItem], predictions: Sequence[Sequence[str]],
+          match_of: Callable[[str], Match] | None = None) -> float:
+    """Fraction of answers predicted right, over all questions of all items: `match_of(item.probe)` grades each
+    answer (the probe registry's normalisation, or containment for a generating probe: eval/probes.py), exact
+    otherwise."""
     if len(items) != len(predictions):
         raise ValueError(f"{len(items)} items but {len(predictions)} predictions")
     total = correct = 0
     for item, preds in zip(items, predictions):
         if len(preds) != len(item.answers):
             raise ValueError(f"item has {len(item.answers)} answers but {len(preds)} predictions")
+        match = exact if match_of is None else match_of(item.probe)
         for want, got in zip(item.answers, preds):
             total += 1
-            correct += _norm(want) == _norm(got)
+            correct += bool(match(want, got))
     return correct / max(total, 1)
 
 
@@ -98,42 +110,50 @@ def score(items: Sequence[ProbeItem], predictions: Sequence[Sequence[str]]) -> f
 
 @torch.no_grad()
 def model_predictions(model: Any, tokenizer: Any, items: Sequence[ProbeItem], batch_size: int = 1,
-                      on_batch: Callable[[int], None] | None = None) -> list[list[str]]:
+                      on_batch: Callable[[int], None] | None = None,
+                      batch_tokens: int | None = None) -> list[list[str]]:
     """Greedy answers under teacher forcing: the argmax token at every answer position, decoded.
 
-    Items of one length are equally long, so batches need no padding; only the logits of the question tail
-    are computed (a 32K x 49K-vocab logit matrix would not fit).
+    Items of different lengths share a batch padded on the right: a causal model never sees what follows, so the
+    padding changes no logit that is read. Only the logits of answer positions are computed (a 32K x 49K-vocab
+    logit matrix would not fit). `batch_tokens`, when given, sets the batch to that many tokens (at least one item).
     """
     device = next(model.parameters()).device
-    out: list[list[str]] = []
-    for b in range(0, len(items), batch_size):
-        batch = items[b: b + batch_size]
-        lengths = {len(it.ids) for it in batch}
-        if len(lengths) != 1:
-            raise ValueError("a batch of probe items must share one length")
-        (T,) = lengths
-        first = min(s for it in batch for s, _ in it.answer_spans)
-        keep = T - first + 1  # logits from the position before the first answer token to the end
-        ids = torch.tensor([it.ids for it in batch], device=device)
-        logits = _tail_logits(model, ids, keep)
-        pred = logits.argmax(-1).tolist()  # (B, keep); pred[:, j] predicts token T - keep + j + 1
-        for it, row in zip(batch, pred):
-            answers = []
-            for s, e in it.answer_spans:
-                toks = [row[p - 1 - (T - keep)] for p in range(s, e)]
-                answers.append(tokenizer.decode(toks, skip_special_tokens=True))
-            out.append(answers)
+    order = sorted(range(len(items)), key=lambda i: len(items[i].ids))  # similar lengths batch together
+    out: list[list[str]] = [[] for _ in items]
+    b = 0
+    while b < len(order):
+        size = batch_size if batch_tokens is None else max(1, batch_tokens // len(items[order[b]].ids))
+        idx = order[b: b + size]
+        b += len(idx)
+        batch = [items[i] for i in idx]
+        T = max(len(it.ids) for it in batch)
+        ids = torch.tensor([it.ids + [it.ids[-1]] * (T - len(it.ids)) for it in batch], device=device)
+        # position p - 1 predicts the answer token at p
+        positions = sorted({p - 1 for it in batch for s, e in it.answer_spans for p in range(s, e)})
+        col = {p: j for j, p in enumerate(positions)}
+        pred = _logits_at(model, ids, positions).argmax(-1).tolist()  # (B, len(positions))
+        for i, it, row in zip(idx, batch, pred):
+            out[i] = [tokenizer.decode([row[col[p - 1]] for p in range(s, e)], skip_special_tokens=True)
+                      for s, e in it.answer_spans]
         if on_batch:
             on_batch(len(batch))
     return out
 
 
-def _tail_logits(model: Any, ids: torch.Tensor, keep: int) -> torch.Tensor:
-    try:
-        return model(input_ids=ids, use_cache=False, logits_to_keep=keep).logits[:, -keep:].float()
-    except TypeError:  # a model class without logits_to_keep: compute the tail from the last hidden states
-        hidden = model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state[:, -keep:]
-        return model.get_output_embeddings()(hidden).float()
+def _logits_at(model: Any, ids: torch.Tensor, positions: list[int]) -> torch.Tensor:
+    """Logits at the given (sorted) positions only, (B, len(positions), vocab) in fp32."""
+    T = ids.shape[1]
+    keep = T - positions[0]
+    if keep <= max(256, 2 * len(positions)):  # a short tail of logits: what every model class takes
+        cols = [p - (T - keep) for p in positions]
+        try:
+            return model(input_ids=ids, use_cache=False, logits_to_keep=keep).logits[:, -keep:][:, cols].float()
+        except TypeError:  # a model class without logits_to_keep
+            pass
+    # answers of right-padded items far apart: the hidden states at those positions through the LM head
+    hidden = model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state[:, positions]
+    return model.get_output_embeddings()(hidden).float()
 
 
 def accuracy(model: Any, tokenizer: Any, items: Sequence[ProbeItem], batch_size: int = 1,

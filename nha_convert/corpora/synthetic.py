@@ -123,3 +123,44 @@ def make_items(probe: str, tokenizer: Any, length: int, n: int, seed: int = 0, *
     if probe == "mqar":
         return mqar_items(tokenizer, length, n, seed, **kw)
     raise NHAError(f"unknown probe {probe!r}; choose from {', '.join(PROBES)}")
+
+
+# ---------------------------------------------------------------- chance, and the reference readers
+
+def chance(probe: str, n_pairs: int = 16) -> float:
+    """Accuracy of a guesser: a random five-digit key, or a random one of the item's values."""
+    if probe == "passkey":
+        return 1.0 / (PASSKEY_HIGH - PASSKEY_LOW + 1)
+    if probe == "mqar":
+        return 1.0 / n_pairs
+    raise NHAError(f"unknown probe {probe!r}; choose from {', '.join(PROBES)}")
+
+
+def oracle_predictions(items: Sequence[ProbeItem]) -> list[list[str]]:
+    """Answers copied from the prompt text alone: a perfect reader scores 100%."""
+    out = []
+    for item in items:
+        if item.probe == "passkey":
+            m = PASSKEY_RE.search(item.context)
+            out.append([m.group(1) if m else ""] * len(item.answers))
+        else:
+            table = dict(MQAR_RE.findall(item.context))
+            out.append([table.get(_query_key(q), "") for q in item.queries])
+    return out
+
+
+def guess_predictions(items: Sequence[ProbeItem], seed: int = 0) -> list[list[str]]:
+    """A reader that knows the answer format but not the fact: random key / random value of the item."""
+    rng = random.Random(seed)
+    out = []
+    for item in items:
+        if item.probe == "passkey":
+            out.append([str(rng.randint(PASSKEY_LOW, PASSKEY_HIGH)) for _ in item.answers])
+        else:
+            values = [v for _, v in MQAR_RE.findall(item.context)]
+            out.append([rng.choice(values) for _ in item.answers])
+    return out
+
+
+def _query_key(query: str) -> str:
+    return query.strip().lstrip(".").strip().rsplit(" is", 1)[0].split()[-1]

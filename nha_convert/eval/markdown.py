@@ -6,7 +6,7 @@ import math
 from typing import Any
 
 from .results import ResultsLike, as_dict
-from .tables import is_lower_better, labels, recall_probes, recovered, task_rows
+from .tables import is_lower_better, labels, masked_recall, recall_probes, recall_rows, recovered, task_rows
 from .training import GPU_RESULTS, is_smoke
 
 
@@ -63,7 +63,11 @@ def recall_markdown(results: dict[str, Any]) -> str | None:
     rec = results.get("recall") or {}
     if not rec:
         return None
-    lines = []
+    from .probes import NATURAL
+
+    masked = masked_recall(results)
+    natural = any(p in NATURAL for p in recall_probes(rec))
+    lines = [recall_summary_markdown(results)] if masked or natural else []  # passkey / MQAR alone: as before
     for probe in recall_probes(rec):
         lengths = sorted({int(L) for r in rec.values() for L in (r.get(probe) or {})})
         if not lengths:
@@ -71,10 +75,31 @@ def recall_markdown(results: dict[str, Any]) -> str | None:
         chance = next((r["chance"][probe] for r in rec.values() if probe in r.get("chance", {})), None)
         title = f"{probe} (chance {_f(chance, '.3g')})" if chance is not None else f"{probe} (tokens up to)"
         header = [title, *[str(L) for L in lengths]]
-        body = [[lab, *[_f(rec[lab].get(probe, {}).get(str(L)), ".2f") for L in lengths]]
-                for lab in labels(results) if lab in rec]
+        body = []
+        for lab in labels(results):
+            if lab not in rec:
+                continue
+            body.append([lab, *[_f(rec[lab].get(probe, {}).get(str(L)), ".2f") for L in lengths]])
+            if lab in masked:  # --ablate slots: the same model as its sliding window, and what the slots carry
+                m = [masked[lab].get(probe, {}).get(str(L)) for L in lengths]
+                v = [rec[lab].get(probe, {}).get(str(L)) for L in lengths]
+                body.append([f"{lab}, slots masked", *[_f(x, ".2f") for x in m]])
+                body.append([f"{lab}, slots carry", *[_f(None if a is None or b is None else a - b, "+.2f")
+                                                      for a, b in zip(v, m)]])
         lines.append(_md_table(header, body))
-    return "\n\n".join(lines) or None
+    return "\n\n".join(x for x in lines if x) or None
+
+
+def recall_summary_markdown(results: dict[str, Any]) -> str | None:
+    """Every probe and length in one table: the models, 'slots masked' and 'slots carry' next to each model run with
+    --ablate slots, and chance (the sliding-window baseline is one of the models when --baseline gave it)."""
+    columns, rows = recall_rows(results)
+    if not rows:
+        return None
+    body = [[r["probe"], str(r["length"]),
+             *[_f(r["values"].get(c), "+.2f" if c.endswith("slots carry") else ".3g" if c == "chance" else ".2f")
+               for c in columns]] for r in rows]
+    return _md_table(["probe", "tokens", *columns], body)
 
 
 def perplexity_markdown(results: dict[str, Any]) -> str | None:
@@ -85,6 +110,10 @@ def perplexity_markdown(results: dict[str, Any]) -> str | None:
     header = ["model", *[f"pos {b}" for b in first["buckets"]], "overall"]
     body = [[lab, *[_f(x, ".2f") for x in ppl[lab]["ppl"]], _f(ppl[lab]["overall_ppl"], ".2f")]
             for lab in labels(results) if lab in ppl]
+    for lab, ab in (results.get("ablation") or {}).items():  # --ablate slots
+        m = (ab.get("slots") or {}).get("perplexity")
+        if m:
+            body.append([f"{lab}, slots masked", *[_f(x, ".2f") for x in m["ppl"]], _f(m["overall_ppl"], ".2f")])
     return _md_table(header, body)
 
 

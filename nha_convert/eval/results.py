@@ -14,6 +14,8 @@ On disk (format version 1, the shape every nha-eval has written):
   perplexity: {label: {"buckets": [...], "ppl": [...], "overall_ppl": x, "text", "seq_len", "sequences"}}
   bench:      {"rows": [bench.BenchRow dicts], "speedups": [...], "runs": [...]}
   parity:     {label: parity.ParityReport dict}                 (nha-eval --parity)
+  ablation:   {label: {"slots": {"recall": {...as recall[label]}, "perplexity": {...}}}}   (--ablate slots: the
+              same NHA model with its slot path masked, i.e. as its own sliding window)
 Keys this code does not know ride along in `extra` and are written back, so an older nha-eval re-rendering a newer
 file keeps what it cannot read. Bump RESULTS_VERSION when a key changes meaning, and keep reading the old shape.
 """
@@ -33,7 +35,7 @@ RESULTS_VERSION = 1
 OMIT_NONE = {"omit_none": True}  # field metadata: the key is absent from the JSON while the value is None
 
 TaskScores = dict[str, dict[str, dict[str, float]]]  # label -> task -> metric -> value
-RecallScores = dict[str, dict[str, dict[str, float]]]  # label -> probe (or "chance") -> length -> accuracy
+RecallScores = dict[str, dict[str, dict[str, float]]]  # label -> probe -> length -> accuracy; "chance" -> probe
 
 
 def _dump(value: Any) -> Any:
@@ -149,6 +151,7 @@ class EvalResults(_Record):
     subject: str | None = None
     bench: BenchResults | None = field(default=None, metadata=OMIT_NONE)
     parity: dict[str, dict[str, Any]] | None = field(default=None, metadata=OMIT_NONE)
+    ablation: dict[str, dict[str, Any]] | None = field(default=None, metadata=OMIT_NONE)
 
     _KEYS: ClassVar[dict[str, str]] = {"format_version": "version"}
     _READ: ClassVar[dict[str, Callable[[Any], Any]]] = {
@@ -182,6 +185,8 @@ class EvalResults(_Record):
             self.models.append(m)
         for section in ("tasks", "samples", "seconds", "recall", "perplexity"):
             getattr(self, section).update(getattr(other, section))
+        if other.ablation:
+            self.ablation = {**(self.ablation or {}), **other.ablation}
         return self
 
 

@@ -42,13 +42,21 @@ class Progress:
     lm_eval_ready: Callable[[], None] = lambda: None  # once lm-eval's tasks are checked, before it first runs
 
 
+def _all_probes() -> list[str]:
+    from .probes import PROBES
+
+    return list(PROBES)
+
+
 @dataclass(kw_only=True)
 class RecallRequest:
     lengths: list[int] | None = None  # None: DEFAULT_RECALL_LENGTHS up to the shortest context length
-    n: int = 20
-    probes: list[str] = field(default_factory=lambda: ["passkey", "mqar"])
+    n: int | None = None  # items per cell; None: each probe's default (eval/probes.py: 20 synthetic, 100 natural)
+    probes: list[str] = field(default_factory=_all_probes)  # passkey, mqar and the natural probes
     pairs: int = 16
     files: list[Path] = field(default_factory=list)  # --recall-file: JSON lines of {"prompt", "answer"} (recall.py)
+    batch_tokens: int | None = None  # tokens per forward; None: 65536 on CUDA, 8192 on CPU
+    items: dict[Any, Any] = field(default_factory=dict, repr=False)  # built once, reused by every model of the run
 
 
 @dataclass(kw_only=True)
@@ -95,6 +103,7 @@ class EvalRequest:
     bench: BenchRequest | None = None
     parity: bool = False
     parity_tolerance: float | None = None
+    ablate: list[str] = field(default_factory=list)  # "slots": NHA models' recall / perplexity with slots masked
     command: str = ""  # the command line, kept in results.json
 
 
@@ -125,6 +134,17 @@ def check_request(req: EvalRequest) -> None:
     if no_tasks and req.recall is None and req.ppl is None and req.bench is None and not req.parity:
         raise NHAError("nothing to evaluate with --tasks none: add --recall, --ppl, --bench or --parity, "
                        "or name tasks (e.g. --tasks commonsense)")
+    from .ablation import check_ablations
+
+    if check_ablations(req.ablate) and req.recall is None and req.ppl is None:
+        raise NHAError("--ablate slots measures recall or perplexity with the slots masked: add --recall or --ppl")
+    if req.recall is not None:
+        from .probes import get
+
+        for name in req.recall.probes:
+            get(name)
+        if req.recall.n is not None and req.recall.n < 1:
+            raise NHAError(f"--recall-n must be at least 1 (items per probe and length); got {req.recall.n}")
     for spec in [*req.compare, *req.models]:
         if spec.endswith(".json"):
             if not Path(spec).expanduser().is_file():
@@ -285,22 +305,21 @@ def evaluate(req: EvalRequest, progress: Progress) -> EvalResults:
             results.tasks[label] = run.scores
             results.samples[label] = run.samples
             settings.data = run.data
-        if req.recall is not None:
-            from .recall import run_recall
+        _measure(results.recall, results.perplexity, label, loaded, req, recall_lengths, ppl_len, recall_files,
+                 dev, progress)
+        if "slots" in req.ablate and loaded.kind == "nha":
+            from .ablation import has_slots, slots_masked
 
-            with progress.bars() as bars:
-                results.recall[label] = run_recall(
-                    loaded.model, loaded.tokenizer, recall_lengths, req.recall.probes, n=req.recall.n,
-                    seed=req.seed, n_pairs=req.recall.pairs,
-                    progress=lambda desc, total: bars(f"{label} {desc}", total), files=recall_files)
-        if req.ppl is not None:
-            from .perplexity import perplexity_by_position
-
-            with progress.bars() as bars:
-                tick = bars(f"{label} perplexity ({ppl_len} tokens per sequence)", req.ppl.sequences)
-                results.perplexity[label] = PerplexityResult.from_dict(perplexity_by_position(
-                    loaded.model, loaded.tokenizer, seq_len=ppl_len, max_sequences=req.ppl.sequences,
-                    on_batch=tick))
+            if has_slots(loaded.model):
+                progress.log(f"[b]{label}[/]: again with the slots masked (--ablate slots)")
+                masked: dict[str, Any] = {"recall": {}, "perplexity": {}}
+                with slots_masked(loaded.model):
+                    _measure(masked["recall"], masked["perplexity"], label, loaded, req, recall_lengths, ppl_len,
+                             recall_files, dev, progress, " (slots masked)")
+                results.ablation = results.ablation or {}
+                ppl = masked["perplexity"].get(label)
+                results.ablation[label] = {"slots": {"recall": masked["recall"].get(label),
+                                                     "perplexity": ppl.to_dict() if ppl is not None else None}}
         results.seconds[label] = time.perf_counter() - t0
         _free(loaded.model)
         loaded.model = None
@@ -317,6 +336,28 @@ def evaluate(req: EvalRequest, progress: Progress) -> EvalResults:
         ref_label = M.default_label(ref) if not ref.endswith(".json") else load_results(ref).models[0].label
         results.reference = ref_label if ref_label in results.labels() else None
     return results
+
+
+def _measure(recall: dict[str, Any], perplexity: dict[str, Any], label: str, loaded: Any, req: EvalRequest,
+             recall_lengths: list[int] | None, ppl_len: int | None, recall_files: list[Any], dev: str,
+             progress: Progress, note: str = "") -> None:
+    """The recall probes and perplexity of one loaded model into recall[label] and perplexity[label]."""
+    if req.recall is not None:
+        from .recall import run_recall
+
+        batch_tokens = req.recall.batch_tokens or (65536 if dev.startswith("cuda") else 8192)
+        with progress.bars() as bars:
+            recall[label] = run_recall(
+                loaded.model, loaded.tokenizer, recall_lengths or [], req.recall.probes, n=req.recall.n,
+                seed=req.seed, n_pairs=req.recall.pairs, batch_tokens=batch_tokens, cache=req.recall.items,
+                progress=lambda desc, total: bars(f"{label}{note} {desc}", total), files=recall_files)
+    if req.ppl is not None:
+        from .perplexity import perplexity_by_position
+
+        with progress.bars() as bars:
+            tick = bars(f"{label}{note} perplexity ({ppl_len} tokens per sequence)", req.ppl.sequences)
+            perplexity[label] = PerplexityResult.from_dict(perplexity_by_position(
+                loaded.model, loaded.tokenizer, seq_len=ppl_len, max_sequences=req.ppl.sequences, on_batch=tick))
 
 
 def run_bench(results: EvalResults, spec: str | None, req: EvalRequest, progress: Progress,

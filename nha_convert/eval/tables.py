@@ -57,6 +57,48 @@ def recovered(value: float | None, ref: float | None, metric: str) -> float | No
 
 
 def recall_probes(rec: dict[str, Any]) -> list[str]:
-    """The probes of recall results in order: the built-in ones first, then --recall-file's."""
+    """The probes of recall results in order: the registered ones first (eval/probes.py), then --recall-file's."""
+    from .probes import PROBES
+
     found = list(dict.fromkeys(p for r in rec.values() for p in r if p != "chance"))
-    return [p for p in ("passkey", "mqar") if p in found] + [p for p in found if p not in ("passkey", "mqar")]
+    return [p for p in PROBES if p in found] + [p for p in found if p not in PROBES]
+
+
+def masked_recall(results: ResultsLike) -> dict[str, dict[str, Any]]:
+    """{label: recall results with the slots masked} of the models run with --ablate slots."""
+    results = as_dict(results)
+    out = {}
+    for lab, ab in (results.get("ablation") or {}).items():
+        rec = (ab.get("slots") or {}).get("recall")
+        if rec:
+            out[lab] = rec
+    return out
+
+
+def recall_rows(results: ResultsLike) -> tuple[list[str], list[dict[str, Any]]]:
+    """One row per probe and length: every model's score, for each model run with --ablate slots its score with the
+    slots masked and what the slots carry (score - masked), and chance. (columns, rows of {probe, length, values})."""
+    results = as_dict(results)
+    rec = results.get("recall") or {}
+    masked = masked_recall(results)
+    names = [lab for lab in labels(results) if lab in rec]
+    columns: list[str] = []
+    for lab in names:
+        columns.append(lab)
+        if lab in masked:
+            columns += [f"{lab} slots masked", f"{lab} slots carry"]
+    columns.append("chance")
+    rows = []
+    for probe in recall_probes(rec):
+        chance = next((r["chance"][probe] for r in rec.values() if probe in r.get("chance", {})), None)
+        for length in sorted({int(L) for r in rec.values() for L in (r.get(probe) or {})}):
+            key, values = str(length), {"chance": chance}
+            for lab in names:
+                v = rec[lab].get(probe, {}).get(key)
+                values[lab] = v
+                if lab in masked:
+                    m = masked[lab].get(probe, {}).get(key)
+                    values[f"{lab} slots masked"] = m
+                    values[f"{lab} slots carry"] = None if v is None or m is None else v - m
+            rows.append({"probe": probe, "length": length, "values": values})
+    return columns, rows

@@ -1,7 +1,8 @@
 """A short recall probe at the end of every training stage, so metrics.jsonl shows whether recall is trending up.
 
 Recall is what a sliding window cannot fake: passkey and multi-query associative recall (corpora/synthetic.py,
-the project's own formats, the same items and grading as `nha-eval`) and the held-out split of the retrieval
+the project's own formats, the same items and grading as `nha-eval`), the teacher-forced natural-recall probes a
+recipe lists (code, restated: corpora/natural.py) and the held-out split of the retrieval
 documents (corpora/retrieval.py: formats, keys, answers and filler passages the training split never holds), each at
 the recipe's `probe.lengths`. Scored by greedy decoding under teacher forcing (one forward per item,
 corpora/items.py). Runs on the main process only.
@@ -14,11 +15,16 @@ from typing import Any
 
 import torch
 
-from ..corpora.items import accuracy, check_lengths, context_length
+from ..corpora import natural
+from ..corpora.items import accuracy, check_lengths, context_length, model_predictions, score
 from ..corpora.retrieval import formats_for, probe_items, retrieval_documents
 from ..corpora.synthetic import PROBES, make_items
 from ..settings import ResolvedNHA
 from .schema import ProbeSpec
+
+
+def _normalised_equal(want: str, got: str) -> bool:
+    return natural.normalize(want) == natural.normalize(got)
 
 
 def retrieval_accuracy(model: Any, tokenizer: Any, length: int, n: int, seed: int = 0) -> float:
@@ -39,6 +45,10 @@ def recall_probe(model: Any, tokenizer: Any, spec: ProbeSpec, seed: int = 0) -> 
         check_lengths(spec.lengths, context_length(model), type(model).__name__)
     for p in own:
         out[p] = {str(L): accuracy(model, tokenizer, make_items(p, tokenizer, L, spec.items, seed))
+                  for L in spec.lengths}
+    for p in (p for p in spec.probes if p in natural.TEACHER_FORCED):  # graded as nha-eval grades them (normalised)
+        out[p] = {str(L): score(items := natural.BUILDERS[p](tokenizer, L, spec.items, seed),
+                                model_predictions(model, tokenizer, items), lambda _: _normalised_equal)
                   for L in spec.lengths}
     if "retrieval" in spec.probes:
         out["retrieval"] = {str(L): retrieval_accuracy(model, tokenizer, L, spec.items, seed) for L in spec.lengths}

@@ -13,6 +13,7 @@ from typing import Literal, Optional
 
 from pydantic import Field, PrivateAttr, model_validator
 
+from ..corpora.natural import TEACHER_FORCED
 from ..corpora.synthetic import PROBES
 from ..errors import NHAError
 from ..settings import NHASettings
@@ -24,6 +25,8 @@ AMOUNTS = ("steps", "tokens", "minutes")
 STAGE_KINDS = tuple(sorted(OBJECTIVES))  # one objective class per stage kind (objectives.py)
 TRAINABLES = ("gates", "lora", "attention", "all_but_mlp")
 PROBE_KINDS = (*PROBES, "retrieval")  # the built-in recall items, and the held-out retrieval documents
+# what `probe.probes` may list: those, and the natural probes graded under teacher forcing (finetune/probe.py)
+PROBE_CHOICES = (*PROBE_KINDS, *TEACHER_FORCED)
 
 
 class ModelSpec(Spec):
@@ -74,7 +77,7 @@ class ProbeSpec(Spec):
 
     lengths: list[Positive] = Field(default_factory=lambda: [1024, 2048], min_length=1)
     items: Positive = 8
-    probes: list[Literal[PROBE_KINDS]] = Field(default_factory=lambda: list(PROBE_KINDS))
+    probes: list[Literal[PROBE_CHOICES]] = Field(default_factory=lambda: list(PROBE_KINDS))
 
 
 class DataSpec(Spec):

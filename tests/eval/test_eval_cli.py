@@ -50,7 +50,8 @@ def test_side_by_side_with_baseline_and_gate(tiny_folders, tmp_path, run_cli):
     assert (swa["window"], swa["slots"], swa["sinks"], swa["windows"]) == (16, 0, 4, [16, None])
     for lab in ("base", "nha", "swa-sinks-w16"):
         assert set(res["tasks"][lab]["piqa"]) == {"acc", "acc_norm"} and res["samples"][lab]["piqa"] == 2
-        assert set(res["recall"][lab]) == {"passkey", "mqar", "chance"}
+        assert set(res["recall"][lab]) == {"passkey", "mqar", "reading", "reading-distractors", "code", "restated",
+                                           "chance"}
         assert res["perplexity"][lab]["buckets"] == ["1-64"]
     md = (out / "report.md").read_text()
     assert "nha % of base" in md and "swa-sinks-w16 % of base" in md
@@ -83,6 +84,25 @@ def test_recall_file_alone(tiny_folders, tmp_path, run_cli):
     assert {"recall/codes/32", "recall/codes/512"} <= set(json.loads((tmp_path / "e.json").read_text())["metrics"])
 
 
+def test_ablate_slots_adds_masked_rows(tiny_folders, tmp_path, run_cli):
+    """--ablate slots: the NHA model's probes and perplexity again with its slots masked, next to its own."""
+    out = tmp_path / "out"
+    code, err = _run(run_cli, tiny_folders / "nha", "--compare", tiny_folders / "base", "--tasks", "none",
+                     "--recall", "--recall-probes", "code,restated", "--recall-lengths", 256, "--recall-items", 3,
+                     "--ablate", "slots", "--ppl", "--ppl-len", 64, "--ppl-seqs", 1, "--out", out)
+    assert code == 0, err
+    res = json.loads((out / "results.json").read_text())
+    assert list(res["ablation"]) == ["nha"]  # the base model has no slots to mask
+    masked = res["ablation"]["nha"]["slots"]
+    assert set(masked["recall"]) == {"code", "restated", "chance"} and set(masked["recall"]["code"]) == {"256"}
+    assert masked["perplexity"]["buckets"] == ["1-64"]
+    assert masked["recall"]["chance"] == res["recall"]["nha"]["chance"] == pytest.approx({"code": 0.2,
+                                                                                        "restated": 1 / 6})
+    md = (out / "report.md").read_text()
+    assert "| nha, slots masked |" in md and "| nha, slots carry |" in md
+    assert "| probe | tokens | base | nha | nha slots masked | nha slots carry | chance |" in md
+
+
 def test_bench_cli_writes_rows_and_chart(tmp_path, run_cli):
     code, err = _run(run_cli, "tiny-random", "--bench", "--bench-contexts", "32,64",
                      "--bench-batches", "1,2", "--bench-steps", 1, "--window", 8, "--slots", 4,
@@ -107,6 +127,10 @@ def test_bench_cli_writes_rows_and_chart(tmp_path, run_cli):
     (["./no-such-model", "--tasks", "none"], "nothing to evaluate"),
     (["./no-such-model", "--recall"], "no such folder"),  # before any other model loads or any work starts
     (["{nha}", "--compare", "no-such-run.json", "--recall"], "no such results file"),
+    (["{nha}", "--tasks", "none", "--recall", "--recall-probes", "code,cod"], "unknown recall probe 'cod'"),
+    (["{nha}", "--tasks", "none", "--recall", "--ablate", "gates"], "--ablate takes slots"),
+    (["{nha}", "--tasks", "piqa", "--ablate", "slots"], "add --recall or --ppl"),
+    (["{nha}", "--tasks", "none", "--recall", "--recall-n", "0"], "--recall-n must be at least 1"),
 ])
 def test_bad_input_is_one_line(tiny_folders, run_cli, args, message):
     args = [a.format(base=tiny_folders / "base", nha=tiny_folders / "nha") for a in args]

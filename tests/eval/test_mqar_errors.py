@@ -7,7 +7,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from nha_convert.corpora.synthetic import mqar_items
-from nha_convert.eval import recall
+from nha_convert.corpora import synthetic
 from tests.helpers.scripts import load_benchmark
 
 errors_mod = load_benchmark("mqar_errors")
@@ -19,7 +19,7 @@ def items(smollm2_path):
 
 
 def test_oracle_answers_are_all_right(items):
-    e = errors_mod.classify(items, recall.oracle_predictions(items))
+    e = errors_mod.classify(items, synthetic.oracle_predictions(items))
     assert e.fractions()["right"] == 1.0 and not e.offsets
     right, other = e.digit_accuracy()
     assert right == 1.0 and 0.0 <= other < 1.0
@@ -33,14 +33,14 @@ def test_digit_match_counts_places():
 
 def test_each_kind_of_miss_is_named(items):
     item = items[0]
-    pairs = recall.MQAR_RE.findall(item.context)
+    pairs = synthetic.MQAR_RE.findall(item.context)
     keys, values = [k for k, _ in pairs], [v for _, v in pairs]
-    asked = keys.index(recall._query_key(item.queries[0]))
+    asked = keys.index(synthetic._query_key(item.queries[0]))
     other = (asked + 1) % len(values)
     absent = next(str(n) for n in range(100, 1000) if str(n) not in values)
-    e = errors_mod.classify(items, [[values[other], " " + absent]] + recall.oracle_predictions(items[1:]))
+    e = errors_mod.classify(items, [[values[other], " " + absent]] + synthetic.oracle_predictions(items[1:]))
     assert e.kinds["another value"] == 1 and e.offsets == {other - asked: 1}
     assert e.kinds["number not in item"] == 1 and e.kinds["right"] == 4
 
-    e = errors_mod.classify(items, [["ten", "?"]] + recall.oracle_predictions(items[1:]))
+    e = errors_mod.classify(items, [["ten", "?"]] + synthetic.oracle_predictions(items[1:]))
     assert e.kinds["not a number"] == 2

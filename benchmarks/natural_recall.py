@@ -33,7 +33,8 @@ def main(argv: list[str] | None = None) -> int:
                                                             "20 passkey / MQAR)")
     ap.add_argument("--lengths", default="1024,2048,4096,8192")
     ap.add_argument("--probes", default="all", help="as nha-eval --recall-probes")
-    ap.add_argument("--ppl", action="store_true", help="perplexity by position too (8 sequences of 2K tokens)")
+    ap.add_argument("--ppl", action="store_true", help="perplexity by position too (8 held-out sequences)")
+    ap.add_argument("--ppl-len", type=int, default=4096, help="tokens per perplexity sequence (4096: positions 2K-4K)")
     ap.add_argument("--no-baseline", action="store_true", help="leave out the sliding-window + 4 sinks baseline")
     ap.add_argument("--out", default="out/natural-recall")
     args = ap.parse_args(argv)
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
             baseline=None if args.no_baseline else "swa-sinks", ablate=["slots"],
             recall=RecallRequest(lengths=[int(x) for x in args.lengths.split(",") if x], n=args.items,
                                  probes=parse(args.probes)),
-            ppl=PerplexityRequest() if args.ppl else None,
+            ppl=PerplexityRequest(seq_len=args.ppl_len) if args.ppl else None,
             command="python benchmarks/natural_recall.py " + " ".join(sys.argv[1:] if argv is None else argv))
         def log(text: str) -> None:
             plain = re.sub(r"\[/?[a-z ]*\]", "", text)  # the CLI's rich markup

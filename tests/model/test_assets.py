@@ -124,11 +124,11 @@ def test_smollm2_build_is_atomic_and_cleans_leftovers(tmp_path, monkeypatch):
     leftover.mkdir()
     (leftover / "config.json").write_text("{}")
 
-    def failing(gguf: Path, out: Path) -> None:
+    def failing(gguf: Path, out: Path, **kw: object) -> None:
         (out / "config.json").write_text("{}")
         raise RuntimeError("interrupted")
 
-    monkeypatch.setattr(assets, "_build_smollm2", failing)
+    monkeypatch.setattr(assets, "_build_from_gguf", failing)
     with pytest.raises(RuntimeError, match="interrupted"):
         assets.smollm2_folder()
     assert not target.exists()
@@ -137,13 +137,13 @@ def test_smollm2_build_is_atomic_and_cleans_leftovers(tmp_path, monkeypatch):
 
     calls = []
 
-    def fake(gguf: Path, out: Path) -> None:
+    def fake(gguf: Path, out: Path, **kw: object) -> None:
         calls.append(out)
         assert out.parent == tmp_path and out != target  # built beside the target, never in place
         (out / "config.json").write_text("{}")
         (out / "model.safetensors").write_bytes(b"x")
 
-    monkeypatch.setattr(assets, "_build_smollm2", fake)
+    monkeypatch.setattr(assets, "_build_from_gguf", fake)
     assert assets.smollm2_folder() == target
     assert assets.smollm2_folder() == target
     assert len(calls) == 1 and not calls[0].exists()

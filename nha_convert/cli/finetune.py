@@ -149,7 +149,8 @@ def finetune(
         from ..finetune.budget import SMOKE, smoke_cost
 
         if r.budget == SMOKE:  # a hardware check: what the full recipe would cost here (finetune/budget.py)
-            err.print(smoke_cost(recipe, overrides, run_dir, time.perf_counter() - started), highlight=False)
+            err.print(smoke_cost(recipe, overrides, run_dir, time.perf_counter() - started), highlight=False,
+                      soft_wrap=True)
         typer.echo(str(final))
 
 

@@ -66,3 +66,13 @@ def test_projection_names_a_stage_without_timed_steps(tmp_path):
     metrics.write_text(json.dumps({"stage": "transfer", "step": 1, "time_s": 3.0}) + "\n")
     with pytest.raises(NHAError, match="stage transfer: no step time measured"):
         B.project(full.stages, B.measured_step_times(metrics))
+
+
+@pytest.mark.parametrize("name", ["qwen2.5-coder-0.5b", "qwen2.5-coder-0.5b-hybrid"])
+@pytest.mark.parametrize("budget", ["cpu", "gpu"])
+def test_qwen_coder_recipes_parse(name, budget):
+    r = read_recipe(RECIPES / f"{name}.yaml", budget=budget)
+    assert r.model.base == "qwen2.5-coder-0.5b"
+    assert (r.model.nha.get("full_layers") == "auto:2") == name.endswith("hybrid")
+    if budget == "gpu":  # training leaves room for building, loading and evaluating in one 10-minute device call
+        assert sum(s.minutes for s in r.stages) <= 6.5

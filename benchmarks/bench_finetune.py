@@ -41,9 +41,8 @@ def run(recipe_path: str, budget: str, steps: int, warmup: int, out: Path, stude
     probe = read_recipe(recipe_path, budget)
     sets = [f"stages.{s.name or i}.steps={steps}" for i, s in enumerate(probe.stages)]
     sets += [f"output.dir={out}", "output.checkpoint_every=0", "output.log_every=1"]
-    if student == "base":
-        sets.append("model.nha=null")
-    recipe = read_recipe(recipe_path, budget, sets + extra)
+    last = ["model.nha=null"] if student == "base" else []  # after `extra`, which may set model.nha fields
+    recipe = read_recipe(recipe_path, budget, sets + extra + last)
     callback, tables = _profiler(profile_steps, profiles) if profile_steps else (None, [])
     Trainer(recipe, overwrite=True, step_callback=callback, models=models).run()
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]

@@ -76,3 +76,16 @@ def test_qwen_coder_recipes_parse(name, budget):
     assert (r.model.nha.get("full_layers") == "auto:2") == name.endswith("hybrid")
     if budget == "gpu":  # training leaves room for building, loading and evaluating in one 10-minute device call
         assert sum(s.minutes for s in r.stages) <= 6.5
+
+
+def test_bench_8b_counts_the_nha_kernels_share_of_device_time():
+    from collections import namedtuple
+
+    from tests.helpers.scripts import load_benchmark
+
+    bench = load_benchmark("bench_8b")
+    assert {"_nha_fwd_kernel", "_bwd_slot_kv_kernel", "_decode_kernel"} <= bench.op_kernel_names()
+    E = namedtuple("E", "key self_device_time_total device_type")
+    events = [E("_nha_fwd_kernel", 30.0, "DeviceType.CUDA"), E("nvjet_gemm_bf16", 60.0, "DeviceType.CUDA"),
+              E("_bwd_band_q_kernel", 10.0, "DeviceType.CUDA"), E("aten::mm", 500.0, "DeviceType.CPU")]
+    assert bench.nha_share(events) == 0.4  # CPU-side ops are not device time

@@ -12,8 +12,9 @@ gradient checkpointing; local text). Sections, each printed as a table and writt
 2. training, the NHA student: benchmarks/bench_finetune.py's run on those models, `--steps` steps a stage, the first
    `--warmup` not timed: real tokens/s, s/step, peak memory; one distill step (before the timed ones) under the
    profiler: the NHA op's Triton kernels' share of the step's GPU time.
-3. save / load of the trained student (nha_convert.save / load) and greedy `generate_fast` decode tokens/s after a
-   2048-token prompt at batch 1 and 8 (CUDA-graph replay; prefill and capture subtracted).
+3. save / load of the trained student (the trainer's own nha_convert.save, timed; nha_convert.load) and greedy
+   `generate_fast` decode tokens/s after a 2048-token prompt at batch 1 and 8 (CUDA-graph replay; prefill and
+   capture subtracted). The base run skips its final save (nobody reads that model).
 4. the base model as its own student (bench_finetune's base run: model.nha null, the same settings): NHA / base.
 5. the full recipe (no budget) projected on 1 and 8 GPUs from the measured step times (finetune/budget.py).
 """
@@ -21,6 +22,7 @@ gradient checkpointing; local text). Sections, each printed as a table and writt
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import re
@@ -28,7 +30,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -105,6 +107,27 @@ def table(title: str, rows: list[tuple[str, Any]]) -> None:
         print(f"| {k} | {v} |")
 
 
+@contextlib.contextmanager
+def final_save(record: dict[str, float] | None) -> Iterator[None]:
+    """The trainer saves its model at the end (16 GB at 8B): timed into record["save_s"] for the NHA run; skipped
+    for the base run, whose model nobody reads (a minute of disk writes saved)."""
+    import nha_convert
+
+    real = nha_convert.save
+
+    def save(*args: Any, **kwargs: Any) -> Any:
+        if record is None:
+            return None
+        out, record["save_s"] = timed(lambda: real(*args, **kwargs))
+        return out
+
+    nha_convert.save = save
+    try:
+        yield
+    finally:
+        nha_convert.save = real
+
+
 def conversion(recipe: Any) -> tuple[tuple, dict[str, Any]]:
     from nha_convert.finetune.models import build_models
 
@@ -118,20 +141,16 @@ def conversion(recipe: Any) -> tuple[tuple, dict[str, Any]]:
     return models, out
 
 
-def save_load_generate(run: Path, batches: tuple[int, ...] = (1, 8), prompt: int = 2048) -> dict[str, Any]:
+def load_generate(run: Path, save_s: float | None, batches: tuple[int, ...] = (1, 8),
+                  prompt: int = 2048) -> dict[str, Any]:
     import nha_convert
-
-    free()
     from transformers import AutoTokenizer
 
+    free()
     model, load_s = timed(lambda: nha_convert.load(run / "model", dtype=torch.bfloat16, device=DEVICE))
-
     tokenizer = AutoTokenizer.from_pretrained(run / "model")
-    target = run / "resaved"
-    _, save_s = timed(lambda: nha_convert.save(model, tokenizer, target, overwrite=True))
-    for folder in (target, run / "model"):  # 16 GB each at 8B: the base run's model still has to fit on the disk
-        shutil.rmtree(folder, ignore_errors=True)
-    out: dict[str, Any] = {"load_s": round(load_s, 1), "save_s": round(save_s, 1)}
+    shutil.rmtree(run / "model", ignore_errors=True)  # 16 GB at 8B
+    out: dict[str, Any] = {"save_s": None if save_s is None else round(save_s, 1), "load_s": round(load_s, 1)}
     vocab = min(model.config.vocab_size, len(tokenizer))
     for b in batches:
         ids = torch.randint(0, vocab, (b, prompt), device=DEVICE)
@@ -140,7 +159,8 @@ def save_load_generate(run: Path, batches: tuple[int, ...] = (1, 8), prompt: int
                    for n in (8, 8, 72)}  # the first call warms up (kernels, graph capture)
         out[f"decode_tok_s_batch{b}"] = round(b * 64 / (run_for[72] - run_for[8]), 1)
     out["peak_gib"] = peak_gib()
-    table(f"3. save / load of the trained student, generate_fast after a {prompt}-token prompt", list(out.items()))
+    table(f"3. save (the trainer's own) / load of the trained student, generate_fast after a {prompt}-token prompt",
+          list(out.items()))
     del model
     return out
 
@@ -183,8 +203,10 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(a.out)
     profiles: list[Any] = []
     # Profile distill's 2nd step (the callback after global step steps + 1 starts it): outside the timed steps.
-    nha = bench_finetune.run(a.recipe, a.budget, a.steps, a.warmup, out / "nha", "nha", extra, [a.steps + 1],
-                             models=models, profiles=profiles)
+    saved: dict[str, float] = {}
+    with final_save(saved):
+        nha = bench_finetune.run(a.recipe, a.budget, a.steps, a.warmup, out / "nha", "nha", extra, [a.steps + 1],
+                                 models=models, profiles=profiles)
     for r in nha:
         r.pop("profile", None)
     del models
@@ -194,12 +216,13 @@ def main(argv: list[str] | None = None) -> None:
     print(bench_finetune.table({"nha": nha}))
     print(f"NHA op kernels' share of a distill step's GPU time: {share}")
 
-    report.add("save_load_generate", save_load_generate(out / "nha", prompt=a.prompt))
+    report.add("save_load_generate", load_generate(out / "nha", saved.get("save_s"), prompt=a.prompt))
 
     base: list[dict[str, Any]] = []
     if not a.skip_base:
         free()
-        base = bench_finetune.run(a.recipe, a.budget, a.steps, a.warmup, out / "base", "base", extra, None)
+        with final_save(None):
+            base = bench_finetune.run(a.recipe, a.budget, a.steps, a.warmup, out / "base", "base", extra, None)
         report.add("training_base", {"stages": base})
     print("\n4. NHA student against the base model as its own student, same settings")
     print(bench_finetune.table({"nha": nha, "base": base}))
@@ -207,7 +230,7 @@ def main(argv: list[str] | None = None) -> None:
     full = read_recipe(a.recipe, None, extra)
     measured = {r["stage"]: (r["s_per_step"], r["steps_timed"], r["peak_mem_gib"], 0.0) for r in nha}
     costs = B.project(full.stages, measured)
-    other = conv["build_and_convert_s"] + report.data["save_load_generate"]["save_s"]
+    other = conv["build_and_convert_s"] + (report.data["save_load_generate"]["save_s"] or 0.0)
     print("\n5. " + B.projection_table(costs, other, device))
     report.add("projection", {"other_s": other, "stages": [c.__dict__ for c in costs]})
     report.add("wall_s", round(time.perf_counter() - started, 1))

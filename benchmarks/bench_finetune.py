@@ -30,19 +30,21 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(recipe_path: str, budget: str, steps: int, warmup: int, out: Path, student: str, extra: list[str],
-        profile_steps: list[int] | None) -> list[dict[str, Any]]:
-    """Train the recipe for `steps` steps per stage; one record per stage from metrics.jsonl."""
+        profile_steps: list[int] | None, models: tuple | None = None,
+        profiles: list[Any] | None = None) -> list[dict[str, Any]]:
+    """Train the recipe for `steps` steps per stage; one record per stage from metrics.jsonl. `models`: (student,
+    teacher, tokenizer) already built (benchmarks/bench_8b.py times the conversion itself); `profiles`: receives
+    each profiled step's key_averages()."""
     from nha_convert.finetune.recipe import read_recipe
     from nha_convert.finetune.trainer import Trainer
 
     probe = read_recipe(recipe_path, budget)
     sets = [f"stages.{s.name or i}.steps={steps}" for i, s in enumerate(probe.stages)]
     sets += [f"output.dir={out}", "output.checkpoint_every=0", "output.log_every=1"]
-    if student == "base":
-        sets.append("model.nha=null")
-    recipe = read_recipe(recipe_path, budget, sets + extra)
-    callback, tables = _profiler(profile_steps) if profile_steps else (None, [])
-    Trainer(recipe, overwrite=True, step_callback=callback).run()
+    last = ["model.nha=null"] if student == "base" else []  # after `extra`, which may set model.nha fields
+    recipe = read_recipe(recipe_path, budget, sets + extra + last)
+    callback, tables = _profiler(profile_steps, profiles) if profile_steps else (None, [])
+    Trainer(recipe, overwrite=True, step_callback=callback, models=models).run()
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     records = []
     for i, stage in enumerate(recipe.stages):
@@ -73,8 +75,9 @@ def summarise(name: str, kind: str, rows: list[dict], *, warmup: int, global_bat
     }
 
 
-def _profiler(at: list[int]):
-    """A step callback that profiles the step after each global step in `at` (one table per profiled step)."""
+def _profiler(at: list[int], averages: list[Any] | None = None):
+    """A step callback that profiles the step after each global step in `at` (one table per profiled step; each
+    step's key_averages() appended to `averages` when given)."""
     from torch.profiler import ProfilerActivity, profile
 
     tables: list[str] = []
@@ -85,7 +88,10 @@ def _profiler(at: list[int]):
     def callback(global_step: int) -> None:
         if state["prof"] is not None:
             state["prof"].__exit__(None, None, None)
-            tables.append(state["prof"].key_averages().table(sort_by=key, row_limit=25, max_name_column_width=70))
+            events = state["prof"].key_averages()
+            tables.append(events.table(sort_by=key, row_limit=25, max_name_column_width=70))
+            if averages is not None:
+                averages.append(events)
             state["prof"] = None
         if global_step in at:
             state["prof"] = profile(activities=acts)

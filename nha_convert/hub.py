@@ -18,6 +18,7 @@ import torch
 
 from . import assets
 from .errors import NHAError
+from .random_models import TOKENIZED, is_random, random_base, random_config
 
 DEFAULT = "smollm2-135m"
 
@@ -30,6 +31,8 @@ ALIASES: dict[str, str] = {
     "qwen3-8b-base": "Qwen/Qwen3-8B-Base",
     "mistral-7b": "mistralai/Mistral-7B-v0.3",
 }
+# Embedded real models besides the default (assets.py): alias -> the function that builds their folder once.
+EMBEDDED = {"qwen2.5-coder-0.5b": assets.qwen_coder_folder}
 
 # "org/name" as the hub spells repo ids (letters, digits, '-', '_', '.').
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
@@ -39,13 +42,17 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenize
 def resolve_source(name: str | Path | None) -> str | Path:
     """Turn a user's model name into a local folder (Path) or a hub id (str).
 
-    None / "smollm2-135m": the embedded SmolLM2 folder; an alias: its hub id; an existing folder: that
-    folder (it must hold a valid config.json); a path-like name that does not exist: an error;
-    anything else: a hub id.
+    None / "smollm2-135m": the embedded SmolLM2 folder; another embedded model's alias: its folder; an alias: its
+    hub id; a random-weight shape (random_models.py): its name, unchanged; an existing folder: that folder (it must
+    hold a valid config.json); a path-like name that does not exist: an error; anything else: a hub id.
     """
     if name is None or str(name).strip().lower() == DEFAULT:
         return assets.smollm2_folder()
     text = str(name).strip()
+    if text.lower() in EMBEDDED:
+        return EMBEDDED[text.lower()]()
+    if text.lower() in TOKENIZED:
+        return text.lower()
     if text.lower() in ALIASES:
         return ALIASES[text.lower()]
     path = Path(text).expanduser()
@@ -58,8 +65,9 @@ def resolve_source(name: str | Path | None) -> str | Path:
 
 def check_source(name: str | Path | None) -> None:
     """`resolve_source`'s checks without building or downloading anything: an existing folder must be a model
-    folder, and a path-like name must exist. The embedded model, aliases and hub ids pass (they load later)."""
-    if name is None or str(name).strip().lower() in (DEFAULT, *ALIASES):
+    folder, and a path-like name must exist. Embedded models, aliases, random shapes and hub ids pass (they load
+    later)."""
+    if name is None or str(name).strip().lower() in (DEFAULT, *ALIASES, *EMBEDDED, *TOKENIZED):
         return
     resolve_source(name)
 
@@ -89,22 +97,27 @@ def load_config(name: str | Path | None) -> Any:
     """The model's `PretrainedConfig` (AutoConfig), from the same sources as load_base_model."""
     from transformers import AutoConfig
 
+    if is_random(name):
+        return random_config(name)
     source = resolve_source(name)
     return _from_pretrained(AutoConfig, source)
 
 
 def load_base_model(
     name: str | Path | None,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str = torch.float32,
     device: str | torch.device = "cpu",
 ) -> tuple[Any, Any]:
-    """(model, tokenizer) of a base model: AutoModelForCausalLM + AutoTokenizer.
+    """(model, tokenizer) of a base model: AutoModelForCausalLM + AutoTokenizer, or a random-weight shape built
+    on `device` (random_models.py).
 
     The model is in eval mode, on `device`, in `dtype`. A tokenizer without a pad token gets its eos
     token as pad (batching needs one); padding side is left to the caller.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if is_random(name):
+        return random_base(str(name), dtype=dtype, device=device)
     source = resolve_source(name)
     if isinstance(source, Path) and not any((source / f).is_file() for f in _TOKENIZER_FILES):
         raise NHAError(f"{source} has no tokenizer files (tokenizer.json, tokenizer.model, ...); save the tokenizer there too")

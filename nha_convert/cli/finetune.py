@@ -11,6 +11,7 @@ import os
 import shutil
 import signal
 import sys
+import time
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Optional
@@ -139,6 +140,7 @@ def finetune(
         err.print(f"run folder {run_dir}: loading models", highlight=False)
         from ..finetune.trainer import STOP_SIGNALS, Interrupted, Trainer
 
+        started = time.perf_counter()
         try:
             final = Trainer(r, resume=resume, overwrite=overwrite, console=err).run()
         except Interrupted as stop:
@@ -158,6 +160,11 @@ def finetune(
                 _remove_unused_run_dir(run_dir)
             raise
     if os.environ.get("RANK", "0") == "0":  # once, not once per process under accelerate launch
+        from ..finetune.budget import SMOKE, smoke_cost
+
+        if r.budget == SMOKE:  # a hardware check: what the full recipe would cost here (finetune/budget.py)
+            err.print(smoke_cost(recipe, overrides, run_dir, time.perf_counter() - started), highlight=False,
+                      soft_wrap=True)
         typer.echo(str(final))
 
 

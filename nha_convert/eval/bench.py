@@ -1,7 +1,7 @@
 """Speed and memory: prefill latency, decode tokens/s, peak memory and decode state by context length and batch.
 
-Works on any device: tiny sizes on a CPU (tests), real sizes on a GPU, including a Llama-3-8B-shaped model with
-random weights built directly on the device in bf16 (speed needs no download).
+Works on any device: tiny sizes on a CPU (tests), real sizes on a GPU, including the 8B shapes with random weights
+(random_models.py: llama-3-8b-random, qwen2.5-7b-random, qwen3-8b-random) built directly on the device in bf16.
 
 Decode is measured on a real cache: one sequence is prefilled, then its cache is repeated to the batch size
 (`Cache.batch_repeat_interleave`), so a batch of 100 sequences at 32K context costs one 32K prefill, not 100.
@@ -27,20 +27,11 @@ import torch
 
 from ..compat import CACHE_KWARG, output_cache
 from ..errors import NHAError
+# The random-weight shapes (defined in random_models.py) are what the bench runs without a download.
+from ..random_models import RANDOM_MODELS, random_model  # noqa: F401
 
 GIB = 1024**3
 MIB = 1024**2
-
-# Shapes of models benchmarked with random weights (nothing downloaded). Llama-3-8B: the released config, with
-# the position limit raised to 128K so that long-context rows are legal (RoPE itself is unchanged).
-RANDOM_MODELS: dict[str, dict[str, Any]] = {
-    "llama-3-8b-random": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                              num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
-                              rope_theta=500000.0, max_position_embeddings=131072, rms_norm_eps=1e-5,
-                              tie_word_embeddings=False),
-    "tiny-random": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                        num_key_value_heads=2, vocab_size=256, max_position_embeddings=8192),
-}
 
 
 @dataclass
@@ -58,24 +49,6 @@ class BenchRow:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def random_model(name: str, dtype: torch.dtype = torch.bfloat16, device: str = "cpu", seed: int = 0) -> Any:
-    """A Llama model of a known shape with random weights, created directly on `device` in `dtype`."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    if name not in RANDOM_MODELS:
-        raise NHAError(f"unknown random model {name!r}; choose one of {', '.join(RANDOM_MODELS)}")
-    cfg = LlamaConfig(**RANDOM_MODELS[name])
-    torch.manual_seed(seed)
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # parameters are born in bf16 on the GPU: no fp32 copy of 8B weights
-    try:
-        with torch.device(device):
-            model = LlamaForCausalLM(cfg)
-    finally:
-        torch.set_default_dtype(old)
-    return model.eval()
 
 
 def cache_nbytes(cache: Any) -> int:

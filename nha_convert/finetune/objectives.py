@@ -103,10 +103,18 @@ class AttentionTransfer(Objective):
     def forward(self, student: nn.Module, teacher: nn.Module | None, input_ids: Tensor, attention_mask: Tensor,
                 position_ids: Tensor, teacher_inputs: list[Tensor] | None = None,
                 teacher_outputs: list[Tensor] | None = None, **_: Any) -> tuple[Tensor, Tensor]:
-        with substitute_attention_inputs(attention_modules(student), teacher_inputs) as outs:
+        self._substituted = (attention_modules(student), teacher_inputs)  # for checkpoint_contexts
+        with substitute_attention_inputs(*self._substituted) as outs:
             causal_lm(student).model(input_ids=input_ids, position_ids=position_ids, use_cache=False)
         per_layer = attention_mse(outs, teacher_outputs, attention_mask)
         return per_layer.sum(), per_layer.detach()
+
+    def checkpoint_contexts(self) -> tuple[Any, Any]:
+        """torch.utils.checkpoint's context_fn under gradient checkpointing: a decoder layer recomputed in the
+        backward (after forward's hooks are gone) must run its attention on the teacher's inputs again."""
+        import contextlib
+
+        return contextlib.nullcontext(), substitute_attention_inputs(*self._substituted)
 
     def denominator(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor) -> float:
         return float(attention_mask.sum())

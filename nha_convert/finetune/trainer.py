@@ -268,7 +268,10 @@ class Trainer:
             raise NHAError(f"stage {name}: trains: {stage.trains} leaves nothing to train in this model "
                            "(no NHA gates outside full-attention layers); use trains: lora or attention")
         if stage.gradient_checkpointing:
-            causal_lm(student).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            kwargs: dict[str, Any] = {"use_reentrant": False}
+            if hasattr(objective, "checkpoint_contexts"):  # attention transfer: hooks active in the recompute too
+                kwargs["context_fn"] = objective.checkpoint_contexts
+            causal_lm(student).gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         trainable, n_params = count_parameters(student)
         gates = [p for n, p in student.named_parameters() if p.requires_grad and is_gate(n)]
         others = [p for n, p in student.named_parameters() if p.requires_grad and not is_gate(n)]

@@ -124,11 +124,11 @@ def test_smollm2_build_is_atomic_and_cleans_leftovers(tmp_path, monkeypatch):
     leftover.mkdir()
     (leftover / "config.json").write_text("{}")
 
-    def failing(gguf: Path, out: Path) -> None:
+    def failing(gguf: Path, out: Path, **kw: object) -> None:
         (out / "config.json").write_text("{}")
         raise RuntimeError("interrupted")
 
-    monkeypatch.setattr(assets, "_build_smollm2", failing)
+    monkeypatch.setattr(assets, "_build_from_gguf", failing)
     with pytest.raises(RuntimeError, match="interrupted"):
         assets.smollm2_folder()
     assert not target.exists()
@@ -137,13 +137,13 @@ def test_smollm2_build_is_atomic_and_cleans_leftovers(tmp_path, monkeypatch):
 
     calls = []
 
-    def fake(gguf: Path, out: Path) -> None:
+    def fake(gguf: Path, out: Path, **kw: object) -> None:
         calls.append(out)
         assert out.parent == tmp_path and out != target  # built beside the target, never in place
         (out / "config.json").write_text("{}")
         (out / "model.safetensors").write_bytes(b"x")
 
-    monkeypatch.setattr(assets, "_build_smollm2", fake)
+    monkeypatch.setattr(assets, "_build_from_gguf", fake)
     assert assets.smollm2_folder() == target
     assert assets.smollm2_folder() == target
     assert len(calls) == 1 and not calls[0].exists()
@@ -156,3 +156,12 @@ def test_smollm2_incomplete_target_is_reported(tmp_path, monkeypatch):
     (tmp_path / assets.SMOLLM2_DIRNAME).mkdir()
     with pytest.raises(NHAError, match="exists but is incomplete; delete it"):
         assets.smollm2_folder()
+
+
+def test_makefile_installs_every_pinned_asset():
+    """`make install` installs exactly the data packages (and versions) this module knows the layout of."""
+    import re
+
+    text = (Path(__file__).resolve().parents[2] / "Makefile").read_text()
+    block = re.search(r"^ASSETS = ((?:.*\\\n)*.*)$", text, re.M).group(1)
+    assert dict(p.split("==") for p in re.findall(r"[\w.-]+==[\w.]+", block)) == assets.PINNED

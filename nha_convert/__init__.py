@@ -12,6 +12,7 @@ import importlib
 import importlib.abc
 import importlib.util
 import sys
+import types
 from typing import Any
 
 # public name -> the module that defines it
@@ -35,6 +36,19 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted([*globals(), *_LAZY])
+
+
+class _Package(types.ModuleType):
+    """`nha_convert.convert` is the function, as the eager imports made it: importing the submodule of the same
+    name sets the package attribute to the module afterwards, which would shadow the lazy name for good."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if isinstance(value, types.ModuleType) and _LAZY.get(name) == name and hasattr(value, name):
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 class _RegisterAfterTransformers(importlib.abc.MetaPathFinder):

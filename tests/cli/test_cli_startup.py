@@ -34,7 +34,9 @@ def test_help_and_version_import_nothing_heavy(module, flag):
 
 def test_importing_the_package_still_registers_the_model_types():
     code = ("import nha_convert, sys\nassert 'transformers' not in sys.modules\n"
-            "from transformers import AutoConfig\nprint(type(AutoConfig.for_model('nha_llama')).__name__)")
+            "from transformers import AutoConfig\nprint(type(AutoConfig.for_model('nha_llama')).__name__)\n"
+            "import nha_convert.convert\n"  # the submodule of the same name leaves the function in place
+            "assert nha_convert.convert.__name__ == 'convert' and callable(nha_convert.convert)")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "NHALlamaConfig", r.stderr

@@ -34,8 +34,8 @@ from torch import Tensor, nn
 from ..errors import NHAError
 from .attention_hooks import freeze_unused_gates
 from .budget import StepBudget, lr_factor
-from .checkpoints import (Position, forget_optimizer_state, load_checkpoint, read_position, save_checkpoint,
-                          start_run_dir)
+from .checkpoints import (Position, checkpoint_dirs, forget_optimizer_state, load_checkpoint, read_position,
+                          save_checkpoint, start_run_dir)
 from .data import Corpus, Rows, build_corpus, step_rows
 from .distributed import is_fsdp, micro_batches, reduce, unshard
 from .objectives import Objective, StageLoss, objective_for
@@ -45,10 +45,6 @@ from .recipe import Recipe, StageSpec, stage_name
 from .trainables import causal_lm, count_parameters, is_gate, merge_lora, select_trainables
 from .windows import check_windows, draw_layer_windows, training_window, windowed_layers
 
-# Where callers found them before the stage objectives, hooks and checkpoints had their own modules.
-from .attention_hooks import attention_modules, capture_attention, substitute_attention_inputs  # noqa: F401
-from .checkpoints import STATE_FILE, checkpoint_dirs  # noqa: F401
-from .objectives import teacher_pass  # noqa: F401
 
 log = logging.getLogger("nha_convert.finetune")
 # Tied embeddings are saved once and re-tied on load (the resume test checks it): no need to warn each time.

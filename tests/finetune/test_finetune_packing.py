@@ -17,7 +17,8 @@ from nha_convert import NHASettings
 from nha_convert.finetune.data import Rows, make_rows, pack_pieces
 from nha_convert.losses import next_token_targets
 from nha_convert.finetune.recipe import StageSpec, parse_recipe
-from nha_convert.finetune.trainer import StageLoss, Trainer, teacher_pass
+from nha_convert.finetune.objectives import teacher_pass
+from nha_convert.finetune.trainer import StageLoss, Trainer
 from nha_convert.ops import nha_chunk
 from nha_convert.ops.packed import cu_seqlens_of, flatten_rows, nha_chunk_varlen, sequence_starts, unflatten_rows
 from tests.helpers.finetune import byte_tokenizer, recipe_text, save_tiny_base, tiny_llama, write_corpus

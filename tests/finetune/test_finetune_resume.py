@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from nha_convert.finetune.recipe import parse_recipe
-from nha_convert.finetune.trainer import Interrupted, Trainer, checkpoint_dirs
+from nha_convert.finetune.checkpoints import checkpoint_dirs
+from nha_convert.finetune.trainer import Interrupted, Trainer
 from tests.helpers.finetune import recipe_text, save_tiny_base, write_corpus
 
 STAGES = """

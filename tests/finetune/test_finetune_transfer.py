@@ -7,7 +7,8 @@ import json
 import torch
 
 from nha_convert.finetune.recipe import parse_recipe
-from nha_convert.finetune.trainer import Trainer, attention_modules, capture_attention, substitute_attention_inputs
+from nha_convert.finetune.attention_hooks import attention_modules, capture_attention, substitute_attention_inputs
+from nha_convert.finetune.trainer import Trainer
 from tests.helpers.finetune import byte_tokenizer, recipe_text, tiny_llama, write_corpus
 
 STAGES = """

@@ -28,7 +28,8 @@ from nha_convert.eval.run import EvalRequest, PerplexityRequest, Progress, Recal
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("models", nargs="+", help="NHA model folders (nha-finetune's RUN/model)")
-    ap.add_argument("--base", default="smollm2-135m", help="the base model (and the swa-sinks baseline's source)")
+    ap.add_argument("--base", default="smollm2-135m", help="the base model (and the swa-sinks baseline's source); "
+                                                           "'none' scores the models alone (runs split over processes)")
     ap.add_argument("--items", type=int, default=None, help="items per probe and length (default: 100 natural, "
                                                             "20 passkey / MQAR)")
     ap.add_argument("--lengths", default="1024,2048,4096,8192")
@@ -43,8 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     try:
         request = EvalRequest(
-            models=args.models, compare=[args.base], tasks="none",
-            baseline=None if args.no_baseline else "swa-sinks", ablate=["slots"],
+            models=args.models, compare=[] if args.base == "none" else [args.base], tasks="none",
+            baseline=None if args.no_baseline or args.base == "none" else "swa-sinks", ablate=["slots"],
             recall=RecallRequest(lengths=[int(x) for x in args.lengths.split(",") if x], n=args.items,
                                  probes=parse(args.probes)),
             ppl=PerplexityRequest(seq_len=args.ppl_len) if args.ppl else None,

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .errors import NHAError
-from .layer_selection import Calibration, calibration_set
+from .layer_selection import Calibration, calibrate_on
 from .settings import ResolvedNHA, heads_to_config
 
 log = logging.getLogger("nha_convert")
@@ -90,14 +90,8 @@ def select_full_heads(model: Any, tokenizer: Any, k: int, *, seq_len: int = 2048
         raise NHAError(f"full_heads auto:{k} asks for more full heads than the {len(candidates) * h} KV heads of NHA "
                        f"layers; use auto:1 to auto:{len(candidates) * h}")
     settings = ResolvedNHA.from_config(model.config)
-    seq_len = min(seq_len, getattr(model.config, "max_position_embeddings", seq_len) or seq_len)
-    if seq_len <= 2 * settings.window:
-        raise NHAError(f"calibration length {seq_len} does not reach beyond twice the window ({settings.window}); "
-                       "raise it (--calibration-len) so that the scores measure what leaves the window")
-    cal = calibration_set(tokenizer, seq_len=seq_len, window=settings.window, text_seqs=text_seqs,
-                          retrieval_docs=retrieval_docs, min_distance=min_distance, seed=seed)
-    home = next(model.parameters()).device
-    device = home if home.type == "cuda" or not torch.cuda.is_available() else torch.device("cuda")
+    cal, home, device = calibrate_on(model, tokenizer, seq_len=seq_len, text_seqs=text_seqs,
+                                     retrieval_docs=retrieval_docs, min_distance=min_distance, seed=seed)
     was_training = model.training
     model.to(device).eval()
     windows = [a.window for a in attns]

@@ -138,6 +138,21 @@ def _measure(model: Any, cal: Calibration, batch_size: int, teacher_hidden: list
     return kl_sum / max(kl_n, 1), ce_sum / max(ce_n, 1), hidden_out
 
 
+def calibrate_on(model: Any, tokenizer: Any, *, seq_len: int, text_seqs: int, retrieval_docs: int,
+                 min_distance: int | None, seed: int) -> tuple[Calibration, torch.device, torch.device]:
+    """What auto:K (layers here, heads in head_selection.py) scores on: the calibration set at a length the model
+    takes and beyond twice its window, the device the model lives on, and the one to score on (CUDA if any)."""
+    seq_len = min(seq_len, getattr(model.config, "max_position_embeddings", seq_len) or seq_len)
+    window = ResolvedNHA.from_config(model.config).window
+    if seq_len <= 2 * window:
+        raise NHAError(f"calibration length {seq_len} does not reach beyond twice the window ({window}); "
+                       "raise it (--calibration-len) so that the scores measure what leaves the window")
+    cal = calibration_set(tokenizer, seq_len=seq_len, window=window, text_seqs=text_seqs,
+                          retrieval_docs=retrieval_docs, min_distance=min_distance, seed=seed)
+    home = next(model.parameters()).device
+    return cal, home, home if home.type == "cuda" or not torch.cuda.is_available() else torch.device("cuda")
+
+
 def select_full_layers(model: Any, tokenizer: Any, k: int, *, seq_len: int = 2048, text_seqs: int = 8,
                        retrieval_docs: int = 8, batch_size: int = 8, min_distance: int | None = None,
                        seed: int = 0) -> list[int]:
@@ -150,15 +165,8 @@ def select_full_layers(model: Any, tokenizer: Any, k: int, *, seq_len: int = 204
     if k > len(candidates):
         raise NHAError(f"full_layers auto:{k} asks for more full layers than the {len(candidates)} NHA layers; "
                        f"use auto:1 to auto:{len(candidates)}")
-    seq_len = min(seq_len, getattr(model.config, "max_position_embeddings", seq_len) or seq_len)
-    window = ResolvedNHA.from_config(model.config).window
-    if seq_len <= 2 * window:
-        raise NHAError(f"calibration length {seq_len} does not reach beyond twice the window ({window}); "
-                       "raise it (--calibration-len) so that the scores measure what leaves the window")
-    cal = calibration_set(tokenizer, seq_len=seq_len, window=window, text_seqs=text_seqs,
-                          retrieval_docs=retrieval_docs, min_distance=min_distance, seed=seed)
-    home = next(model.parameters()).device
-    device = home if home.type == "cuda" or not torch.cuda.is_available() else torch.device("cuda")
+    cal, home, device = calibrate_on(model, tokenizer, seq_len=seq_len, text_seqs=text_seqs,
+                                     retrieval_docs=retrieval_docs, min_distance=min_distance, seed=seed)
     was_training = model.training
     model.to(device).eval()
     windows = [a.window for a in attns]

@@ -20,7 +20,7 @@ from nha_convert.cli import convert as convert_cli
 from nha_convert.cli import eval as eval_cli
 from nha_convert.cli import finetune as finetune_cli
 from tests.helpers.cli import Proc, final_error, no_model_loads, one_line_error
-from tests.helpers.finetune import recipe_text, save_tiny_base, write_corpus
+from tests.helpers.finetune import tiny_run_root
 
 STAGES = """
 stages:
@@ -37,11 +37,7 @@ stages:
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
     """A tiny Llama (byte tokenizer), a corpus, and a recipe training it into root/run (checkpoints every 2 steps)."""
-    root = tmp_path_factory.mktemp("faults")
-    save_tiny_base(root / "base")
-    write_corpus(root / "data")
-    (root / "r.yaml").write_text(recipe_text(root / "base", root / "data", root / "run", STAGES))
-    return root
+    return tiny_run_root(tmp_path_factory.mktemp("faults"), STAGES)
 
 
 def _recipe(tiny: Path, run: Path, text: str | None = None) -> Path:

@@ -100,6 +100,15 @@ stages:
 """
 
 
+def tiny_run_root(root: Path, stages: str) -> Path:
+    """root/base (a tiny Llama with the byte tokenizer), root/data (a corpus) and root/r.yaml, a recipe of `stages`
+    training it into root/run."""
+    save_tiny_base(root / "base")
+    write_corpus(root / "data")
+    (root / "r.yaml").write_text(recipe_text(root / "base", root / "data", root / "run", stages))
+    return root
+
+
 def stages_for(processes: int) -> str:
     """The same global batch of 2 rows: distill as 1 process x 2 accumulated micro-batches or 2 processes x 1;
     finetune as 1 process x 2 rows or 2 processes x 1."""

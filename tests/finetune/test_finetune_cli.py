@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.cli import default_signals
 from tests.helpers.finetune import recipe_text, save_tiny_base, write_corpus
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -73,7 +74,8 @@ def test_ctrl_c_saves_and_resume_finishes(recipe, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "nha_convert.cli.finetune", str(recipe), "-o", str(run),
            "--set", "stages.lora.steps=400"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=default_signals)  # Ctrl-C reaches it however the suite was started
     metrics = run / "metrics.jsonl"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:

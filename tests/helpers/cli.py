@@ -54,7 +54,7 @@ def no_model_loads(monkeypatch) -> None:
     monkeypatch.setattr(ft_models, "build_models", boom)
 
 
-def _default_signals() -> None:
+def default_signals() -> None:
     """In the child, before it runs: a suite started with SIGINT ignored (`nohup`, `&` in a script) would otherwise
     hand the ignored signal down, and the child would never see the Ctrl-C under test."""
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -68,7 +68,7 @@ class Proc:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
                "COLUMNS": "200"}
         self.p = subprocess.Popen([sys.executable, "-m", module, *map(str, args)], stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True, env=env, preexec_fn=_default_signals)
+                                  stderr=subprocess.PIPE, text=True, env=env, preexec_fn=default_signals)
         self.lines: list[str] = []
         self._t = threading.Thread(target=lambda: self.lines.extend(self.p.stderr), daemon=True)
         self._t.start()

@@ -23,7 +23,9 @@ pytestmark = pytest.mark.gpu
 
 
 @pytest.mark.parametrize("settings", [NHASettings(window=4, slots=8, sinks=2, full_layers=[1]),
-                                      NHASettings(window=0, slots=8, full_layers=[0])], ids=["w4", "w0"])
+                                      NHASettings(window=0, slots=8, full_layers=[0]),
+                                      NHASettings(window=4, slots=8, sinks=2, full_heads="0:1,2:0,2:1")],
+                         ids=["w4", "w0", "exact-heads"])
 def test_graph_generate_equals_eager_and_generate(settings):
     model = convert(tiny(), settings).cuda()
     ids, mask = batch(t=12, pad=(0, 3, 5))

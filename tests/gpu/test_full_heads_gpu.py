@@ -1,5 +1,6 @@
 """Exact heads (--full-heads) on the GPU: compiled kernels (NHA group) and SDPA / the full-layer decode kernel (full
-group) against the torch backend, at head dim 128 with m = 64, and CUDA-graph decode equal to eager decode.
+group) against the torch backend, at head dim 128 with m = 64 (CUDA-graph decode with exact heads: a case of
+test_decode_graph_gpu.py).
 
 Run on a CUDA machine: `PYTHONPATH=$PWD:$PWD/kernels python -m pytest tests/gpu/test_full_heads_gpu.py -q`.
 """
@@ -14,9 +15,8 @@ if not torch.cuda.is_available():
 
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from nha_convert import NHACache, NHASettings, convert, generate_fast  # noqa: E402
+from nha_convert import NHACache, NHASettings, convert  # noqa: E402
 from tests.helpers.env import set_nha_env  # noqa: E402
-from tests.helpers.models import batch, tiny  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 DEV = "cuda"
@@ -54,15 +54,3 @@ def test_exact_heads_kernels_equal_the_torch_backend(monkeypatch, pad):
     assert rel(outs["triton"][0], outs["torch"][0], keep) <= 1e-3  # SDPA / tf32 products vs the fp32 reference
     assert rel(outs["triton"][1], outs["torch"][1], 1.0) <= 1e-3
     assert rel(outs["triton"][1], outs["triton"][0][:, 1479:], 1.0) <= 1e-3  # decode == the parallel forward
-
-
-def test_exact_heads_graph_generate_equals_eager_and_generate():
-    model = convert(tiny(), NHASettings(window=4, slots=8, sinks=2, full_heads="0:1,2:0,2:1")).cuda()
-    ids, mask = batch(t=12, pad=(0, 3, 5))
-    ids, mask = ids.cuda(), mask.cuda()
-    with torch.no_grad():
-        ref = model.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False, pad_token_id=0,
-                             eos_token_id=None)
-    eager = generate_fast(model, ids, mask, max_new_tokens=24, graph=False)
-    graphed = generate_fast(model, ids, mask, max_new_tokens=24, graph=True)
-    assert torch.equal(graphed, eager) and torch.equal(graphed, ref)

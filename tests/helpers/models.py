@@ -32,3 +32,16 @@ def batch(t=40, b=3, pad=(0, 7, 13), seed=1):
 
 def max_diff(a, b, mask):
     return ((a - b) * mask.bool()[..., None]).abs().max().item()
+
+
+def prefill_then_decode(model, ids, mask, prefill):
+    """(logits of one full forward, logits of a prefill of `prefill` tokens then one token at a time, the cache)."""
+    from nha_convert import NHACache
+
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask, use_cache=False).logits
+        cache = NHACache(model.config)
+        steps = [model(ids[:, :prefill], attention_mask=mask[:, :prefill], past_key_values=cache).logits]
+        for t in range(prefill, ids.shape[1]):
+            steps.append(model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], past_key_values=cache).logits)
+    return full, torch.cat(steps, 1), cache

@@ -22,7 +22,7 @@ from nha_convert.finetune.recipe import parse_recipe
 from nha_convert.head_selection import far_copy_mass
 from nha_convert.memory import nha_state_bytes
 from tests.helpers.cli import run_convert as run
-from tests.helpers.models import batch, max_diff, tiny
+from tests.helpers.models import batch, max_diff, prefill_then_decode, tiny
 
 EVERY_HEAD = "0:0,0:1,1:0,1:1,2:0,2:1"  # tiny(): 3 layers of 2 KV heads (6 query heads: GQA 3)
 MIXED = NHASettings(window=4, slots=8, sinks=2, full_heads="0:1,2:0", slot_bias=-1.0)
@@ -69,15 +69,10 @@ def test_mixed_heads_differ_from_all_nha_only_in_their_heads():
 def test_mixed_heads_prefill_then_decode_equals_full_forward(prefill):
     model = convert(tiny(), MIXED)
     ids, mask = batch(t=24)
-    with torch.no_grad():
-        full = model(ids, attention_mask=mask, use_cache=False).logits
-        cache = NHACache(model.config)
-        steps = [model(ids[:, :prefill], attention_mask=mask[:, :prefill], past_key_values=cache).logits]
-        for t in range(prefill, ids.shape[1]):
-            steps.append(model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], past_key_values=cache).logits)
+    full, stepped, cache = prefill_then_decode(model, ids, mask, prefill)
     assert isinstance(cache.layers[0].state, HeadGroupsState) and not isinstance(cache.layers[1].state,
                                                                                    HeadGroupsState)
-    assert max_diff(full, torch.cat(steps, 1), mask) <= 1e-4
+    assert max_diff(full, stepped, mask) <= 1e-4
 
 
 def test_mixed_heads_static_decode_steps_stay_in_place_and_equal_the_forward():

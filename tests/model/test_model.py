@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 import nha_convert
 from nha_convert import NHACache, NHAError, NHASettings, convert
 from nha_convert.memory import nha_state_bytes
-from tests.helpers.models import ARCHS, batch, max_diff, tiny
+from tests.helpers.models import ARCHS, batch, max_diff, prefill_then_decode, tiny
 
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_window_covering_input_equals_base_model(arch):
@@ -51,13 +51,8 @@ SCHEDULES = [
 def test_prefill_then_decode_equals_full_forward(settings, prefill):
     model = convert(tiny(), settings)
     ids, mask = batch(t=30)
-    with torch.no_grad():
-        full = model(ids, attention_mask=mask, use_cache=False).logits
-        cache = NHACache(model.config)
-        steps = [model(ids[:, :prefill], attention_mask=mask[:, :prefill], past_key_values=cache).logits]
-        for t in range(prefill, ids.shape[1]):
-            steps.append(model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], past_key_values=cache).logits)
-    assert max_diff(full, torch.cat(steps, 1), mask) <= 1e-4
+    full, stepped, _ = prefill_then_decode(model, ids, mask, prefill)
+    assert max_diff(full, stepped, mask) <= 1e-4
 
 
 def test_greedy_generate_matches_step_by_step_argmax():

@@ -21,7 +21,7 @@ from nha_convert.decode_graph import GraphedDecodeStep
 from nha_convert.finetune.recipe import parse_recipe
 from nha_convert.head_selection import far_copy_mass
 from nha_convert.memory import nha_state_bytes
-from tests.helpers.cli import run_convert as run
+from tests.helpers.cli import one_line_error, run_convert as run
 from tests.helpers.models import batch, max_diff, prefill_then_decode, tiny
 
 EVERY_HEAD = "0:0,0:1,1:0,1:1,2:0,2:1"  # tiny(): 3 layers of 2 KV heads (6 query heads: GQA 3)
@@ -201,8 +201,7 @@ def test_auto_k_through_the_cli_records_k_heads_and_scores(tiny_folder, tmp_path
 def test_bad_full_heads_on_the_cli_are_one_line(tiny_folder, tmp_path, run_cli, value, message):
     out = tmp_path / "nha"
     code, text = run(run_cli, str(tiny_folder), "-o", str(out), "--full-heads", value)
-    assert code == 1 and message in text, text
-    assert text.strip().startswith("error:") and len(text.strip().splitlines()) == 1
+    one_line_error(code, text.strip(), message)
     assert not out.exists()
 
 

@@ -11,7 +11,7 @@ from nha_convert import NHASettings, convert
 from nha_convert.errors import NHAError
 from nha_convert.finetune.recipe import parse_recipe
 from nha_convert.layer_selection import layer_score
-from tests.helpers.cli import run_convert as run
+from tests.helpers.cli import one_line_error, run_convert as run
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=49152, max_position_embeddings=1024)  # the conftest tiny_folder's shape
@@ -50,8 +50,7 @@ def test_auto_k_through_the_cli_writes_k_full_layers_and_scores(tiny_folder, tmp
 def test_bad_k_is_one_error_line(tiny_folder, tmp_path, run_cli, value, message):
     out = tmp_path / "nha"
     code, text = run(run_cli, str(tiny_folder), "-o", str(out), "--full-layers", value)
-    assert code == 1 and message in text
-    assert text.strip().startswith("error:") and len(text.strip().splitlines()) == 1
+    one_line_error(code, text.strip(), message)
     assert not out.exists()
 
 
